@@ -1,0 +1,221 @@
+#!/usr/bin/env python3
+"""Provision what tiergate needs at run time and in tests, from package registries only.
+
+Everything lands in the cache directory ($TIERGATE_CACHE, else $XDG_CACHE_HOME/tiergate,
+else ~/.cache/tiergate), outside the work tree, so clones and CI runs on one machine share
+it. Each step is pinned (version + sha256), idempotent (a stamp file records what was
+installed) and prints what it is doing.
+
+    python3 scripts/provision.py              # what the gateway needs to serve
+    python3 scripts/provision.py --test       # plus what the test suite needs
+    python3 scripts/provision.py --list       # show the steps and whether they are done
+
+Standard library only: it must run on a bare Python 3.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import venv
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def cache_dir() -> Path:
+    if os.environ.get("TIERGATE_CACHE"):
+        return Path(os.environ["TIERGATE_CACHE"])
+    if os.environ.get("XDG_CACHE_HOME"):
+        return Path(os.environ["XDG_CACHE_HOME"]) / "tiergate"
+    return Path.home() / ".cache" / "tiergate"
+
+
+def say(msg: str) -> None:
+    print(f"[provision] {msg}", flush=True)
+
+
+@dataclass(frozen=True)
+class Wheel:
+    """A wheel pinned by exact file name and sha256."""
+
+    name: str
+    version: str
+    filename: str
+    sha256: str
+    # pip download arguments that select exactly this file whatever the local Python is.
+    platform_args: tuple[str, ...] = ()
+
+    def fetch(self) -> Path:
+        wheels = cache_dir() / "wheels"
+        wheels.mkdir(parents=True, exist_ok=True)
+        target = wheels / self.filename
+        if target.exists() and sha256_file(target) == self.sha256:
+            return target
+        say(f"downloading {self.name}=={self.version} ({self.filename})")
+        with tempfile.TemporaryDirectory(dir=wheels) as tmp:
+            cmd = [
+                sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+                "--progress-bar", "on", "-d", tmp, *self.platform_args, f"{self.name}=={self.version}",
+            ]
+            subprocess.run(cmd, check=True)
+            got = Path(tmp) / self.filename
+            if not got.exists():
+                names = ", ".join(p.name for p in Path(tmp).iterdir())
+                sys.exit(f"[provision] error: expected `{self.filename}` from pip, got: {names}")
+            digest = sha256_file(got)
+            if digest != self.sha256:
+                sys.exit(
+                    f"[provision] error: sha256 of `{self.filename}` is {digest}, expected {self.sha256}; "
+                    "the registry served a different file, refusing to use it"
+                )
+            os.replace(got, target)
+        return target
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+@dataclass
+class Step:
+    name: str
+    what: str
+    stamp: Path
+    # Changes when the pins change, so a stale install is redone.
+    fingerprint: str
+    run: object
+    outputs: list[Path] = field(default_factory=list)
+
+    def done(self) -> bool:
+        try:
+            ok = json.loads(self.stamp.read_text()).get("fingerprint") == self.fingerprint
+        except (OSError, ValueError):
+            return False
+        return ok and all(p.exists() for p in self.outputs)
+
+    def ensure(self) -> None:
+        if self.done():
+            say(f"{self.name}: up to date")
+            return
+        t0 = time.monotonic()
+        say(f"{self.name}: {self.what}")
+        self.run()
+        self.stamp.parent.mkdir(parents=True, exist_ok=True)
+        self.stamp.write_text(json.dumps({"fingerprint": self.fingerprint, "at": time.time()}))
+        say(f"{self.name}: done in {time.monotonic() - t0:.1f}s")
+
+
+# --- ONNX Runtime --------------------------------------------------------------------------
+
+ORT_VERSION = "1.31.1"
+ORT_WHEEL = Wheel(
+    name="onnxruntime",
+    version=ORT_VERSION,
+    filename="onnxruntime-1.31.1-cp311-cp311-manylinux_2_28_x86_64.whl",
+    sha256="5752bd508126ae7c49894d3b9d2e83f0c3d487319246d04c444b393308d7ad7f",
+    platform_args=("--python-version", "3.11", "--platform", "manylinux_2_28_x86_64", "--implementation", "cp"),
+)
+
+
+def ort_dir() -> Path:
+    return cache_dir() / "onnxruntime" / ORT_VERSION
+
+
+def install_ort() -> None:
+    wheel = ORT_WHEEL.fetch()
+    out = ort_dir()
+    out.mkdir(parents=True, exist_ok=True)
+    members = {
+        f"onnxruntime/capi/libonnxruntime.so.{ORT_VERSION}": "libonnxruntime.so",
+        "onnxruntime/capi/libonnxruntime_providers_shared.so": "libonnxruntime_providers_shared.so",
+    }
+    with zipfile.ZipFile(wheel) as z:
+        for member, name in members.items():
+            tmp = out / f".{name}.tmp"
+            with z.open(member) as src, open(tmp, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+            os.replace(tmp, out / name)
+
+
+# --- Python environment for tests -----------------------------------------------------------
+
+
+def test_venv() -> Path:
+    return cache_dir() / "venv-test"
+
+
+def install_test_venv() -> None:
+    path = test_venv()
+    if path.exists():
+        shutil.rmtree(path)
+    venv.EnvBuilder(with_pip=True).create(path)
+    py = path / "bin" / "python"
+    subprocess.run(
+        [str(py), "-m", "pip", "install", "--progress-bar", "on", "-r", str(ROOT / "scripts" / "requirements-test.txt")],
+        check=True,
+    )
+
+
+def steps() -> dict[str, Step]:
+    c = cache_dir()
+    reqs = (ROOT / "scripts" / "requirements-test.txt").read_bytes()
+    return {
+        "onnxruntime": Step(
+            name="onnxruntime",
+            what=f"ONNX Runtime {ORT_VERSION} shared library from the PyPI wheel",
+            stamp=c / "stamps" / "onnxruntime.json",
+            fingerprint=ORT_WHEEL.sha256,
+            run=install_ort,
+            outputs=[ort_dir() / "libonnxruntime.so"],
+        ),
+        "test-venv": Step(
+            name="test-venv",
+            what="Python venv with the packages the tests drive the gateway with (openai SDK)",
+            stamp=c / "stamps" / "venv-test.json",
+            fingerprint=hashlib.sha256(reqs + sys.version.encode()).hexdigest(),
+            run=install_test_venv,
+            outputs=[test_venv() / "bin" / "python"],
+        ),
+    }
+
+
+SERVE_STEPS = ["onnxruntime"]
+TEST_STEPS = SERVE_STEPS + ["test-venv"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--test", action="store_true", help="also provision what the test suite needs")
+    ap.add_argument("--list", action="store_true", help="list the steps and whether each is done")
+    ap.add_argument("--only", action="append", default=[], help="run only this step (repeatable)")
+    args = ap.parse_args()
+    all_steps = steps()
+    if args.list:
+        for s in all_steps.values():
+            print(f"{s.name:14} {'done' if s.done() else 'pending':8} {s.what}")
+        return
+    names = args.only or (TEST_STEPS if args.test else SERVE_STEPS)
+    unknown = [n for n in names if n not in all_steps]
+    if unknown:
+        sys.exit(f"[provision] error: unknown step(s) {', '.join(unknown)}; known: {', '.join(all_steps)}")
+    say(f"cache: {cache_dir()}")
+    for n in names:
+        all_steps[n].ensure()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,112 @@
+//! Command-line interface: parses arguments and runs the chosen command.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+use crate::config::Config;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "tiergate",
+    version,
+    about = "OpenAI-compatible gateway that routes each request to the cheapest tier able to answer it"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the gateway.
+    Serve {
+        /// Gateway configuration (TOML).
+        #[arg(
+            long,
+            short,
+            env = "TIERGATE_CONFIG",
+            default_value = "examples/tiergate.toml"
+        )]
+        config: PathBuf,
+        /// Listen address; overrides `listen` in the config.
+        #[arg(long)]
+        listen: Option<std::net::SocketAddr>,
+    },
+    /// Validate a configuration and its policy without starting the gateway.
+    Check {
+        #[arg(
+            long,
+            short,
+            env = "TIERGATE_CONFIG",
+            default_value = "examples/tiergate.toml"
+        )]
+        config: PathBuf,
+    },
+}
+
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Serve { config, listen } => {
+            let mut config = Config::load(&config)?;
+            if let Some(l) = listen {
+                config.listen = l;
+            }
+            let addr = config.listen;
+            let state = crate::AppState::start(config).map_err(anyhow::Error::msg)?;
+            {
+                let rt = state.runtime.load();
+                for (tier, problem) in &rt.tier_problems {
+                    tracing::warn!(tier = %tier, "tier not usable: {problem}");
+                }
+            }
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot listen on `{addr}`: {e}"))?;
+            tracing::info!(
+                listen = %listener.local_addr()?,
+                onnxruntime = %state.onnxruntime_version,
+                ledger = %state.ledger.path().display(),
+                "tiergate ready"
+            );
+            crate::serve(listener, state.clone(), shutdown_signal()).await?;
+            let ledger = state.ledger.clone();
+            ledger.shutdown().await;
+            tracing::info!("stopped; ledger flushed");
+            Ok(())
+        }
+        Command::Check { config } => {
+            let c = Config::load(&config)?;
+            println!(
+                "`{}` is valid: {} tiers, policy `{}` with {} rules",
+                config.display(),
+                c.tiers.len(),
+                c.policy.name,
+                c.policy.rules.len()
+            );
+            Ok(())
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
+    }
+    tracing::info!("shutdown requested; finishing in-flight requests");
+}

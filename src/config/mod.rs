@@ -1,0 +1,400 @@
+//! Gateway configuration: raw TOML structs (`*Toml`, unknown keys rejected) turned into a
+//! validated [`Config`]. Nothing here touches the network or the disk beyond reading files.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::policy::Policy;
+
+/// A configuration that failed to load; the message names the file and the key path.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(pub String);
+
+fn err(file: &Path, msg: impl std::fmt::Display) -> ConfigError {
+    ConfigError(format!("config `{}`: {msg}", file.display()))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConfigToml {
+    listen: Option<String>,
+    #[serde(default)]
+    onnxruntime: OrtToml,
+    #[serde(default)]
+    ledger: LedgerToml,
+    baseline: BaselineToml,
+    routing: RoutingToml,
+    tiers: BTreeMap<String, TierToml>,
+    #[serde(default)]
+    limits: LimitsToml,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct OrtToml {
+    library: Option<PathBuf>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LedgerToml {
+    path: Option<PathBuf>,
+    queue_capacity: Option<usize>,
+    batch_size: Option<usize>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BaselineToml {
+    model: String,
+    input_usd_per_mtok: f64,
+    output_usd_per_mtok: f64,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RoutingToml {
+    #[serde(default = "default_aliases")]
+    aliases: Vec<String>,
+    policy: PathBuf,
+    #[serde(default)]
+    length_scorer: LengthScorerToml,
+}
+
+fn default_aliases() -> Vec<String> {
+    vec!["tiergate-auto".to_owned()]
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LengthScorerToml {
+    half_tokens: Option<f64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TierToml {
+    backend: String,
+    model: String,
+    base_url: Option<String>,
+    api_key_env: Option<String>,
+    #[serde(default)]
+    input_usd_per_mtok: f64,
+    #[serde(default)]
+    output_usd_per_mtok: f64,
+    timeout_secs: Option<f64>,
+    connect_timeout_secs: Option<f64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LimitsToml {
+    max_body_bytes: Option<usize>,
+}
+
+/// The validated configuration the gateway runs with.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub file: PathBuf,
+    pub listen: SocketAddr,
+    pub onnxruntime_library: Option<PathBuf>,
+    pub ledger: LedgerConfig,
+    pub baseline: Price,
+    pub baseline_model: String,
+    pub aliases: Vec<String>,
+    pub policy: Policy,
+    pub length_half_tokens: f64,
+    pub tiers: BTreeMap<String, TierConfig>,
+    pub max_body_bytes: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct LedgerConfig {
+    pub path: PathBuf,
+    pub queue_capacity: usize,
+    pub batch_size: usize,
+}
+
+/// USD per million tokens.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Price {
+    pub input_per_mtok: f64,
+    pub output_per_mtok: f64,
+}
+
+impl Price {
+    pub fn cost(&self, prompt_tokens: u64, completion_tokens: u64) -> f64 {
+        (prompt_tokens as f64 * self.input_per_mtok
+            + completion_tokens as f64 * self.output_per_mtok)
+            / 1_000_000.0
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct TierConfig {
+    pub name: String,
+    pub model: String,
+    pub price: Price,
+    pub backend: BackendConfig,
+}
+
+#[derive(Debug, Clone)]
+pub enum BackendConfig {
+    /// Any OpenAI-compatible HTTP server (OpenAI, vLLM, Ollama, llama.cpp server…).
+    OpenAi {
+        base_url: String,
+        api_key_env: Option<String>,
+        timeout: Duration,
+        connect_timeout: Duration,
+    },
+}
+
+pub const BACKENDS: &[&str] = &["openai"];
+
+impl Config {
+    /// Reads and validates a config file; relative paths inside it are resolved against
+    /// the file's directory, so the gateway can be started from anywhere.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text =
+            std::fs::read_to_string(path).map_err(|e| err(path, format!("cannot read: {e}")))?;
+        Self::parse(&text, path)
+    }
+
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let raw: ConfigToml = toml::from_str(text).map_err(|e| err(path, e))?;
+        let base_dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        let resolve = |p: &Path| {
+            if p.is_absolute() {
+                p.to_path_buf()
+            } else {
+                base_dir.join(p)
+            }
+        };
+
+        let ConfigToml {
+            listen,
+            onnxruntime,
+            ledger,
+            baseline,
+            routing,
+            tiers,
+            limits,
+        } = raw;
+
+        let listen = listen.as_deref().unwrap_or("127.0.0.1:8080");
+        let listen: SocketAddr = listen.parse().map_err(|e| {
+            err(
+                path,
+                format!("`listen` = `{listen}` is not an address like `127.0.0.1:8080`: {e}"),
+            )
+        })?;
+
+        let OrtToml { library } = onnxruntime;
+        let onnxruntime_library = library.as_deref().map(resolve);
+
+        let LedgerToml {
+            path: ledger_path,
+            queue_capacity,
+            batch_size,
+        } = ledger;
+        let ledger = LedgerConfig {
+            path: resolve(
+                ledger_path
+                    .as_deref()
+                    .unwrap_or(Path::new("tiergate-ledger.db")),
+            ),
+            queue_capacity: positive(
+                path,
+                "ledger.queue_capacity",
+                queue_capacity.unwrap_or(10_000),
+            )?,
+            batch_size: positive(path, "ledger.batch_size", batch_size.unwrap_or(256))?,
+        };
+
+        let BaselineToml {
+            model: baseline_model,
+            input_usd_per_mtok,
+            output_usd_per_mtok,
+        } = baseline;
+        let baseline = Price {
+            input_per_mtok: price(path, "baseline.input_usd_per_mtok", input_usd_per_mtok)?,
+            output_per_mtok: price(path, "baseline.output_usd_per_mtok", output_usd_per_mtok)?,
+        };
+
+        if tiers.is_empty() {
+            return Err(err(
+                path,
+                "`tiers` must define at least one tier, e.g. `[tiers.cloud]`",
+            ));
+        }
+        let mut out_tiers = BTreeMap::new();
+        for (name, t) in tiers {
+            let tier = tier(path, &name, t)?;
+            out_tiers.insert(name, tier);
+        }
+        let mut seen = std::collections::HashMap::new();
+        for t in out_tiers.values() {
+            if let Some(other) = seen.insert(t.model.clone(), t.name.clone()) {
+                return Err(err(
+                    path,
+                    format!(
+                        "tiers.{}.model and tiers.{other}.model both name `{}`; a model name must pick one tier",
+                        t.name, t.model
+                    ),
+                ));
+            }
+        }
+
+        let RoutingToml {
+            aliases,
+            policy,
+            length_scorer,
+        } = routing;
+        if aliases.is_empty() {
+            return Err(err(
+                path,
+                "routing.aliases must name at least one routed model, e.g. `[\"tiergate-auto\"]`",
+            ));
+        }
+        for a in &aliases {
+            if let Some(t) = out_tiers.values().find(|t| &t.model == a) {
+                return Err(err(
+                    path,
+                    format!(
+                        "routing.aliases: `{a}` is also tiers.{}.model; pick another alias",
+                        t.name
+                    ),
+                ));
+            }
+        }
+        let policy = Policy::load(&resolve(&policy), &out_tiers)
+            .map_err(|e| err(path, format!("routing.policy: {e}")))?;
+        let LengthScorerToml { half_tokens } = length_scorer;
+        let length_half_tokens = half_tokens.unwrap_or(128.0);
+        if !(length_half_tokens.is_finite() && length_half_tokens > 0.0) {
+            return Err(err(path, "routing.length_scorer.half_tokens must be > 0"));
+        }
+
+        let LimitsToml { max_body_bytes } = limits;
+        let max_body_bytes = positive(
+            path,
+            "limits.max_body_bytes",
+            max_body_bytes.unwrap_or(4 * 1024 * 1024),
+        )?;
+
+        Ok(Config {
+            file: path.to_path_buf(),
+            listen,
+            onnxruntime_library,
+            ledger,
+            baseline,
+            baseline_model,
+            aliases,
+            policy,
+            length_half_tokens,
+            tiers: out_tiers,
+            max_body_bytes,
+        })
+    }
+}
+
+fn tier(file: &Path, name: &str, t: TierToml) -> Result<TierConfig, ConfigError> {
+    let TierToml {
+        backend,
+        model,
+        base_url,
+        api_key_env,
+        input_usd_per_mtok,
+        output_usd_per_mtok,
+        timeout_secs,
+        connect_timeout_secs,
+    } = t;
+    let key = |k: &str| format!("tiers.{name}.{k}");
+    let price = Price {
+        input_per_mtok: price(file, &key("input_usd_per_mtok"), input_usd_per_mtok)?,
+        output_per_mtok: price(file, &key("output_usd_per_mtok"), output_usd_per_mtok)?,
+    };
+    if model.trim().is_empty() {
+        return Err(err(file, format!("{} must not be empty", key("model"))));
+    }
+    let backend = match backend.as_str() {
+        "openai" => {
+            let Some(base_url) = base_url else {
+                return Err(err(
+                    file,
+                    format!(
+                        "{} is required for backend `openai`, e.g. `https://api.openai.com/v1`",
+                        key("base_url")
+                    ),
+                ));
+            };
+            if !(base_url.starts_with("http://") || base_url.starts_with("https://")) {
+                return Err(err(
+                    file,
+                    format!(
+                        "{} must start with `http://` or `https://`",
+                        key("base_url")
+                    ),
+                ));
+            }
+            BackendConfig::OpenAi {
+                base_url: base_url.trim_end_matches('/').to_owned(),
+                api_key_env,
+                timeout: secs(file, &key("timeout_secs"), timeout_secs.unwrap_or(120.0))?,
+                connect_timeout: secs(
+                    file,
+                    &key("connect_timeout_secs"),
+                    connect_timeout_secs.unwrap_or(5.0),
+                )?,
+            }
+        }
+        other => {
+            return Err(err(
+                file,
+                format!(
+                    "{} = `{other}` is not a known backend; use one of {}",
+                    key("backend"),
+                    BACKENDS.join(", ")
+                ),
+            ));
+        }
+    };
+    Ok(TierConfig {
+        name: name.to_owned(),
+        model,
+        price,
+        backend,
+    })
+}
+
+fn price(file: &Path, key: &str, v: f64) -> Result<f64, ConfigError> {
+    if v.is_finite() && v >= 0.0 {
+        Ok(v)
+    } else {
+        Err(err(file, format!("{key} must be a number >= 0")))
+    }
+}
+
+fn secs(file: &Path, key: &str, v: f64) -> Result<Duration, ConfigError> {
+    if v.is_finite() && v > 0.0 {
+        Ok(Duration::from_secs_f64(v))
+    } else {
+        Err(err(file, format!("{key} must be > 0")))
+    }
+}
+
+fn positive(file: &Path, key: &str, v: usize) -> Result<usize, ConfigError> {
+    if v > 0 {
+        Ok(v)
+    } else {
+        Err(err(file, format!("{key} must be > 0")))
+    }
+}
+
+#[cfg(test)]
+mod tests;

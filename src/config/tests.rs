@@ -1,0 +1,71 @@
+use std::path::Path;
+
+use super::Config;
+
+fn example() -> String {
+    std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/tiergate.toml"))
+        .expect("example")
+}
+
+fn parse(text: &str) -> Result<Config, String> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/tiergate.toml");
+    Config::parse(text, &path).map_err(|e| e.0)
+}
+
+#[test]
+fn the_example_config_is_valid() {
+    let c = parse(&example()).expect("valid");
+    assert_eq!(c.listen.to_string(), "127.0.0.1:8080");
+    assert_eq!(c.policy.name, "balanced");
+    assert_eq!(c.aliases, ["tiergate-auto"]);
+    assert_eq!(c.tiers.len(), 2);
+    assert!(c.ledger.path.ends_with("examples/tiergate-ledger.db"));
+    assert!((c.baseline.cost(1_000_000, 1_000_000) - 12.5).abs() < 1e-9);
+}
+
+#[test]
+fn errors_name_the_file_and_key() {
+    let cases = [
+        (
+            example().replace("listen = ", "listn = "),
+            "unknown field `listn`",
+        ),
+        (
+            example().replace(
+                "backend = \"openai\"\nbase_url = \"http://127",
+                "backend = \"grpc\"\nbase_url = \"http://127",
+            ),
+            "tiers.small.backend = `grpc`",
+        ),
+        (
+            example().replace(
+                "output_usd_per_mtok = 10.00\ntimeout",
+                "output_usd_per_mtok = -1\ntimeout",
+            ),
+            "tiers.cloud.output_usd_per_mtok must be a number >= 0",
+        ),
+        (
+            example().replace("timeout_secs = 120", "timeout_secs = 0"),
+            "tiers.small.timeout_secs must be > 0",
+        ),
+        (
+            example().replace("aliases = [\"tiergate-auto\"]", "aliases = [\"gpt-4o\"]"),
+            "routing.aliases: `gpt-4o` is also tiers.cloud.model",
+        ),
+        (
+            example().replace("balanced.toml", "missing.toml"),
+            "routing.policy: policy",
+        ),
+        (
+            example().replace("queue_capacity = 10000", "queue_capacity = \"many\""),
+            "invalid type",
+        ),
+    ];
+    for (text, want) in cases {
+        let e = parse(&text).expect_err(want);
+        assert!(
+            e.contains(want) && e.contains("tiergate.toml"),
+            "{e}\n  wanted: {want}"
+        );
+    }
+}

@@ -1,0 +1,134 @@
+//! The gateway's client-facing errors: one enum, its HTTP status, and OpenAI's error
+//! envelope. Messages here are shown to clients, so they never carry secrets or raw
+//! upstream bodies.
+
+use axum::http::{HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum Error {
+    #[error("{message}")]
+    InvalidRequest {
+        message: String,
+        param: Option<String>,
+        code: &'static str,
+    },
+    #[error("request body is {size} bytes; the limit is {limit} bytes (`limits.max_body_bytes`)")]
+    BodyTooLarge { size: usize, limit: usize },
+    #[error("The model `{0}` does not exist or you do not have access to it.")]
+    ModelNotFound(String),
+    #[error("tier `{tier}` did not answer within {secs:.1}s")]
+    UpstreamTimeout { tier: String, secs: f64 },
+    #[error("tier `{tier}` failed: {detail}")]
+    Upstream { tier: String, detail: String },
+    #[error("tier `{tier}` is rate limited upstream; retry later")]
+    UpstreamRateLimited {
+        tier: String,
+        retry_after: Option<String>,
+    },
+    #[error("tier `{tier}` rejected the request: {detail}")]
+    UpstreamRejected {
+        tier: String,
+        status: u16,
+        detail: String,
+    },
+    #[error("tier `{tier}` is not usable: {detail}")]
+    TierUnavailable { tier: String, detail: String },
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl Error {
+    pub fn invalid(message: impl Into<String>, param: Option<&str>) -> Self {
+        Error::InvalidRequest {
+            message: message.into(),
+            param: param.map(str::to_owned),
+            code: "invalid_request",
+        }
+    }
+
+    pub fn status_code(&self) -> StatusCode {
+        match self {
+            Error::InvalidRequest { .. } => StatusCode::BAD_REQUEST,
+            Error::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Error::ModelNotFound(_) => StatusCode::NOT_FOUND,
+            Error::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            Error::Upstream { .. } => StatusCode::BAD_GATEWAY,
+            Error::UpstreamRateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Error::UpstreamRejected { status, .. } => {
+                StatusCode::from_u16(*status).unwrap_or(StatusCode::BAD_REQUEST)
+            }
+            Error::TierUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// OpenAI's `error.type`.
+    fn kind(&self) -> &'static str {
+        match self {
+            Error::InvalidRequest { .. }
+            | Error::BodyTooLarge { .. }
+            | Error::UpstreamRejected { .. } => "invalid_request_error",
+            Error::ModelNotFound(_) => "invalid_request_error",
+            Error::UpstreamRateLimited { .. } => "rate_limit_error",
+            Error::UpstreamTimeout { .. }
+            | Error::Upstream { .. }
+            | Error::TierUnavailable { .. }
+            | Error::Internal(_) => "api_error",
+        }
+    }
+
+    /// OpenAI's `error.code`, and the ledger's outcome for a failed request.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Error::InvalidRequest { code, .. } => code,
+            Error::BodyTooLarge { .. } => "body_too_large",
+            Error::ModelNotFound(_) => "model_not_found",
+            Error::UpstreamTimeout { .. } => "upstream_timeout",
+            Error::Upstream { .. } => "upstream_error",
+            Error::UpstreamRateLimited { .. } => "upstream_rate_limited",
+            Error::UpstreamRejected { .. } => "upstream_rejected",
+            Error::TierUnavailable { .. } => "tier_unavailable",
+            Error::Internal(_) => "internal_error",
+        }
+    }
+
+    fn param(&self) -> Option<&str> {
+        match self {
+            Error::InvalidRequest { param, .. } => param.as_deref(),
+            Error::ModelNotFound(_) => Some("model"),
+            Error::BodyTooLarge { .. }
+            | Error::UpstreamTimeout { .. }
+            | Error::Upstream { .. }
+            | Error::UpstreamRateLimited { .. }
+            | Error::UpstreamRejected { .. }
+            | Error::TierUnavailable { .. }
+            | Error::Internal(_) => None,
+        }
+    }
+
+    pub fn envelope(&self) -> serde_json::Value {
+        json!({"error": {
+            "message": self.to_string(),
+            "type": self.kind(),
+            "param": self.param(),
+            "code": self.code(),
+        }})
+    }
+}
+
+impl IntoResponse for Error {
+    fn into_response(self) -> Response {
+        let mut resp = (self.status_code(), axum::Json(self.envelope())).into_response();
+        if let Error::UpstreamRateLimited {
+            retry_after: Some(v),
+            ..
+        } = &self
+            && let Ok(v) = HeaderValue::from_str(v)
+        {
+            resp.headers_mut().insert("retry-after", v);
+        }
+        resp
+    }
+}

@@ -1,0 +1,373 @@
+//! `POST /v1/chat/completions`: parse, route, call the tier, relay the answer (whole or as
+//! SSE), and account for it. Every request ends in exactly one ledger row, including
+//! rejected ones and streams the client walks away from.
+
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use futures::StreamExt;
+use sha2::{Digest, Sha256};
+
+use crate::config::Price;
+use crate::error::Error;
+use crate::ledger::{Ledger, Record};
+use crate::openai::{ChatRequest, Usage};
+use crate::routing::{self, RouteDecision};
+use crate::upstream::StreamItem;
+use crate::{AppState, Runtime, tokens};
+
+pub async fn chat_completions(
+    State(st): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let rt = st.runtime.load_full();
+    let mut acct = Accounting::new(st.ledger.clone(), &headers, rt.config.baseline);
+    let result = handle(&rt, &mut acct, body).await;
+    match result {
+        Ok(Reply::Whole(resp)) => resp,
+        Ok(Reply::Stream(resp)) => resp,
+        Err(e) => {
+            let status = e.status_code().as_u16();
+            let code = e.code();
+            let mut resp = e.into_response();
+            acct.decorate(resp.headers_mut());
+            acct.finish(code, status);
+            resp
+        }
+    }
+}
+
+enum Reply {
+    Whole(Response),
+    Stream(Response),
+}
+
+async fn handle(rt: &Arc<Runtime>, acct: &mut Accounting, body: Body) -> Result<Reply, Error> {
+    let limit = rt.config.max_body_bytes;
+    let bytes = axum::body::to_bytes(body, limit).await.map_err(|e| {
+        let is_limit = std::error::Error::source(&e)
+            .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
+        if is_limit {
+            Error::BodyTooLarge {
+                size: limit + 1,
+                limit,
+            }
+        } else {
+            Error::invalid("could not read the request body", None)
+        }
+    })?;
+    let mut req = ChatRequest::parse(&bytes)?;
+    acct.rec.requested_model = Some(req.model.clone());
+    acct.rec.streamed = req.is_stream();
+
+    let decision = routing::route(&rt.config, &rt.scorer, &req).await?;
+    let tier =
+        rt.config.tiers.get(&decision.tier).ok_or_else(|| {
+            Error::Internal(format!("policy chose unknown tier `{}`", decision.tier))
+        })?;
+    let backend = rt
+        .backends
+        .get(&decision.tier)
+        .ok_or_else(|| Error::Internal(format!("no backend for tier `{}`", decision.tier)))?
+        .clone();
+    acct.routed(
+        &decision,
+        &tier.model,
+        tier.price,
+        tokens::estimate(&req.all_text()),
+    );
+    req.model = tier.model.clone();
+
+    acct.gateway_done();
+    if req.is_stream() {
+        let client_wants_usage = req
+            .stream_options
+            .as_ref()
+            .and_then(|o| o.include_usage)
+            .unwrap_or(false);
+        let upstream = backend.stream(req).await?;
+        acct.called_tier = true;
+        Ok(Reply::Stream(stream_response(
+            std::mem::take(acct),
+            upstream,
+            client_wants_usage,
+        )))
+    } else {
+        let done = backend.complete(req).await?;
+        acct.called_tier = true;
+        acct.usage = done.usage;
+        acct.content = done.content;
+        let mut resp = Response::new(Body::from(done.body));
+        resp.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        acct.decorate(resp.headers_mut());
+        acct.finish("ok", 200);
+        Ok(Reply::Whole(resp))
+    }
+}
+
+fn stream_response(
+    mut acct: Accounting,
+    mut upstream: crate::upstream::ChunkStream,
+    client_wants_usage: bool,
+) -> Response {
+    let mut headers = HeaderMap::new();
+    acct.decorate(&mut headers);
+    let body = async_stream::stream! {
+        let mut saw_done = false;
+        let mut finished = false;
+        while let Some(item) = upstream.next().await {
+            match item {
+                Ok(StreamItem::Chunk { json, usage, content, finished: f, usage_only }) => {
+                    if usage.is_some() {
+                        acct.usage = usage;
+                    }
+                    if let Some(c) = content {
+                        if acct.ttft_ms.is_none() && !c.is_empty() {
+                            acct.ttft_ms = Some(acct.elapsed_ms());
+                        }
+                        acct.content.push_str(&c);
+                    }
+                    finished |= f;
+                    if usage_only && !client_wants_usage {
+                        continue;
+                    }
+                    yield Ok::<Bytes, std::convert::Infallible>(sse_data(&json));
+                }
+                Ok(StreamItem::Done) => {
+                    saw_done = true;
+                    break;
+                }
+                Err(e) => {
+                    tracing::warn!(request_id = %acct.rec.request_id, code = e.code(), "stream failed mid-way");
+                    acct.finish(e.code(), 200);
+                    yield Ok(sse_data(e.envelope().to_string().as_bytes()));
+                    return;
+                }
+            }
+        }
+        if !saw_done && !finished {
+            let e = Error::Upstream {
+                tier: acct.rec.tier.clone().unwrap_or_default(),
+                detail: "the upstream stream ended before the answer was complete".to_owned(),
+            };
+            acct.finish(e.code(), 200);
+            yield Ok(sse_data(e.envelope().to_string().as_bytes()));
+            return;
+        }
+        acct.finish("ok", 200);
+        yield Ok(Bytes::from_static(b"data: [DONE]\n\n"));
+    };
+    let mut resp = Response::new(Body::from_stream(body));
+    *resp.status_mut() = StatusCode::OK;
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    h.extend(headers);
+    resp
+}
+
+fn sse_data(json: &[u8]) -> Bytes {
+    let mut out = Vec::with_capacity(json.len() + 8);
+    out.extend_from_slice(b"data: ");
+    out.extend_from_slice(json);
+    out.extend_from_slice(b"\n\n");
+    Bytes::from(out)
+}
+
+/// One request's ledger row in the making. Dropping it unfinished (the client went away)
+/// still writes the row, as `client_disconnected`.
+#[derive(Default)]
+struct Accounting {
+    ledger: Option<Ledger>,
+    rec: Record,
+    start: Option<Instant>,
+    baseline: Option<Price>,
+    price: Option<Price>,
+    prompt_estimate: u64,
+    called_tier: bool,
+    usage: Option<Usage>,
+    content: String,
+    ttft_ms: Option<f64>,
+    done: bool,
+}
+
+pub const HEADER_TIER: &str = "x-tiergate-tier";
+pub const HEADER_SCORE: &str = "x-tiergate-score";
+pub const HEADER_RULE: &str = "x-tiergate-rule";
+pub const HEADER_SCORER: &str = "x-tiergate-scorer";
+pub const HEADER_POLICY: &str = "x-tiergate-policy";
+pub const HEADER_REQUEST_ID: &str = "x-request-id";
+
+impl Accounting {
+    fn new(ledger: Ledger, headers: &HeaderMap, baseline: Price) -> Self {
+        let request_id = headers
+            .get(HEADER_REQUEST_ID)
+            .and_then(|v| v.to_str().ok())
+            .filter(|v| !v.is_empty() && v.len() <= 128 && v.chars().all(|c| c.is_ascii_graphic()))
+            .map(str::to_owned)
+            .unwrap_or_else(|| format!("tg-{}", uuid::Uuid::new_v4().simple()));
+        let ts_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or(0);
+        let mut a = Accounting::default();
+        a.ledger = Some(ledger);
+        a.rec = Record {
+            ts_ms,
+            request_id,
+            api_key_id: api_key_id(headers),
+            ..Record::default()
+        };
+        a.start = Some(Instant::now());
+        a.baseline = Some(baseline);
+        a
+    }
+
+    fn elapsed_ms(&self) -> f64 {
+        self.start
+            .map(|s| s.elapsed().as_secs_f64() * 1000.0)
+            .unwrap_or(0.0)
+    }
+
+    fn routed(
+        &mut self,
+        d: &RouteDecision,
+        backend_model: &str,
+        price: Price,
+        prompt_estimate: u64,
+    ) {
+        self.rec.tier = Some(d.tier.clone());
+        self.rec.rule = Some(d.rule.clone());
+        self.rec.policy = d.policy.clone();
+        self.rec.score = d.score.map(|s| s.value);
+        self.rec.scorer = d.score.map(|s| s.scorer.to_owned());
+        self.rec.backend_model = Some(backend_model.to_owned());
+        self.price = Some(price);
+        self.prompt_estimate = prompt_estimate;
+    }
+
+    fn gateway_done(&mut self) {
+        self.rec.gateway_ms = self.elapsed_ms();
+    }
+
+    /// The `x-tiergate-*` headers that say which tier answered and why.
+    fn decorate(&self, h: &mut HeaderMap) {
+        let mut put = |name: &'static str, v: &str| {
+            if let Ok(v) = HeaderValue::from_str(v) {
+                h.insert(HeaderName::from_static(name), v);
+            }
+        };
+        put(HEADER_REQUEST_ID, &self.rec.request_id);
+        if let Some(t) = &self.rec.tier {
+            put(HEADER_TIER, t);
+        }
+        if let Some(r) = &self.rec.rule {
+            put(HEADER_RULE, r);
+        }
+        if let Some(p) = &self.rec.policy {
+            put(HEADER_POLICY, p);
+        }
+        if let Some(s) = self.rec.score {
+            put(HEADER_SCORE, &format!("{s:.4}"));
+        }
+        if let Some(s) = &self.rec.scorer {
+            put(HEADER_SCORER, s);
+        }
+    }
+
+    fn finish(&mut self, outcome: &str, status: u16) {
+        if self.done {
+            return;
+        }
+        self.done = true;
+        let r = &mut self.rec;
+        r.outcome = outcome.to_owned();
+        r.http_status = status;
+        r.latency_ms = self
+            .start
+            .map(|s| s.elapsed().as_secs_f64() * 1000.0)
+            .unwrap_or(0.0);
+        if r.gateway_ms == 0.0 {
+            r.gateway_ms = r.latency_ms;
+        }
+        r.ttft_ms = self.ttft_ms.or(if outcome == "ok" && !r.streamed {
+            Some(r.latency_ms)
+        } else {
+            None
+        });
+        match self.usage {
+            Some(u) => {
+                r.prompt_tokens = u.prompt_tokens;
+                r.completion_tokens = u.completion_tokens;
+                r.tokens_estimated = false;
+            }
+            // The tier was called and answered at least in part: it will bill for it even
+            // without reporting usage, so estimate rather than record zero.
+            None if self.called_tier => {
+                r.prompt_tokens = self.prompt_estimate;
+                r.completion_tokens = tokens::estimate(&self.content);
+                r.tokens_estimated = true;
+            }
+            None => {}
+        }
+        r.cost_usd = self
+            .price
+            .map(|p| p.cost(r.prompt_tokens, r.completion_tokens))
+            .unwrap_or(0.0);
+        r.baseline_cost_usd = self
+            .baseline
+            .map(|p| p.cost(r.prompt_tokens, r.completion_tokens))
+            .unwrap_or(0.0);
+        tracing::info!(
+            request_id = %r.request_id,
+            model = r.requested_model.as_deref().unwrap_or("-"),
+            tier = r.tier.as_deref().unwrap_or("-"),
+            rule = r.rule.as_deref().unwrap_or("-"),
+            outcome = %r.outcome,
+            status = r.http_status,
+            latency_ms = format!("{:.1}", r.latency_ms),
+            "request"
+        );
+        if let Some(l) = &self.ledger {
+            l.record(std::mem::take(&mut self.rec));
+        }
+    }
+}
+
+impl Drop for Accounting {
+    fn drop(&mut self) {
+        if self.ledger.is_some() && !self.done {
+            // 499: the client closed the connection (nginx's convention).
+            self.finish("client_disconnected", 499);
+        }
+    }
+}
+
+/// A stable, non-secret id for the client's key: `key-` + 12 hex digits of its SHA-256.
+fn api_key_id(headers: &HeaderMap) -> Option<String> {
+    let v = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let key = v.strip_prefix("Bearer ").unwrap_or(v).trim();
+    if key.is_empty() {
+        return None;
+    }
+    let digest = Sha256::digest(key.as_bytes());
+    Some(format!(
+        "key-{}",
+        digest
+            .iter()
+            .take(6)
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
+    ))
+}

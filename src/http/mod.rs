@@ -1,0 +1,91 @@
+//! HTTP surface: the axum router and the small handlers (models, health, readiness).
+//! Chat completions live in `chat`.
+
+mod chat;
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::routing::{get, post};
+use serde_json::json;
+
+use crate::AppState;
+use crate::error::Error;
+
+/// The gateway's routes; tests drive this directly or over a socket.
+pub fn app(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/v1/chat/completions", post(chat::chat_completions))
+        .route("/v1/models", get(models))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .fallback(not_found)
+        // The chat handler reads the body itself with the configured limit, so that an
+        // oversized body gets an OpenAI-shaped 413 and a ledger row.
+        .layer(DefaultBodyLimit::disable())
+        .with_state(state)
+}
+
+async fn not_found(uri: axum::http::Uri) -> impl IntoResponse {
+    let e = Error::InvalidRequest {
+        message: format!(
+            "no route for `{}`; see `GET /v1/models` and `POST /v1/chat/completions`",
+            uri.path()
+        ),
+        param: None,
+        code: "unknown_url",
+    };
+    (StatusCode::NOT_FOUND, Json(e.envelope()))
+}
+
+async fn models(State(st): State<Arc<AppState>>) -> impl IntoResponse {
+    let rt = st.runtime.load();
+    let mut data: Vec<serde_json::Value> = rt
+        .config
+        .aliases
+        .iter()
+        .map(|a| json!({"id": a, "object": "model", "created": 0, "owned_by": "tiergate"}))
+        .collect();
+    data.extend(rt.config.tiers.values().map(|t| {
+        json!({"id": t.model, "object": "model", "created": 0, "owned_by": format!("tiergate:{}", t.name)})
+    }));
+    Json(json!({"object": "list", "data": data}))
+}
+
+async fn readyz(State(st): State<Arc<AppState>>) -> impl IntoResponse {
+    let rt = st.runtime.load();
+    let ledger_ok = st.ledger.is_alive();
+    let tiers: Vec<serde_json::Value> = rt
+        .config
+        .tiers
+        .values()
+        .map(|t| {
+            let problem = rt.tier_problems.get(&t.name);
+            json!({"name": t.name, "model": t.model, "ready": problem.is_none(), "problem": problem})
+        })
+        .collect();
+    let body = json!({
+        "status": if ledger_ok { "ready" } else { "degraded" },
+        "onnxruntime": {"version": st.onnxruntime_version},
+        "ledger": {
+            "path": st.ledger.path().display().to_string(),
+            "writer_alive": ledger_ok,
+            "queued": st.ledger.queued(),
+            "written": st.ledger.written(),
+            "dropped": st.ledger.dropped(),
+        },
+        "policy": rt.config.policy.name,
+        "scorer": rt.scorer_name,
+        "tiers": tiers,
+    });
+    let status = if ledger_ok {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, Json(body))
+}

@@ -1,0 +1,299 @@
+//! The usage ledger: one row per request in a SQLite file (WAL). Rows are queued on a
+//! bounded channel and written in batches by one writer thread, never on the request path;
+//! a full queue drops the row, counts and logs it, and the request still succeeds.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use rusqlite::{Connection, params};
+use tokio::sync::{mpsc, oneshot};
+
+/// One request's accounting. Never holds a secret: `api_key_id` is a hash prefix.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Record {
+    /// Unix time in milliseconds when the request arrived.
+    pub ts_ms: i64,
+    pub request_id: String,
+    pub api_key_id: Option<String>,
+    pub requested_model: Option<String>,
+    pub tier: Option<String>,
+    pub backend_model: Option<String>,
+    pub score: Option<f64>,
+    pub scorer: Option<String>,
+    pub policy: Option<String>,
+    pub rule: Option<String>,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    /// True when token counts are the gateway's estimate rather than the upstream's usage.
+    pub tokens_estimated: bool,
+    pub ttft_ms: Option<f64>,
+    pub latency_ms: f64,
+    /// Time the gateway itself spent before calling the tier (parsing, scoring, policy).
+    pub gateway_ms: f64,
+    pub cost_usd: f64,
+    pub baseline_cost_usd: f64,
+    /// `ok`, or the error code (`upstream_timeout`, `invalid_json`, `client_disconnected`…).
+    pub outcome: String,
+    pub http_status: u16,
+    pub streamed: bool,
+}
+
+enum Msg {
+    Row(Box<Record>),
+    Flush(oneshot::Sender<()>),
+    /// Stop after writing everything queued before it.
+    Close,
+}
+
+/// Handle to the ledger writer; cheap to clone.
+#[derive(Clone)]
+pub struct Ledger {
+    tx: mpsc::Sender<Msg>,
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    path: PathBuf,
+    dropped: AtomicU64,
+    written: AtomicU64,
+    writer_alive: AtomicBool,
+    thread: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS requests (
+    id INTEGER PRIMARY KEY,
+    ts_ms INTEGER NOT NULL,
+    request_id TEXT NOT NULL,
+    api_key_id TEXT,
+    requested_model TEXT,
+    tier TEXT,
+    backend_model TEXT,
+    score REAL,
+    scorer TEXT,
+    policy TEXT,
+    rule TEXT,
+    prompt_tokens INTEGER NOT NULL,
+    completion_tokens INTEGER NOT NULL,
+    tokens_estimated INTEGER NOT NULL,
+    ttft_ms REAL,
+    latency_ms REAL NOT NULL,
+    gateway_ms REAL NOT NULL,
+    cost_usd REAL NOT NULL,
+    baseline_cost_usd REAL NOT NULL,
+    outcome TEXT NOT NULL,
+    http_status INTEGER NOT NULL,
+    streamed INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS requests_ts ON requests (ts_ms);
+";
+
+pub const COLUMNS: &str = "ts_ms, request_id, api_key_id, requested_model, tier, backend_model, score, scorer, \
+policy, rule, prompt_tokens, completion_tokens, tokens_estimated, ttft_ms, latency_ms, gateway_ms, cost_usd, \
+baseline_cost_usd, outcome, http_status, streamed";
+
+/// Opens (creating if needed) a ledger database with the schema and WAL mode.
+pub fn open(path: &Path) -> rusqlite::Result<Connection> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        let _ = std::fs::create_dir_all(dir);
+    }
+    let conn = Connection::open(path)?;
+    conn.busy_timeout(Duration::from_secs(5))?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    // NORMAL in WAL mode: a committed batch survives a process crash (kill -9); only an
+    // OS crash or power loss can lose the last batches. FULL would fsync every batch.
+    conn.pragma_update(None, "synchronous", "NORMAL")?;
+    conn.execute_batch(SCHEMA)?;
+    Ok(conn)
+}
+
+impl Ledger {
+    /// Opens the database and starts the writer thread.
+    pub fn start(path: &Path, capacity: usize, batch_size: usize) -> Result<Ledger, String> {
+        let conn =
+            open(path).map_err(|e| format!("cannot open ledger `{}`: {e}", path.display()))?;
+        let (tx, rx) = mpsc::channel(capacity);
+        let shared = Arc::new(Shared {
+            path: path.to_path_buf(),
+            dropped: AtomicU64::new(0),
+            written: AtomicU64::new(0),
+            writer_alive: AtomicBool::new(true),
+            thread: std::sync::Mutex::new(None),
+        });
+        let s = shared.clone();
+        let handle = std::thread::Builder::new()
+            .name("tiergate-ledger".into())
+            .spawn(move || writer(conn, rx, batch_size, &s))
+            .map_err(|e| format!("cannot start the ledger writer: {e}"))?;
+        *shared.thread.lock().expect("ledger mutex") = Some(handle);
+        Ok(Ledger { tx, shared })
+    }
+
+    /// Queues a row without waiting. Never fails the request: a full queue drops the row,
+    /// and the drop is counted (`dropped()`, `/readyz`) and logged.
+    pub fn record(&self, rec: Record) {
+        if let Err(e) = self.tx.try_send(Msg::Row(Box::new(rec))) {
+            let n = self.shared.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+            let why = match e {
+                mpsc::error::TrySendError::Full(_) => "queue full",
+                mpsc::error::TrySendError::Closed(_) => "writer stopped",
+            };
+            tracing::error!(dropped_total = n, reason = why, "ledger row dropped");
+        }
+    }
+
+    /// Waits until every row queued before this call is committed.
+    pub async fn flush(&self) {
+        let (done, wait) = oneshot::channel();
+        if self.tx.send(Msg::Flush(done)).await.is_ok() {
+            let _ = wait.await;
+        }
+    }
+
+    /// Writes everything queued and stops the writer; rows recorded afterwards are dropped
+    /// and counted.
+    pub async fn shutdown(self) {
+        self.flush().await;
+        let _ = self.tx.send(Msg::Close).await;
+        let handle = self.shared.thread.lock().expect("ledger mutex").take();
+        if let Some(h) = handle {
+            let _ = tokio::task::spawn_blocking(move || h.join()).await;
+        }
+    }
+
+    pub fn dropped(&self) -> u64 {
+        self.shared.dropped.load(Ordering::Relaxed)
+    }
+
+    pub fn written(&self) -> u64 {
+        self.shared.written.load(Ordering::Relaxed)
+    }
+
+    pub fn queued(&self) -> usize {
+        self.tx.max_capacity() - self.tx.capacity()
+    }
+
+    pub fn is_alive(&self) -> bool {
+        self.shared.writer_alive.load(Ordering::Relaxed)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.shared.path
+    }
+}
+
+fn writer(mut conn: Connection, mut rx: mpsc::Receiver<Msg>, batch_size: usize, shared: &Shared) {
+    let mut batch: Vec<Box<Record>> = Vec::with_capacity(batch_size);
+    let mut waiters: Vec<oneshot::Sender<()>> = Vec::new();
+    let mut closing = false;
+    while let Some(first) = rx.blocking_recv() {
+        let mut next = Some(first);
+        while let Some(msg) = next.take() {
+            match msg {
+                Msg::Row(r) => batch.push(r),
+                Msg::Flush(w) => waiters.push(w),
+                Msg::Close => closing = true,
+            }
+            if batch.len() < batch_size {
+                next = rx.try_recv().ok();
+            }
+        }
+        if !batch.is_empty() {
+            match insert(&mut conn, &batch) {
+                Ok(()) => {
+                    shared
+                        .written
+                        .fetch_add(batch.len() as u64, Ordering::Relaxed);
+                }
+                Err(e) => {
+                    let n = shared
+                        .dropped
+                        .fetch_add(batch.len() as u64, Ordering::Relaxed)
+                        + batch.len() as u64;
+                    tracing::error!(error = %e, rows = batch.len(), dropped_total = n, "ledger batch write failed");
+                }
+            }
+            batch.clear();
+        }
+        for w in waiters.drain(..) {
+            let _ = w.send(());
+        }
+        if closing {
+            rx.close();
+            break;
+        }
+    }
+    shared.writer_alive.store(false, Ordering::Relaxed);
+}
+
+fn insert(conn: &mut Connection, rows: &[Box<Record>]) -> rusqlite::Result<()> {
+    let tx = conn.transaction()?;
+    {
+        let mut stmt = tx.prepare_cached(&format!(
+            "INSERT INTO requests ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21)"
+        ))?;
+        for r in rows {
+            stmt.execute(params![
+                r.ts_ms,
+                r.request_id,
+                r.api_key_id,
+                r.requested_model,
+                r.tier,
+                r.backend_model,
+                r.score,
+                r.scorer,
+                r.policy,
+                r.rule,
+                r.prompt_tokens as i64,
+                r.completion_tokens as i64,
+                r.tokens_estimated,
+                r.ttft_ms,
+                r.latency_ms,
+                r.gateway_ms,
+                r.cost_usd,
+                r.baseline_cost_usd,
+                r.outcome,
+                r.http_status,
+                r.streamed,
+            ])?;
+        }
+    }
+    tx.commit()
+}
+
+/// Reads every row back, oldest first (for tests and reports).
+pub fn read_all(path: &Path) -> rusqlite::Result<Vec<Record>> {
+    let conn = Connection::open(path)?;
+    let mut stmt = conn.prepare(&format!("SELECT {COLUMNS} FROM requests ORDER BY id"))?;
+    let rows = stmt.query_map([], |row| {
+        Ok(Record {
+            ts_ms: row.get(0)?,
+            request_id: row.get(1)?,
+            api_key_id: row.get(2)?,
+            requested_model: row.get(3)?,
+            tier: row.get(4)?,
+            backend_model: row.get(5)?,
+            score: row.get(6)?,
+            scorer: row.get(7)?,
+            policy: row.get(8)?,
+            rule: row.get(9)?,
+            prompt_tokens: row.get::<_, i64>(10)? as u64,
+            completion_tokens: row.get::<_, i64>(11)? as u64,
+            tokens_estimated: row.get(12)?,
+            ttft_ms: row.get(13)?,
+            latency_ms: row.get(14)?,
+            gateway_ms: row.get(15)?,
+            cost_usd: row.get(16)?,
+            baseline_cost_usd: row.get(17)?,
+            outcome: row.get(18)?,
+            http_status: row.get(19)?,
+            streamed: row.get(20)?,
+        })
+    })?;
+    rows.collect()
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,45 @@
+use super::{Ledger, Record, read_all};
+
+fn rec(i: usize) -> Record {
+    Record {
+        request_id: format!("r{i}"),
+        outcome: "ok".into(),
+        http_status: 200,
+        prompt_tokens: i as u64,
+        ..Record::default()
+    }
+}
+
+#[tokio::test]
+async fn rows_are_written_in_order_and_survive_shutdown() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("l.db");
+    let ledger = Ledger::start(&path, 1000, 7).expect("start");
+    for i in 0..50 {
+        ledger.record(rec(i));
+    }
+    ledger.clone().shutdown().await;
+    let rows = read_all(&path).expect("read");
+    assert_eq!(rows.len(), 50);
+    assert_eq!(rows[49], rec(49));
+    assert_eq!(ledger.written(), 50);
+    assert_eq!(ledger.dropped(), 0);
+    let conn = rusqlite::Connection::open(&path).expect("open");
+    let mode: String = conn
+        .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+        .expect("pragma");
+    assert_eq!(mode, "wal");
+}
+
+#[tokio::test]
+async fn a_full_queue_drops_and_counts_instead_of_blocking() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ledger = Ledger::start(&dir.path().join("l.db"), 1, 1).expect("start");
+    // Far more rows than a one-slot queue can take while the writer is busy.
+    for i in 0..5000 {
+        ledger.record(rec(i));
+    }
+    ledger.flush().await;
+    assert!(ledger.dropped() > 0);
+    assert_eq!(ledger.dropped() + ledger.written(), 5000);
+}

@@ -1,0 +1,116 @@
+//! tiergate: an OpenAI-compatible gateway that scores each request's difficulty and sends
+//! it to the cheapest tier able to answer it, accounting cost and latency per tier.
+
+pub mod cache;
+pub mod cli;
+pub mod config;
+pub mod error;
+pub mod http;
+pub mod ledger;
+pub mod onnx;
+pub mod openai;
+pub mod policy;
+pub mod routing;
+pub mod tokens;
+pub mod upstream;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+
+pub use crate::config::Config;
+pub use crate::http::app;
+use crate::ledger::Ledger;
+use crate::routing::{LengthScorer, Scorer};
+use crate::upstream::Backend;
+use crate::upstream::openai::OpenAiBackend;
+
+/// Everything a request needs that can change when the configuration is reloaded. A
+/// request loads it once, so it sees one consistent snapshot from start to end.
+pub struct Runtime {
+    pub config: Config,
+    pub backends: HashMap<String, Arc<dyn Backend>>,
+    pub scorer: Arc<dyn Scorer>,
+    pub scorer_name: &'static str,
+    /// Tiers that cannot serve, and why (e.g. a missing API key), for `/readyz`.
+    pub tier_problems: BTreeMap<String, String>,
+}
+
+impl Runtime {
+    pub fn build(config: Config) -> Result<Runtime, String> {
+        let mut backends: HashMap<String, Arc<dyn Backend>> = HashMap::new();
+        let mut tier_problems = BTreeMap::new();
+        for t in config.tiers.values() {
+            match &t.backend {
+                config::BackendConfig::OpenAi {
+                    base_url,
+                    api_key_env,
+                    timeout,
+                    connect_timeout,
+                } => {
+                    let b = OpenAiBackend::new(
+                        &t.name,
+                        base_url,
+                        api_key_env.as_deref(),
+                        *timeout,
+                        *connect_timeout,
+                    )?;
+                    if let Some(p) = b.missing_key() {
+                        tier_problems.insert(t.name.clone(), p.to_owned());
+                    }
+                    backends.insert(t.name.clone(), Arc::new(b));
+                }
+            }
+        }
+        let scorer: Arc<dyn Scorer> = Arc::new(LengthScorer {
+            half_tokens: config.length_half_tokens,
+        });
+        Ok(Runtime {
+            config,
+            backends,
+            scorer,
+            scorer_name: "length",
+            tier_problems,
+        })
+    }
+}
+
+/// Shared state of a running gateway.
+pub struct AppState {
+    pub runtime: ArcSwap<Runtime>,
+    pub ledger: Ledger,
+    pub onnxruntime_version: String,
+}
+
+impl AppState {
+    /// Loads ONNX Runtime, opens the ledger and builds the runtime for `config`.
+    pub fn start(config: Config) -> Result<Arc<AppState>, String> {
+        let onnxruntime_version = onnx::init(config.onnxruntime_library.as_deref())?;
+        let ledger = Ledger::start(
+            &config.ledger.path,
+            config.ledger.queue_capacity,
+            config.ledger.batch_size,
+        )?;
+        let runtime = Runtime::build(config)?;
+        Ok(Arc::new(AppState {
+            runtime: ArcSwap::from_pointee(runtime),
+            ledger,
+            onnxruntime_version,
+        }))
+    }
+}
+
+/// Serves until `shutdown` resolves, then lets in-flight requests finish and flushes the
+/// ledger.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: Arc<AppState>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let result = axum::serve(listener, app(state.clone()))
+        .with_graceful_shutdown(shutdown)
+        .await;
+    state.ledger.flush().await;
+    result
+}

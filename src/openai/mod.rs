@@ -1,0 +1,215 @@
+//! OpenAI chat-completions wire types: what the gateway must understand of a request or a
+//! response. Unknown fields are kept and forwarded untouched, so clients can use any
+//! provider parameter without the gateway knowing it.
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::error::Error;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ChatRequest {
+    pub model: String,
+    pub messages: Vec<Message>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stream: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stream_options: Option<StreamOptions>,
+    #[serde(flatten)]
+    pub rest: Map<String, Value>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Message {
+    pub role: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content: Option<Value>,
+    #[serde(flatten)]
+    pub rest: Map<String, Value>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct StreamOptions {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub include_usage: Option<bool>,
+    #[serde(flatten)]
+    pub rest: Map<String, Value>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Usage {
+    #[serde(default)]
+    pub prompt_tokens: u64,
+    #[serde(default)]
+    pub completion_tokens: u64,
+}
+
+impl ChatRequest {
+    /// Parses and validates a request body; errors name the offending field.
+    pub fn parse(body: &[u8]) -> Result<ChatRequest, Error> {
+        let value: Value = serde_json::from_slice(body).map_err(|e| Error::InvalidRequest {
+            message: format!("request body is not valid JSON: {e}"),
+            param: None,
+            code: "invalid_json",
+        })?;
+        let Value::Object(obj) = &value else {
+            return Err(Error::invalid("request body must be a JSON object", None));
+        };
+        for field in ["model", "messages"] {
+            if obj.get(field).is_none_or(Value::is_null) {
+                return Err(Error::invalid(
+                    format!("missing required parameter: `{field}`"),
+                    Some(field),
+                ));
+            }
+        }
+        if !obj["model"].is_string() {
+            return Err(Error::invalid("`model` must be a string", Some("model")));
+        }
+        let Some(messages) = obj["messages"].as_array() else {
+            return Err(Error::invalid(
+                "`messages` must be an array of message objects",
+                Some("messages"),
+            ));
+        };
+        if messages.is_empty() {
+            return Err(Error::invalid(
+                "`messages` must contain at least one message",
+                Some("messages"),
+            ));
+        }
+        for (i, m) in messages.iter().enumerate() {
+            let param = format!("messages[{i}]");
+            let Some(m) = m.as_object() else {
+                return Err(Error::invalid(
+                    format!("`{param}` must be an object"),
+                    Some(&param),
+                ));
+            };
+            if !m.get("role").is_some_and(Value::is_string) {
+                return Err(Error::invalid(
+                    format!("`{param}.role` must be a string"),
+                    Some(&format!("{param}.role")),
+                ));
+            }
+            match m.get("content") {
+                None | Some(Value::Null | Value::String(_) | Value::Array(_)) => {}
+                Some(_) => {
+                    return Err(Error::invalid(
+                        format!(
+                            "`{param}.content` must be a string, an array of content parts, or null"
+                        ),
+                        Some(&format!("{param}.content")),
+                    ));
+                }
+            }
+        }
+        if let Some(s) = obj.get("stream")
+            && !(s.is_boolean() || s.is_null())
+        {
+            return Err(Error::invalid("`stream` must be a boolean", Some("stream")));
+        }
+        if let Some(s) = obj.get("stream_options")
+            && !(s.is_object() || s.is_null())
+        {
+            return Err(Error::invalid(
+                "`stream_options` must be an object",
+                Some("stream_options"),
+            ));
+        }
+        serde_json::from_value(value)
+            .map_err(|e| Error::invalid(format!("invalid request: {e}"), None))
+    }
+
+    pub fn is_stream(&self) -> bool {
+        self.stream.unwrap_or(false)
+    }
+
+    /// Text of every message, for token estimates when the upstream reports no usage.
+    pub fn all_text(&self) -> String {
+        let mut out = String::new();
+        for m in &self.messages {
+            out.push_str(&m.role);
+            out.push('\n');
+            push_content_text(&mut out, m.content.as_ref());
+            out.push('\n');
+        }
+        out
+    }
+
+    /// What the router scores: the system prompt(s) and the last user turn. Earlier turns
+    /// are left out so a long conversation is judged by what is being asked now.
+    pub fn scored_text(&self) -> String {
+        let mut out = String::new();
+        for m in self
+            .messages
+            .iter()
+            .filter(|m| m.role == "system" || m.role == "developer")
+        {
+            push_content_text(&mut out, m.content.as_ref());
+            out.push('\n');
+        }
+        if let Some(m) = self.messages.iter().rev().find(|m| m.role == "user") {
+            push_content_text(&mut out, m.content.as_ref());
+        }
+        out
+    }
+}
+
+fn push_content_text(out: &mut String, content: Option<&Value>) {
+    match content {
+        Some(Value::String(s)) => out.push_str(s),
+        Some(Value::Array(parts)) => {
+            for p in parts {
+                if let Some(t) = p.get("text").and_then(Value::as_str) {
+                    out.push_str(t);
+                    out.push('\n');
+                }
+            }
+        }
+        _ => {}
+    }
+}
+
+/// The parts of a streamed chunk the gateway reads; the chunk itself is forwarded as is.
+#[derive(Debug, Default, Deserialize)]
+pub struct ChunkPeek {
+    #[serde(default)]
+    pub choices: Vec<ChoicePeek>,
+    #[serde(default)]
+    pub usage: Option<Usage>,
+    #[serde(default)]
+    pub error: Option<Value>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct ChoicePeek {
+    #[serde(default)]
+    pub delta: Option<DeltaPeek>,
+    #[serde(default)]
+    pub finish_reason: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct DeltaPeek {
+    #[serde(default)]
+    pub content: Option<String>,
+}
+
+/// The parts of a non-streamed response the gateway reads.
+#[derive(Debug, Default, Deserialize)]
+pub struct CompletionPeek {
+    #[serde(default)]
+    pub usage: Option<Usage>,
+    #[serde(default)]
+    pub choices: Vec<CompletionChoicePeek>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct CompletionChoicePeek {
+    #[serde(default)]
+    pub message: Option<Message>,
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,129 @@
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use super::{Facts, Policy};
+use crate::config::{BackendConfig, Price, TierConfig};
+
+fn tiers() -> BTreeMap<String, TierConfig> {
+    ["small", "cloud"]
+        .into_iter()
+        .map(|n| {
+            let t = TierConfig {
+                name: n.to_owned(),
+                model: format!("m-{n}"),
+                price: Price {
+                    input_per_mtok: 0.0,
+                    output_per_mtok: 0.0,
+                },
+                backend: BackendConfig::OpenAi {
+                    base_url: "http://x".into(),
+                    api_key_env: None,
+                    timeout: std::time::Duration::from_secs(1),
+                    connect_timeout: std::time::Duration::from_secs(1),
+                },
+            };
+            (n.to_owned(), t)
+        })
+        .collect()
+}
+
+fn parse(text: &str) -> Result<Policy, String> {
+    Policy::parse(text, Path::new("p.toml"), &tiers())
+}
+
+const TWO_RULES: &str = r#"
+[[rules]]
+name = "easy"
+score_below = 0.5
+tier = "small"
+[[rules]]
+name = "rest"
+tier = "cloud"
+"#;
+
+#[test]
+fn threshold_boundaries_decide_by_the_first_matching_rule() {
+    let p = parse(TWO_RULES).expect("valid");
+    assert_eq!(p.name, "p");
+    for (score, want) in [
+        (0.0, "easy"),
+        (0.4999, "easy"),
+        (0.5, "rest"),
+        (1.0, "rest"),
+    ] {
+        assert_eq!(
+            p.decide(&Facts {
+                score,
+                prompt_tokens: 10
+            })
+            .name,
+            want,
+            "score {score}"
+        );
+    }
+}
+
+#[test]
+fn token_bounds_are_inclusive() {
+    let p = parse(
+        "[[rules]]\nname = \"mid\"\nmin_prompt_tokens = 10\nmax_prompt_tokens = 20\ntier = \"small\"\n[[rules]]\nname = \"rest\"\ntier = \"cloud\"\n",
+    )
+    .expect("valid");
+    for (t, want) in [(9, "rest"), (10, "mid"), (20, "mid"), (21, "rest")] {
+        assert_eq!(
+            p.decide(&Facts {
+                score: 0.3,
+                prompt_tokens: t
+            })
+            .name,
+            want,
+            "tokens {t}"
+        );
+    }
+}
+
+#[test]
+fn errors_name_the_key_path_and_line() {
+    let cases = [
+        (
+            TWO_RULES.replace("tier = \"small\"", "tier = \"gpu\""),
+            "rules[0].tier (line 2)",
+        ),
+        (
+            TWO_RULES.replace("0.5", "1.5"),
+            "rules[0].score_below (line 2) = 1.5 must be in 0..=1",
+        ),
+        (
+            TWO_RULES.replace("score_below = 0.5\n", ""),
+            "rules[1].name (line 5): rule `rest` is unreachable",
+        ),
+        (
+            TWO_RULES.replace(
+                "name = \"rest\"\ntier",
+                "name = \"rest\"\nscore_below = 0.9\ntier",
+            ),
+            "the last rule must have no conditions",
+        ),
+        (
+            TWO_RULES.replace("score_below", "score_under"),
+            "unknown field `score_under`",
+        ),
+        ("rules = []".to_owned(), "`rules` is empty"),
+    ];
+    for (text, want) in cases {
+        let e = parse(&text).expect_err(&text);
+        assert!(
+            e.contains(want) && e.contains("p.toml"),
+            "{e}\n  wanted: {want}"
+        );
+    }
+}
+
+#[test]
+fn shipped_policies_are_valid() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("policies");
+    for entry in std::fs::read_dir(dir).expect("policies/") {
+        let path = entry.expect("entry").path();
+        Policy::load(&path, &tiers()).unwrap_or_else(|e| panic!("{e}"));
+    }
+}

@@ -1,0 +1,95 @@
+//! Routing: a [`Scorer`] turns the request's text into a difficulty score in [0,1], the
+//! policy turns score and request facts into a tier. Logical model → policy → tier.
+
+use std::sync::Arc;
+
+use futures::future::BoxFuture;
+
+use crate::config::Config;
+use crate::error::Error;
+use crate::openai::ChatRequest;
+use crate::policy::Facts;
+use crate::tokens;
+
+/// A difficulty score and the scorer that produced it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Score {
+    pub value: f64,
+    pub scorer: &'static str,
+}
+
+/// Something that rates how hard a prompt is: 0 routine, 1 hard.
+pub trait Scorer: Send + Sync {
+    fn score<'a>(&'a self, text: &'a str, prompt_tokens: u64) -> BoxFuture<'a, Score>;
+}
+
+/// The baseline scorer: longer prompts are harder. `score = t / (t + half_tokens)`, where
+/// `t` is the estimated token count of the scored text, so `half_tokens` tokens score 0.5.
+/// On RouteLLM's data this alone reaches APGR 0.58 (MMLU) and 0.60 (GSM8K); it stays as the
+/// fallback when a learned scorer is unavailable or shedding load.
+pub struct LengthScorer {
+    pub half_tokens: f64,
+}
+
+impl LengthScorer {
+    pub fn score_tokens(&self, tokens: u64) -> f64 {
+        let t = tokens as f64;
+        t / (t + self.half_tokens)
+    }
+}
+
+impl Scorer for LengthScorer {
+    fn score<'a>(&'a self, _text: &'a str, prompt_tokens: u64) -> BoxFuture<'a, Score> {
+        let value = self.score_tokens(prompt_tokens);
+        Box::pin(async move {
+            Score {
+                value,
+                scorer: "length",
+            }
+        })
+    }
+}
+
+/// Why a request went where it went.
+#[derive(Debug, Clone)]
+pub struct RouteDecision {
+    pub tier: String,
+    pub rule: String,
+    pub policy: Option<String>,
+    pub score: Option<Score>,
+    pub prompt_tokens: u64,
+}
+
+/// Decides a tier for a request under one configuration snapshot.
+pub async fn route(
+    config: &Config,
+    scorer: &Arc<dyn Scorer>,
+    req: &ChatRequest,
+) -> Result<RouteDecision, Error> {
+    let scored = req.scored_text();
+    let prompt_tokens = tokens::estimate(&scored);
+    if let Some(tier) = config.tiers.values().find(|t| t.model == req.model) {
+        return Ok(RouteDecision {
+            tier: tier.name.clone(),
+            rule: "explicit-model".to_owned(),
+            policy: None,
+            score: None,
+            prompt_tokens,
+        });
+    }
+    if !config.aliases.iter().any(|a| a == &req.model) {
+        return Err(Error::ModelNotFound(req.model.clone()));
+    }
+    let score = scorer.score(&scored, prompt_tokens).await;
+    let rule = config.policy.decide(&Facts {
+        score: score.value,
+        prompt_tokens,
+    });
+    Ok(RouteDecision {
+        tier: rule.tier.clone(),
+        rule: rule.name.clone(),
+        policy: Some(config.policy.name.clone()),
+        score: Some(score),
+        prompt_tokens,
+    })
+}

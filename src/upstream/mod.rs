@@ -1,0 +1,88 @@
+//! Backends a tier can use, behind one trait so handlers never know which one answered:
+//! today OpenAI-compatible HTTP servers; the in-process generator plugs in beside it.
+
+pub mod openai;
+
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use futures::stream::BoxStream;
+
+use crate::error::Error;
+use crate::openai::{ChatRequest, Usage};
+
+/// A finished non-streamed answer: the body to return as is, and what it used.
+#[derive(Debug)]
+pub struct Completion {
+    pub body: Bytes,
+    pub usage: Option<Usage>,
+    /// The answer's text, for token estimates when `usage` is missing.
+    pub content: String,
+}
+
+/// One event of a streamed answer.
+#[derive(Debug)]
+pub enum StreamItem {
+    /// A chunk's JSON, forwarded as one SSE `data:` line.
+    Chunk {
+        json: Bytes,
+        usage: Option<Usage>,
+        content: Option<String>,
+        finished: bool,
+        usage_only: bool,
+    },
+    /// The end of the stream (`data: [DONE]`).
+    Done,
+}
+
+pub type ChunkStream = BoxStream<'static, Result<StreamItem, Error>>;
+
+pub trait Backend: Send + Sync {
+    /// Sends a request that has `stream` unset and returns the whole answer.
+    fn complete(&self, req: ChatRequest) -> BoxFuture<'_, Result<Completion, Error>>;
+    /// Sends a streaming request; usage must be reported in the stream when the backend
+    /// can (the OpenAI backend asks for it with `stream_options.include_usage`).
+    fn stream(&self, req: ChatRequest) -> BoxFuture<'_, Result<ChunkStream, Error>>;
+}
+
+/// Removes things that look like credentials from text that came from an upstream, so
+/// that an upstream echoing a key never passes it on to a client or a log.
+pub fn redact_secrets(text: &str, known: &[&str]) -> String {
+    let mut out = text.to_owned();
+    for k in known.iter().filter(|k| k.len() >= 4) {
+        out = out.replace(k, "[redacted]");
+    }
+    let mut result = String::with_capacity(out.len());
+    let mut rest = out.as_str();
+    while let Some(pos) = rest.find("sk-") {
+        result.push_str(&rest[..pos]);
+        let tail = &rest[pos + 3..];
+        let len = tail
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '*'))
+            .unwrap_or(tail.len());
+        let starts_word = !rest[..pos].ends_with(|c: char| c.is_ascii_alphanumeric());
+        if starts_word && len >= 8 {
+            result.push_str("[redacted]");
+        } else {
+            result.push_str(&rest[pos..pos + 3 + len]);
+        }
+        rest = &tail[len..];
+    }
+    result.push_str(rest);
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact_secrets;
+
+    #[test]
+    fn redacts_known_keys_and_key_shaped_words() {
+        let s = "Incorrect API key provided: sk-abc123***xyz9. Key topsecretvalue leaked";
+        let r = redact_secrets(s, &["topsecretvalue"]);
+        assert_eq!(
+            r,
+            "Incorrect API key provided: [redacted]. Key [redacted] leaked"
+        );
+        assert_eq!(redact_secrets("task-sk-ab", &[]), "task-sk-ab");
+    }
+}

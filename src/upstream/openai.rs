@@ -1,0 +1,247 @@
+//! The `openai` backend: any server speaking OpenAI's chat-completions API, over reqwest,
+//! with SSE relayed event by event (parsed by `eventsource-stream`, never buffered whole).
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use eventsource_stream::Eventsource;
+use futures::future::BoxFuture;
+use futures::{StreamExt, TryStreamExt};
+use serde_json::Value;
+
+use super::{Backend, ChunkStream, Completion, StreamItem, redact_secrets};
+use crate::error::Error;
+use crate::openai::{ChatRequest, ChunkPeek, CompletionPeek, StreamOptions};
+
+pub struct OpenAiBackend {
+    tier: String,
+    url: String,
+    api_key: Result<Option<String>, String>,
+    timeout: Duration,
+    client: reqwest::Client,
+}
+
+impl OpenAiBackend {
+    pub fn new(
+        tier: &str,
+        base_url: &str,
+        api_key_env: Option<&str>,
+        timeout: Duration,
+        connect_timeout: Duration,
+    ) -> Result<Self, String> {
+        let api_key = match api_key_env {
+            None => Ok(None),
+            Some(var) => match std::env::var(var) {
+                Ok(v) if !v.is_empty() => Ok(Some(v)),
+                _ => Err(format!(
+                    "set the environment variable `{var}` to the upstream API key and restart tiergate"
+                )),
+            },
+        };
+        let client = reqwest::Client::builder()
+            .connect_timeout(connect_timeout)
+            .pool_idle_timeout(Duration::from_secs(90))
+            .tcp_nodelay(true)
+            .build()
+            .map_err(|e| format!("cannot build HTTP client for tier `{tier}`: {e}"))?;
+        Ok(OpenAiBackend {
+            tier: tier.to_owned(),
+            url: format!("{base_url}/chat/completions"),
+            api_key,
+            timeout,
+            client,
+        })
+    }
+
+    /// Whether the tier can be called at all (an API key it needs may be missing).
+    pub fn missing_key(&self) -> Option<&str> {
+        self.api_key.as_ref().err().map(String::as_str)
+    }
+
+    async fn send(&self, req: &ChatRequest) -> Result<reqwest::Response, Error> {
+        let key = self
+            .api_key
+            .as_ref()
+            .map_err(|detail| Error::TierUnavailable {
+                tier: self.tier.clone(),
+                detail: detail.clone(),
+            })?;
+        let mut builder = self.client.post(&self.url).timeout(self.timeout).json(req);
+        if let Some(k) = key {
+            builder = builder.bearer_auth(k);
+        }
+        let resp = builder.send().await.map_err(|e| self.transport_error(&e))?;
+        if resp.status().is_success() {
+            return Ok(resp);
+        }
+        Err(self.status_error(resp).await)
+    }
+
+    fn transport_error(&self, e: &reqwest::Error) -> Error {
+        if e.is_timeout() {
+            return Error::UpstreamTimeout {
+                tier: self.tier.clone(),
+                secs: self.timeout.as_secs_f64(),
+            };
+        }
+        let detail = if e.is_connect() {
+            "could not connect to the upstream server"
+        } else if e.is_body() || e.is_decode() {
+            "the upstream connection broke while reading the answer"
+        } else {
+            "the upstream request failed"
+        };
+        Error::Upstream {
+            tier: self.tier.clone(),
+            detail: detail.to_owned(),
+        }
+    }
+
+    async fn status_error(&self, resp: reqwest::Response) -> Error {
+        let status = resp.status().as_u16();
+        let retry_after = resp
+            .headers()
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        // Bounded read: an error body is only mined for its `error.message`.
+        let body = tokio::time::timeout(Duration::from_secs(5), resp.bytes())
+            .await
+            .ok()
+            .and_then(Result::ok);
+        let upstream_message = body
+            .as_deref()
+            .and_then(|b| serde_json::from_slice::<Value>(b).ok())
+            .and_then(|v| {
+                v.pointer("/error/message")
+                    .and_then(Value::as_str)
+                    .map(str::to_owned)
+            });
+        let tier = self.tier.clone();
+        match status {
+            429 => Error::UpstreamRateLimited { tier, retry_after },
+            401 | 403 => Error::Upstream {
+                tier,
+                detail: format!(
+                    "the upstream refused the gateway's credentials (HTTP {status}); check the tier's API key"
+                ),
+            },
+            400..=499 => {
+                let keys: Vec<&str> = self.api_key.iter().flatten().map(String::as_str).collect();
+                let detail = upstream_message
+                    .map(|m| redact_secrets(&m.chars().take(500).collect::<String>(), &keys))
+                    .unwrap_or_else(|| format!("HTTP {status}"));
+                Error::UpstreamRejected {
+                    tier,
+                    status,
+                    detail,
+                }
+            }
+            _ => Error::Upstream {
+                tier,
+                detail: format!("the upstream answered HTTP {status}"),
+            },
+        }
+    }
+}
+
+impl Backend for OpenAiBackend {
+    fn complete(&self, mut req: ChatRequest) -> BoxFuture<'_, Result<Completion, Error>> {
+        Box::pin(async move {
+            req.stream = None;
+            req.stream_options = None;
+            let resp = self.send(&req).await?;
+            let body = resp.bytes().await.map_err(|e| self.transport_error(&e))?;
+            let peek: CompletionPeek =
+                serde_json::from_slice(&body).map_err(|_| Error::Upstream {
+                    tier: self.tier.clone(),
+                    detail: "the upstream answer is not a chat completion".to_owned(),
+                })?;
+            let content = peek
+                .choices
+                .iter()
+                .filter_map(|c| {
+                    c.message
+                        .as_ref()
+                        .and_then(|m| m.content.as_ref())
+                        .and_then(Value::as_str)
+                })
+                .collect::<Vec<_>>()
+                .join("");
+            Ok(Completion {
+                body,
+                usage: peek.usage,
+                content,
+            })
+        })
+    }
+
+    fn stream(&self, mut req: ChatRequest) -> BoxFuture<'_, Result<ChunkStream, Error>> {
+        Box::pin(async move {
+            req.stream = Some(true);
+            req.stream_options
+                .get_or_insert_with(StreamOptions::default)
+                .include_usage = Some(true);
+            let resp = self.send(&req).await?;
+            let tier = self.tier.clone();
+            let timeout_secs = self.timeout.as_secs_f64();
+            let events = resp.bytes_stream().eventsource().map_err(move |e| {
+                let is_timeout = matches!(&e, eventsource_stream::EventStreamError::Transport(t) if t.is_timeout());
+                (is_timeout, e.to_string())
+            });
+            let tier2 = tier.clone();
+            let stream = events.map(move |ev| {
+                let ev = match ev {
+                    Ok(ev) => ev,
+                    Err((true, _)) => {
+                        return Err(Error::UpstreamTimeout {
+                            tier: tier2.clone(),
+                            secs: timeout_secs,
+                        });
+                    }
+                    Err((false, _)) => {
+                        return Err(Error::Upstream {
+                            tier: tier2.clone(),
+                            detail: "the upstream stream broke off".to_owned(),
+                        });
+                    }
+                };
+                let data = ev.data.trim();
+                if data == "[DONE]" {
+                    return Ok(StreamItem::Done);
+                }
+                let peek: ChunkPeek = serde_json::from_str(data).map_err(|_| Error::Upstream {
+                    tier: tier2.clone(),
+                    detail: "the upstream sent a malformed stream chunk".to_owned(),
+                })?;
+                if peek.error.is_some() {
+                    return Err(Error::Upstream {
+                        tier: tier2.clone(),
+                        detail: "the upstream reported an error in the middle of the stream"
+                            .to_owned(),
+                    });
+                }
+                let content: Option<String> = {
+                    let parts: Vec<&str> = peek
+                        .choices
+                        .iter()
+                        .filter_map(|c| c.delta.as_ref().and_then(|d| d.content.as_deref()))
+                        .collect();
+                    if parts.is_empty() {
+                        None
+                    } else {
+                        Some(parts.concat())
+                    }
+                };
+                Ok(StreamItem::Chunk {
+                    json: Bytes::copy_from_slice(data.as_bytes()),
+                    usage: peek.usage,
+                    finished: peek.choices.iter().any(|c| c.finish_reason.is_some()),
+                    usage_only: peek.choices.is_empty() && peek.usage.is_some(),
+                    content,
+                })
+            });
+            Ok(stream.boxed())
+        })
+    }
+}

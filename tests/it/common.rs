@@ -1,0 +1,277 @@
+//! Test fixtures: a fake OpenAI-compatible upstream that behaves by model name, and a
+//! gateway started in-process on a random port with a config pointing at it.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, Once};
+use std::time::Duration;
+
+use axum::Json;
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use serde_json::{Value, json};
+use tokio::sync::Notify;
+
+pub const UPSTREAM_KEY: &str = "sk-upstream-SECRET-7f3a9c";
+pub const UPSTREAM_KEY_ENV: &str = "TIERGATE_TEST_UPSTREAM_KEY";
+pub const CLIENT_KEY: &str = "sk-client-SECRET-41b2e8";
+
+/// The fake's answer text, streamed as these pieces.
+pub const PIECES: [&str; 4] = ["Paris", " is", " the", " capital."];
+pub const FAKE_USAGE: (u64, u64) = (11, 4);
+
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+static ENV: Once = Once::new();
+
+fn set_env() {
+    // Set once, before any gateway reads it; every test passes through here first.
+    ENV.call_once(|| unsafe { std::env::set_var(UPSTREAM_KEY_ENV, UPSTREAM_KEY) });
+}
+
+#[derive(Default)]
+pub struct Fake {
+    pub requests: Mutex<Vec<(Option<String>, Value)>>,
+    /// `fake-gated` streams its first chunk, then waits here before the rest.
+    pub gate: Notify,
+}
+
+pub async fn start_fake() -> (SocketAddr, Arc<Fake>) {
+    let fake = Arc::new(Fake::default());
+    let app = axum::Router::new()
+        .route("/v1/chat/completions", post(fake_chat))
+        .with_state(fake.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind fake");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move { axum::serve(listener, app).await.expect("fake upstream") });
+    (addr, fake)
+}
+
+fn chunk(model: &str, delta: Value, finish: Option<&str>) -> String {
+    let c = json!({
+        "id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 1, "model": model,
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+    });
+    format!("data: {c}\n\n")
+}
+
+fn usage_chunk(model: &str) -> String {
+    let c = json!({
+        "id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 1, "model": model, "choices": [],
+        "usage": {"prompt_tokens": FAKE_USAGE.0, "completion_tokens": FAKE_USAGE.1, "total_tokens": FAKE_USAGE.0 + FAKE_USAGE.1},
+    });
+    format!("data: {c}\n\n")
+}
+
+async fn fake_chat(
+    State(fake): State<Arc<Fake>>,
+    headers: HeaderMap,
+    Json(body): Json<Value>,
+) -> Response {
+    let auth = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    fake.requests
+        .lock()
+        .expect("lock")
+        .push((auth, body.clone()));
+    let model = body["model"].as_str().unwrap_or_default().to_owned();
+    let stream = body["stream"].as_bool().unwrap_or(false);
+    let include_usage = body
+        .pointer("/stream_options/include_usage")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    match model.as_str() {
+        "fake-500" => {
+            // An upstream that leaks internals and the key it was sent: none of it may reach the client.
+            let msg = format!("internal failure in shard-7, key {UPSTREAM_KEY}");
+            return (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                Json(json!({"error": {"message": msg}})),
+            )
+                .into_response();
+        }
+        "fake-slow" => tokio::time::sleep(Duration::from_secs(10)).await,
+        _ => {}
+    }
+    if !stream {
+        let usage = if model == "fake-nousage" {
+            Value::Null
+        } else {
+            json!({"prompt_tokens": FAKE_USAGE.0, "completion_tokens": FAKE_USAGE.1, "total_tokens": FAKE_USAGE.0 + FAKE_USAGE.1})
+        };
+        return Json(json!({
+            "id": "chatcmpl-fake", "object": "chat.completion", "created": 1, "model": model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": PIECES.concat()}, "finish_reason": "stop"}],
+            "usage": usage,
+        }))
+        .into_response();
+    }
+    let fake2 = fake.clone();
+    let body = async_stream::stream! {
+        yield Ok::<String, std::convert::Infallible>(chunk(&model, json!({"role": "assistant", "content": ""}), None));
+        if model == "fake-endless" {
+            loop {
+                yield Ok(chunk(&model, json!({"content": "more "}), None));
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        for (i, p) in PIECES.iter().enumerate() {
+            yield Ok(chunk(&model, json!({"content": p}), None));
+            if i == 0 && model == "fake-gated" {
+                fake2.gate.notified().await;
+            }
+        }
+        yield Ok(chunk(&model, json!({}), Some("stop")));
+        if include_usage && model != "fake-nousage" {
+            yield Ok(usage_chunk(&model));
+        }
+        yield Ok("data: [DONE]\n\n".to_owned());
+    };
+    Response::builder()
+        .header("content-type", "text/event-stream")
+        .body(Body::from_stream(body))
+        .expect("response")
+}
+
+pub struct Gateway {
+    pub url: String,
+    pub state: Arc<tiergate::AppState>,
+    pub fake: Arc<Fake>,
+    pub ledger_path: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+/// Tiers of the test config: name → upstream model (the fake behaves by model name).
+pub const TIERS: &[(&str, &str)] = &[
+    ("small", "fake-small"),
+    ("cloud", "fake-cloud"),
+    ("broken", "fake-500"),
+    ("slow", "fake-slow"),
+    ("nousage", "fake-nousage"),
+    ("gated", "fake-gated"),
+    ("endless", "fake-endless"),
+];
+
+pub async fn gateway() -> Gateway {
+    set_env();
+    let (fake_addr, fake) = start_fake().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ledger_path = dir.path().join("ledger.db");
+    let mut cfg = format!(
+        r#"
+listen = "127.0.0.1:0"
+[ledger]
+path = "{ledger}"
+[baseline]
+model = "gpt-4o"
+input_usd_per_mtok = 2.5
+output_usd_per_mtok = 10.0
+[routing]
+policy = "{policy}"
+[routing.length_scorer]
+half_tokens = 16
+"#,
+        ledger = ledger_path.display(),
+        policy = repo().join("policies/test.toml").display(),
+    );
+    for (name, model) in TIERS {
+        let (price_in, price_out) = if *name == "small" {
+            (0.1, 0.2)
+        } else {
+            (2.5, 10.0)
+        };
+        let timeout = if *name == "slow" { 0.5 } else { 30.0 };
+        cfg.push_str(&format!(
+            r#"
+[tiers.{name}]
+backend = "openai"
+base_url = "http://{fake_addr}/v1"
+model = "{model}"
+api_key_env = "{UPSTREAM_KEY_ENV}"
+input_usd_per_mtok = {price_in}
+output_usd_per_mtok = {price_out}
+timeout_secs = {timeout}
+"#
+        ));
+    }
+    let cfg_path = dir.path().join("tiergate.toml");
+    std::fs::write(&cfg_path, cfg).expect("write config");
+    let config = tiergate::Config::load(&cfg_path).expect("test config is valid");
+    let state = tiergate::AppState::start(config)
+        .expect("gateway starts (run `python3 scripts/provision.py` first)");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind gateway");
+    let addr = listener.local_addr().expect("addr");
+    let s = state.clone();
+    tokio::spawn(async move {
+        tiergate::serve(listener, s, std::future::pending())
+            .await
+            .expect("serve")
+    });
+    Gateway {
+        url: format!("http://{addr}"),
+        state,
+        fake,
+        ledger_path,
+        _dir: dir,
+    }
+}
+
+impl Gateway {
+    pub fn client(&self) -> reqwest::Client {
+        reqwest::Client::new()
+    }
+
+    pub async fn post_chat(&self, body: &Value) -> reqwest::Response {
+        self.client()
+            .post(format!("{}/v1/chat/completions", self.url))
+            .bearer_auth(CLIENT_KEY)
+            .json(body)
+            .send()
+            .await
+            .expect("gateway answers")
+    }
+
+    /// All ledger rows, after everything queued so far is committed.
+    pub async fn ledger(&self) -> Vec<tiergate::ledger::Record> {
+        self.state.ledger.flush().await;
+        tiergate::ledger::read_all(&self.ledger_path).expect("read ledger")
+    }
+
+    /// Waits (bounded) until the ledger holds `n` rows; for rows written when a stream ends.
+    pub async fn ledger_rows(&self, n: usize) -> Vec<tiergate::ledger::Record> {
+        for _ in 0..200 {
+            let rows = self.ledger().await;
+            if rows.len() >= n {
+                return rows;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        self.ledger().await
+    }
+}
+
+pub fn user(model: &str, text: &str) -> Value {
+    json!({"model": model, "messages": [{"role": "user", "content": text}]})
+}
+
+/// Parses an SSE body into its `data:` payloads.
+pub fn sse_payloads(body: &str) -> Vec<String> {
+    body.split("\n\n")
+        .filter_map(|ev| {
+            ev.lines()
+                .find_map(|l| l.strip_prefix("data: "))
+                .map(str::to_owned)
+        })
+        .collect()
+}

@@ -1,0 +1,6 @@
+//! The integration test binary: the real gateway on a random port against fake
+//! OpenAI-compatible upstreams (`common`), driven over HTTP.
+
+mod chat;
+mod common;
+mod python_sdk;
