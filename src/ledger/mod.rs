@@ -38,6 +38,28 @@ pub struct Record {
     pub outcome: String,
     pub http_status: u16,
     pub streamed: bool,
+    /// The first tier failed or was saturated, and another tier answered.
+    pub fallback: bool,
+    /// The first tier's answer was judged too weak and the request was re-asked.
+    pub escalated: bool,
+    /// Every tier call when there was more than one (escalation, fallback); `cost_usd`
+    /// is their sum. Empty for the usual single call.
+    pub attempts: Vec<Attempt>,
+}
+
+/// One call to a tier within a request that needed several.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Attempt {
+    pub tier: String,
+    pub backend_model: String,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    pub cost_usd: f64,
+    pub latency_ms: f64,
+    /// The local tier's confidence in its answer, when it reports one.
+    pub confidence: Option<f64>,
+    /// `ok`, or why this attempt did not give the answer (`saturated`, `low_confidence`, an error code).
+    pub outcome: String,
 }
 
 enum Msg {
@@ -85,14 +107,31 @@ CREATE TABLE IF NOT EXISTS requests (
     baseline_cost_usd REAL NOT NULL,
     outcome TEXT NOT NULL,
     http_status INTEGER NOT NULL,
-    streamed INTEGER NOT NULL
+    streamed INTEGER NOT NULL,
+    fallback INTEGER NOT NULL DEFAULT 0,
+    escalated INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS requests_ts ON requests (ts_ms);
+CREATE TABLE IF NOT EXISTS attempts (
+    id INTEGER PRIMARY KEY,
+    request_id TEXT NOT NULL,
+    n INTEGER NOT NULL,
+    tier TEXT NOT NULL,
+    backend_model TEXT NOT NULL,
+    prompt_tokens INTEGER NOT NULL,
+    completion_tokens INTEGER NOT NULL,
+    cost_usd REAL NOT NULL,
+    latency_ms REAL NOT NULL,
+    confidence REAL,
+    outcome TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS attempts_request ON attempts (request_id);
+PRAGMA user_version = 1;
 ";
 
 pub const COLUMNS: &str = "ts_ms, request_id, api_key_id, requested_model, tier, backend_model, score, scorer, \
 policy, rule, prompt_tokens, completion_tokens, tokens_estimated, ttft_ms, latency_ms, gateway_ms, cost_usd, \
-baseline_cost_usd, outcome, http_status, streamed";
+baseline_cost_usd, outcome, http_status, streamed, fallback, escalated";
 
 /// Opens (creating if needed) a ledger database with the schema and WAL mode.
 pub fn open(path: &Path) -> rusqlite::Result<Connection> {
@@ -232,8 +271,12 @@ fn insert(conn: &mut Connection, rows: &[Box<Record>]) -> rusqlite::Result<()> {
     let tx = conn.transaction()?;
     {
         let mut stmt = tx.prepare_cached(&format!(
-            "INSERT INTO requests ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21)"
+            "INSERT INTO requests ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23)"
         ))?;
+        let mut attempt = tx.prepare_cached(
+            "INSERT INTO attempts (request_id, n, tier, backend_model, prompt_tokens, completion_tokens, cost_usd, latency_ms, confidence, outcome) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+        )?;
         for r in rows {
             stmt.execute(params![
                 r.ts_ms,
@@ -257,7 +300,23 @@ fn insert(conn: &mut Connection, rows: &[Box<Record>]) -> rusqlite::Result<()> {
                 r.outcome,
                 r.http_status,
                 r.streamed,
+                r.fallback,
+                r.escalated,
             ])?;
+            for (n, a) in r.attempts.iter().enumerate() {
+                attempt.execute(params![
+                    r.request_id,
+                    n as i64,
+                    a.tier,
+                    a.backend_model,
+                    a.prompt_tokens as i64,
+                    a.completion_tokens as i64,
+                    a.cost_usd,
+                    a.latency_ms,
+                    a.confidence,
+                    a.outcome,
+                ])?;
+            }
         }
     }
     tx.commit()
@@ -290,9 +349,42 @@ pub fn read_all(path: &Path) -> rusqlite::Result<Vec<Record>> {
             outcome: row.get(18)?,
             http_status: row.get(19)?,
             streamed: row.get(20)?,
+            fallback: row.get(21)?,
+            escalated: row.get(22)?,
+            attempts: Vec::new(),
         })
     })?;
-    rows.collect()
+    let mut out: Vec<Record> = rows.collect::<rusqlite::Result<_>>()?;
+    let mut stmt = conn.prepare(
+        "SELECT request_id, tier, backend_model, prompt_tokens, completion_tokens, cost_usd, latency_ms, confidence, outcome \
+         FROM attempts ORDER BY request_id, n",
+    )?;
+    let mut attempts: std::collections::HashMap<String, Vec<Attempt>> =
+        std::collections::HashMap::new();
+    for a in stmt.query_map([], |row| {
+        Ok((
+            row.get::<_, String>(0)?,
+            Attempt {
+                tier: row.get(1)?,
+                backend_model: row.get(2)?,
+                prompt_tokens: row.get::<_, i64>(3)? as u64,
+                completion_tokens: row.get::<_, i64>(4)? as u64,
+                cost_usd: row.get(5)?,
+                latency_ms: row.get(6)?,
+                confidence: row.get(7)?,
+                outcome: row.get(8)?,
+            },
+        ))
+    })? {
+        let (id, a) = a?;
+        attempts.entry(id).or_default().push(a);
+    }
+    for r in &mut out {
+        if let Some(a) = attempts.remove(&r.request_id) {
+            r.attempts = a;
+        }
+    }
+    Ok(out)
 }
 
 #[cfg(test)]

@@ -1,11 +1,31 @@
-use super::{Ledger, Record, read_all};
+use super::{Attempt, Ledger, Record, read_all};
 
 fn rec(i: usize) -> Record {
+    let attempts = if i % 10 == 3 {
+        vec![
+            Attempt {
+                tier: "small".into(),
+                outcome: "low_confidence".into(),
+                confidence: Some(0.2),
+                ..Attempt::default()
+            },
+            Attempt {
+                tier: "cloud".into(),
+                outcome: "ok".into(),
+                cost_usd: 0.5,
+                ..Attempt::default()
+            },
+        ]
+    } else {
+        Vec::new()
+    };
     Record {
         request_id: format!("r{i}"),
         outcome: "ok".into(),
         http_status: 200,
         prompt_tokens: i as u64,
+        escalated: !attempts.is_empty(),
+        attempts,
         ..Record::default()
     }
 }
@@ -22,6 +42,8 @@ async fn rows_are_written_in_order_and_survive_shutdown() {
     let rows = read_all(&path).expect("read");
     assert_eq!(rows.len(), 50);
     assert_eq!(rows[49], rec(49));
+    assert_eq!(rows[13], rec(13), "attempts round-trip");
+    assert_eq!(rows[13].attempts.len(), 2);
     assert_eq!(ledger.written(), 50);
     assert_eq!(ledger.dropped(), 0);
     let conn = rusqlite::Connection::open(&path).expect("open");
