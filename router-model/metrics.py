@@ -49,15 +49,24 @@ def random_metrics(n, weak, strong, seeds=range(10)):
     return {k: float(np.mean([m[k] for m in ms])) for k in ms[0]}
 
 
-def bootstrap_apgr(scores, weak, strong, n_boot=2000, seed=0):
-    """Percentile 95% CI of APGR when the items are resampled with replacement."""
+def bootstrap_apgr(score_sets, weak, strong, n_boot=2000, seed=0):
+    """Paired bootstrap over items (resampled with replacement, same resample for every router).
+    score_sets: list of score arrays. -> list of (lo, hi) percentile 95% CIs of APGR per router, and
+    (lo, hi, P(diff <= 0)) of APGR(router 0) - APGR(router 1) when two are given."""
     rng = np.random.default_rng(seed)
-    scores, weak, strong = map(np.asarray, (scores, weak, strong))
-    n = len(scores)
+    score_sets = [np.asarray(s, dtype=np.float64) for s in score_sets]
+    weak, strong = np.asarray(weak, dtype=np.float64), np.asarray(strong, dtype=np.float64)
+    n = len(weak)
     vals = []
     for _ in range(n_boot):
         i = rng.integers(0, n, n)
         if np.mean(strong[i]) == np.mean(weak[i]):
             continue
-        vals.append(metrics(scores[i], weak[i], strong[i])["apgr"])
-    return float(np.percentile(vals, 2.5)), float(np.percentile(vals, 97.5))
+        vals.append([metrics(s[i], weak[i], strong[i])["apgr"] for s in score_sets])
+    vals = np.array(vals)
+    cis = [(float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))) for v in vals.T]
+    diff = None
+    if len(score_sets) >= 2:
+        d = vals[:, 0] - vals[:, 1]
+        diff = (float(np.percentile(d, 2.5)), float(np.percentile(d, 97.5)), float(np.mean(d <= 0)))
+    return cis, diff
