@@ -90,10 +90,12 @@ def main():
     if a.latency:
         rows = [json.loads(line) for line in open(os.path.join(HERE, "data", "mmlu.jsonl"), encoding="utf-8")]
         texts = [r["prompt"] for r in rows[::47]][:300]   # fixed sample, long and short prompts
+        long_text = " ".join(texts)                         # ~100k characters
         for t in texts[:20]:
             s.score(t)  # warm-up
         for name, sample in [("MMLU sample (300 prompts)", texts),
-                             ("18-token sentence", ["The weather is nice today, shall we go for a walk in the park?"] * 300)]:
+                             ("18-token sentence", ["The weather is nice today, shall we go for a walk in the park?"] * 300),
+                             (f"{len(long_text)}-character prompt", [long_text] * 100)]:
             ts = []
             for t in sample:
                 t0 = time.perf_counter()
@@ -101,7 +103,9 @@ def main():
                 ts.append((time.perf_counter() - t0) * 1000)
             ts = np.array(ts)
             print(f"{name}: p50 {np.median(ts):.2f} ms, p99 {np.percentile(ts, 99):.2f} ms, "
-                  f"max {ts.max():.2f} ms ({a.threads} intra-op threads, batch 1, tokenization included)")
+                  f"min {ts.min():.2f} ms ({a.threads} intra-op threads, batch 1, tokenization included)")
+        print("load average (1/5/15 min) at the end: %.2f %.2f %.2f (2 cores; other jobs inflate these)"
+              % os.getloadavg())
         return
     text = F.scored_text(json.loads(a.messages)) if a.messages else a.text
     if text is None:
