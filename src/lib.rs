@@ -2,6 +2,7 @@
 //! it to the cheapest tier able to answer it, accounting cost and latency per tier.
 
 pub mod cache;
+pub mod classifier;
 pub mod cli;
 pub mod config;
 pub mod error;
@@ -49,13 +50,7 @@ impl Runtime {
                     timeout,
                     connect_timeout,
                 } => {
-                    let b = OpenAiBackend::new(
-                        &t.name,
-                        base_url,
-                        api_key_env.as_deref(),
-                        *timeout,
-                        *connect_timeout,
-                    )?;
+                    let b = OpenAiBackend::new(&t.name, base_url, api_key_env.as_deref(), *timeout, *connect_timeout)?;
                     if let Some(p) = b.missing_key() {
                         tier_problems.insert(t.name.clone(), p.to_owned());
                     }
@@ -63,14 +58,18 @@ impl Runtime {
                 }
             }
         }
-        let scorer: Arc<dyn Scorer> = Arc::new(LengthScorer {
+        let length = LengthScorer {
             half_tokens: config.length_half_tokens,
-        });
+        };
+        let (scorer, scorer_name): (Arc<dyn Scorer>, &'static str) = match &config.classifier {
+            Some(c) => (Arc::new(classifier::Classifier::start(c, length)?), "classifier"),
+            None => (Arc::new(length), "length"),
+        };
         Ok(Runtime {
             config,
             backends,
             scorer,
-            scorer_name: "length",
+            scorer_name,
             tier_problems,
         })
     }

@@ -58,6 +58,16 @@ pub fn init(configured: Option<&Path>) -> Result<String, String> {
     }
 }
 
+/// The process's ONNX Runtime environment, once [`init`] has succeeded; sessions are built
+/// from it.
+pub fn environment() -> Result<&'static ort::environment::Environment, String> {
+    match RUNTIME.get() {
+        Some(Ok(l)) => Ok(&l._env),
+        Some(Err(e)) => Err(e.clone()),
+        None => Err("ONNX Runtime is not loaded yet".to_owned()),
+    }
+}
+
 /// The library's own version string (`OrtGetApiBase()->GetVersionString()`); ort does not
 /// expose it, and its build info names a git branch, not a release.
 fn library_version(path: &Path) -> Result<String, String> {
@@ -65,8 +75,7 @@ fn library_version(path: &Path) -> Result<String, String> {
     // `OrtGetApiBase` is ONNX Runtime's documented, argument-free C entry point returning a
     // static struct whose `GetVersionString` returns a static NUL-terminated string.
     unsafe {
-        let lib = libloading::Library::new(path)
-            .map_err(|e| format!("cannot open `{}`: {e}", path.display()))?;
+        let lib = libloading::Library::new(path).map_err(|e| format!("cannot open `{}`: {e}", path.display()))?;
         let get: libloading::Symbol<unsafe extern "C" fn() -> *const ort::sys::OrtApiBase> = lib
             .get(b"OrtGetApiBase")
             .map_err(|e| format!("`{}` is not ONNX Runtime: {e}", path.display()))?;
@@ -75,8 +84,6 @@ fn library_version(path: &Path) -> Result<String, String> {
             return Err(format!("`{}` returned no API base", path.display()));
         }
         let version = ((*base).GetVersionString)();
-        Ok(std::ffi::CStr::from_ptr(version)
-            .to_string_lossy()
-            .into_owned())
+        Ok(std::ffi::CStr::from_ptr(version).to_string_lossy().into_owned())
     }
 }

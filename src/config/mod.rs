@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::classifier::ClassifierConfig;
 use crate::policy::Policy;
 
 /// A configuration that failed to load; the message names the file and the key path.
@@ -63,7 +64,25 @@ struct RoutingToml {
     aliases: Vec<String>,
     policy: PathBuf,
     #[serde(default)]
+    scorer: Option<String>,
+    #[serde(default)]
     length_scorer: LengthScorerToml,
+    #[serde(default)]
+    classifier: ClassifierToml,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ClassifierToml {
+    encoder_dir: Option<PathBuf>,
+    head: Option<PathBuf>,
+    spec: Option<PathBuf>,
+    workers: Option<usize>,
+    threads_per_worker: Option<usize>,
+    max_batch: Option<usize>,
+    queue_capacity: Option<usize>,
+    cache_capacity: Option<u64>,
+    timeout_ms: Option<f64>,
 }
 
 fn default_aliases() -> Vec<String> {
@@ -109,6 +128,8 @@ pub struct Config {
     pub aliases: Vec<String>,
     pub policy: Policy,
     pub length_half_tokens: f64,
+    /// `None`: the length scorer alone.
+    pub classifier: Option<ClassifierConfig>,
     pub tiers: BTreeMap<String, TierConfig>,
     pub max_body_bytes: usize,
 }
@@ -129,9 +150,7 @@ pub struct Price {
 
 impl Price {
     pub fn cost(&self, prompt_tokens: u64, completion_tokens: u64) -> f64 {
-        (prompt_tokens as f64 * self.input_per_mtok
-            + completion_tokens as f64 * self.output_per_mtok)
-            / 1_000_000.0
+        (prompt_tokens as f64 * self.input_per_mtok + completion_tokens as f64 * self.output_per_mtok) / 1_000_000.0
     }
 }
 
@@ -160,8 +179,7 @@ impl Config {
     /// Reads and validates a config file; relative paths inside it are resolved against
     /// the file's directory, so the gateway can be started from anywhere.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text =
-            std::fs::read_to_string(path).map_err(|e| err(path, format!("cannot read: {e}")))?;
+        let text = std::fs::read_to_string(path).map_err(|e| err(path, format!("cannot read: {e}")))?;
         Self::parse(&text, path)
     }
 
@@ -203,16 +221,8 @@ impl Config {
             batch_size,
         } = ledger;
         let ledger = LedgerConfig {
-            path: resolve(
-                ledger_path
-                    .as_deref()
-                    .unwrap_or(Path::new("tiergate-ledger.db")),
-            ),
-            queue_capacity: positive(
-                path,
-                "ledger.queue_capacity",
-                queue_capacity.unwrap_or(10_000),
-            )?,
+            path: resolve(ledger_path.as_deref().unwrap_or(Path::new("tiergate-ledger.db"))),
+            queue_capacity: positive(path, "ledger.queue_capacity", queue_capacity.unwrap_or(10_000))?,
             batch_size: positive(path, "ledger.batch_size", batch_size.unwrap_or(256))?,
         };
 
@@ -227,10 +237,7 @@ impl Config {
         };
 
         if tiers.is_empty() {
-            return Err(err(
-                path,
-                "`tiers` must define at least one tier, e.g. `[tiers.cloud]`",
-            ));
+            return Err(err(path, "`tiers` must define at least one tier, e.g. `[tiers.cloud]`"));
         }
         let mut out_tiers = BTreeMap::new();
         for (name, t) in tiers {
@@ -253,7 +260,9 @@ impl Config {
         let RoutingToml {
             aliases,
             policy,
+            scorer,
             length_scorer,
+            classifier,
         } = routing;
         if aliases.is_empty() {
             return Err(err(
@@ -272,20 +281,27 @@ impl Config {
                 ));
             }
         }
-        let policy = Policy::load(&resolve(&policy), &out_tiers)
-            .map_err(|e| err(path, format!("routing.policy: {e}")))?;
+        let policy =
+            Policy::load(&resolve(&policy), &out_tiers).map_err(|e| err(path, format!("routing.policy: {e}")))?;
         let LengthScorerToml { half_tokens } = length_scorer;
         let length_half_tokens = half_tokens.unwrap_or(128.0);
         if !(length_half_tokens.is_finite() && length_half_tokens > 0.0) {
             return Err(err(path, "routing.length_scorer.half_tokens must be > 0"));
         }
 
+        let classifier = match scorer.as_deref().unwrap_or("length") {
+            "length" => None,
+            "classifier" => Some(classifier_config(path, classifier, &resolve)?),
+            other => {
+                return Err(err(
+                    path,
+                    format!("routing.scorer = `{other}` is not a scorer; use `classifier` or `length`"),
+                ));
+            }
+        };
+
         let LimitsToml { max_body_bytes } = limits;
-        let max_body_bytes = positive(
-            path,
-            "limits.max_body_bytes",
-            max_body_bytes.unwrap_or(4 * 1024 * 1024),
-        )?;
+        let max_body_bytes = positive(path, "limits.max_body_bytes", max_body_bytes.unwrap_or(4 * 1024 * 1024))?;
 
         Ok(Config {
             file: path.to_path_buf(),
@@ -297,6 +313,7 @@ impl Config {
             aliases,
             policy,
             length_half_tokens,
+            classifier,
             tiers: out_tiers,
             max_body_bytes,
         })
@@ -336,21 +353,14 @@ fn tier(file: &Path, name: &str, t: TierToml) -> Result<TierConfig, ConfigError>
             if !(base_url.starts_with("http://") || base_url.starts_with("https://")) {
                 return Err(err(
                     file,
-                    format!(
-                        "{} must start with `http://` or `https://`",
-                        key("base_url")
-                    ),
+                    format!("{} must start with `http://` or `https://`", key("base_url")),
                 ));
             }
             BackendConfig::OpenAi {
                 base_url: base_url.trim_end_matches('/').to_owned(),
                 api_key_env,
                 timeout: secs(file, &key("timeout_secs"), timeout_secs.unwrap_or(120.0))?,
-                connect_timeout: secs(
-                    file,
-                    &key("connect_timeout_secs"),
-                    connect_timeout_secs.unwrap_or(5.0),
-                )?,
+                connect_timeout: secs(file, &key("connect_timeout_secs"), connect_timeout_secs.unwrap_or(5.0))?,
             }
         }
         other => {
@@ -369,6 +379,57 @@ fn tier(file: &Path, name: &str, t: TierToml) -> Result<TierConfig, ConfigError>
         model,
         price,
         backend,
+    })
+}
+
+fn classifier_config(
+    file: &Path,
+    c: ClassifierToml,
+    resolve: &dyn Fn(&Path) -> PathBuf,
+) -> Result<ClassifierConfig, ConfigError> {
+    let ClassifierToml {
+        encoder_dir,
+        head,
+        spec,
+        workers,
+        threads_per_worker,
+        max_batch,
+        queue_capacity,
+        cache_capacity,
+        timeout_ms,
+    } = c;
+    let Some(head) = head.as_deref().map(resolve) else {
+        return Err(err(
+            file,
+            "routing.classifier.head is required with `scorer = \"classifier\"`, e.g. `\"../router-model/head.onnx\"`",
+        ));
+    };
+    let spec = spec
+        .as_deref()
+        .map(resolve)
+        .unwrap_or_else(|| head.with_extension("json"));
+    let encoder_dir = encoder_dir
+        .as_deref()
+        .map(resolve)
+        .unwrap_or_else(|| crate::cache::cache_dir().join("models").join("all-minilm-l6-v2-int8"));
+    let timeout_ms = timeout_ms.unwrap_or(50.0);
+    if !(timeout_ms.is_finite() && timeout_ms > 0.0) {
+        return Err(err(file, "routing.classifier.timeout_ms must be > 0"));
+    }
+    Ok(ClassifierConfig {
+        encoder_dir,
+        head,
+        spec,
+        workers: positive(file, "routing.classifier.workers", workers.unwrap_or(1))?,
+        threads_per_worker: positive(
+            file,
+            "routing.classifier.threads_per_worker",
+            threads_per_worker.unwrap_or(2),
+        )?,
+        max_batch: positive(file, "routing.classifier.max_batch", max_batch.unwrap_or(8))?,
+        queue_capacity: positive(file, "routing.classifier.queue_capacity", queue_capacity.unwrap_or(64))?,
+        cache_capacity: cache_capacity.unwrap_or(10_000),
+        timeout: Duration::from_secs_f64(timeout_ms / 1000.0),
     })
 }
 

@@ -3,8 +3,7 @@ use std::path::Path;
 use super::Config;
 
 fn example() -> String {
-    std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/tiergate.toml"))
-        .expect("example")
+    std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/tiergate.toml")).expect("example")
 }
 
 fn parse(text: &str) -> Result<Config, String> {
@@ -21,15 +20,14 @@ fn the_example_config_is_valid() {
     assert_eq!(c.tiers.len(), 2);
     assert!(c.ledger.path.ends_with("examples/tiergate-ledger.db"));
     assert!((c.baseline.cost(1_000_000, 1_000_000) - 12.5).abs() < 1e-9);
+    let cc = c.classifier.expect("the example uses the learned router");
+    assert!(cc.head.ends_with("router-model/head.onnx") && cc.spec.ends_with("router-model/head.json"));
 }
 
 #[test]
 fn errors_name_the_file_and_key() {
     let cases = [
-        (
-            example().replace("listen = ", "listn = "),
-            "unknown field `listn`",
-        ),
+        (example().replace("listen = ", "listn = "), "unknown field `listn`"),
         (
             example().replace(
                 "backend = \"openai\"\nbase_url = \"http://127",
@@ -63,9 +61,6 @@ fn errors_name_the_file_and_key() {
     ];
     for (text, want) in cases {
         let e = parse(&text).expect_err(want);
-        assert!(
-            e.contains(want) && e.contains("tiergate.toml"),
-            "{e}\n  wanted: {want}"
-        );
+        assert!(e.contains(want) && e.contains("tiergate.toml"), "{e}\n  wanted: {want}");
     }
 }

@@ -20,11 +20,7 @@ use crate::routing::{self, RouteDecision};
 use crate::upstream::StreamItem;
 use crate::{AppState, Runtime, tokens};
 
-pub async fn chat_completions(
-    State(st): State<Arc<AppState>>,
-    headers: HeaderMap,
-    body: Body,
-) -> Response {
+pub async fn chat_completions(State(st): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Response {
     let rt = st.runtime.load_full();
     let mut acct = Accounting::new(st.ledger.clone(), &headers, rt.config.baseline);
     let result = handle(&rt, &mut acct, body).await;
@@ -48,39 +44,23 @@ enum Reply {
 }
 
 async fn handle(rt: &Arc<Runtime>, acct: &mut Accounting, body: Body) -> Result<Reply, Error> {
-    let limit = rt.config.max_body_bytes;
-    let bytes = axum::body::to_bytes(body, limit).await.map_err(|e| {
-        let is_limit = std::error::Error::source(&e)
-            .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
-        if is_limit {
-            Error::BodyTooLarge {
-                size: limit + 1,
-                limit,
-            }
-        } else {
-            Error::invalid("could not read the request body", None)
-        }
-    })?;
+    let bytes = super::read_body(body, rt.config.max_body_bytes).await?;
     let mut req = ChatRequest::parse(&bytes)?;
     acct.rec.requested_model = Some(req.model.clone());
     acct.rec.streamed = req.is_stream();
 
     let decision = routing::route(&rt.config, &rt.scorer, &req).await?;
-    let tier =
-        rt.config.tiers.get(&decision.tier).ok_or_else(|| {
-            Error::Internal(format!("policy chose unknown tier `{}`", decision.tier))
-        })?;
+    let tier = rt
+        .config
+        .tiers
+        .get(&decision.tier)
+        .ok_or_else(|| Error::Internal(format!("policy chose unknown tier `{}`", decision.tier)))?;
     let backend = rt
         .backends
         .get(&decision.tier)
         .ok_or_else(|| Error::Internal(format!("no backend for tier `{}`", decision.tier)))?
         .clone();
-    acct.routed(
-        &decision,
-        &tier.model,
-        tier.price,
-        tokens::estimate(&req.all_text()),
-    );
+    acct.routed(&decision, &tier.model, tier.price, tokens::estimate(&req.all_text()));
     req.model = tier.model.clone();
 
     acct.gateway_done();
@@ -103,10 +83,8 @@ async fn handle(rt: &Arc<Runtime>, acct: &mut Accounting, body: Body) -> Result<
         acct.usage = done.usage;
         acct.content = done.content;
         let mut resp = Response::new(Body::from(done.body));
-        resp.headers_mut().insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        );
+        resp.headers_mut()
+            .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
         acct.decorate(resp.headers_mut());
         acct.finish("ok", 200);
         Ok(Reply::Whole(resp))
@@ -168,10 +146,7 @@ fn stream_response(
     let mut resp = Response::new(Body::from_stream(body));
     *resp.status_mut() = StatusCode::OK;
     let h = resp.headers_mut();
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/event-stream"),
-    );
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     h.extend(headers);
     resp
@@ -235,18 +210,10 @@ impl Accounting {
     }
 
     fn elapsed_ms(&self) -> f64 {
-        self.start
-            .map(|s| s.elapsed().as_secs_f64() * 1000.0)
-            .unwrap_or(0.0)
+        self.start.map(|s| s.elapsed().as_secs_f64() * 1000.0).unwrap_or(0.0)
     }
 
-    fn routed(
-        &mut self,
-        d: &RouteDecision,
-        backend_model: &str,
-        price: Price,
-        prompt_estimate: u64,
-    ) {
+    fn routed(&mut self, d: &RouteDecision, backend_model: &str, price: Price, prompt_estimate: u64) {
         self.rec.tier = Some(d.tier.clone());
         self.rec.rule = Some(d.rule.clone());
         self.rec.policy = d.policy.clone();
@@ -294,10 +261,7 @@ impl Accounting {
         let r = &mut self.rec;
         r.outcome = outcome.to_owned();
         r.http_status = status;
-        r.latency_ms = self
-            .start
-            .map(|s| s.elapsed().as_secs_f64() * 1000.0)
-            .unwrap_or(0.0);
+        r.latency_ms = self.start.map(|s| s.elapsed().as_secs_f64() * 1000.0).unwrap_or(0.0);
         if r.gateway_ms == 0.0 {
             r.gateway_ms = r.latency_ms;
         }
@@ -364,10 +328,6 @@ fn api_key_id(headers: &HeaderMap) -> Option<String> {
     let digest = Sha256::digest(key.as_bytes());
     Some(format!(
         "key-{}",
-        digest
-            .iter()
-            .take(6)
-            .map(|b| format!("{b:02x}"))
-            .collect::<String>()
+        digest.iter().take(6).map(|b| format!("{b:02x}")).collect::<String>()
     ))
 }

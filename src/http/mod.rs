@@ -21,6 +21,7 @@ pub fn app(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/v1/chat/completions", post(chat::chat_completions))
         .route("/v1/models", get(models))
+        .route("/v1/route", post(route))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .fallback(not_found)
@@ -28,6 +29,18 @@ pub fn app(state: Arc<AppState>) -> Router {
         // oversized body gets an OpenAI-shaped 413 and a ledger row.
         .layer(DefaultBodyLimit::disable())
         .with_state(state)
+}
+
+/// Reads a request body up to `limit` bytes; over it, a 413 in OpenAI's shape.
+async fn read_body(body: axum::body::Body, limit: usize) -> Result<axum::body::Bytes, Error> {
+    axum::body::to_bytes(body, limit).await.map_err(|e| {
+        let over = std::error::Error::source(&e).is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
+        if over {
+            Error::BodyTooLarge { limit }
+        } else {
+            Error::invalid("could not read the request body", None)
+        }
+    })
 }
 
 async fn not_found(uri: axum::http::Uri) -> impl IntoResponse {
@@ -42,6 +55,21 @@ async fn not_found(uri: axum::http::Uri) -> impl IntoResponse {
     (StatusCode::NOT_FOUND, Json(e.envelope()))
 }
 
+/// `POST /v1/route`: the decision for a chat-completions body, without calling a model.
+async fn route(State(st): State<Arc<AppState>>, body: axum::body::Body) -> axum::response::Response {
+    let rt = st.runtime.load_full();
+    let result = async {
+        let body = read_body(body, rt.config.max_body_bytes).await?;
+        let req = crate::openai::ChatRequest::parse(&body)?;
+        crate::routing::explain(&rt.config, &rt.scorer, &req).await
+    }
+    .await;
+    match result {
+        Ok(e) => Json(e).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
 async fn models(State(st): State<Arc<AppState>>) -> impl IntoResponse {
     let rt = st.runtime.load();
     let mut data: Vec<serde_json::Value> = rt
@@ -50,9 +78,11 @@ async fn models(State(st): State<Arc<AppState>>) -> impl IntoResponse {
         .iter()
         .map(|a| json!({"id": a, "object": "model", "created": 0, "owned_by": "tiergate"}))
         .collect();
-    data.extend(rt.config.tiers.values().map(|t| {
-        json!({"id": t.model, "object": "model", "created": 0, "owned_by": format!("tiergate:{}", t.name)})
-    }));
+    data.extend(
+        rt.config.tiers.values().map(
+            |t| json!({"id": t.model, "object": "model", "created": 0, "owned_by": format!("tiergate:{}", t.name)}),
+        ),
+    );
     Json(json!({"object": "list", "data": data}))
 }
 

@@ -72,16 +72,12 @@ impl Rule {
 
 impl Policy {
     pub fn load(path: &Path, tiers: &BTreeMap<String, TierConfig>) -> Result<Policy, String> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| format!("policy `{}`: cannot read: {e}", path.display()))?;
+        let text =
+            std::fs::read_to_string(path).map_err(|e| format!("policy `{}`: cannot read: {e}", path.display()))?;
         Self::parse(&text, path, tiers)
     }
 
-    pub fn parse(
-        text: &str,
-        path: &Path,
-        tiers: &BTreeMap<String, TierConfig>,
-    ) -> Result<Policy, String> {
+    pub fn parse(text: &str, path: &Path, tiers: &BTreeMap<String, TierConfig>) -> Result<Policy, String> {
         let file = path.display();
         let raw: PolicyToml = toml::from_str(text).map_err(|e| format!("policy `{file}`: {e}"))?;
         let PolicyToml {
@@ -120,10 +116,7 @@ impl Policy {
                     known.join(", ")
                 ));
             }
-            for (key, v) in [
-                ("score_below", score_below),
-                ("score_at_least", score_at_least),
-            ] {
+            for (key, v) in [("score_below", score_below), ("score_at_least", score_at_least)] {
                 if let Some(v) = v
                     && !(0.0..=1.0).contains(&v)
                 {

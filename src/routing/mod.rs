@@ -61,11 +61,7 @@ pub struct RouteDecision {
 }
 
 /// Decides a tier for a request under one configuration snapshot.
-pub async fn route(
-    config: &Config,
-    scorer: &Arc<dyn Scorer>,
-    req: &ChatRequest,
-) -> Result<RouteDecision, Error> {
+pub async fn route(config: &Config, scorer: &Arc<dyn Scorer>, req: &ChatRequest) -> Result<RouteDecision, Error> {
     let scored = req.scored_text();
     let prompt_tokens = tokens::estimate(&scored);
     if let Some(tier) = config.tiers.values().find(|t| t.model == req.model) {
@@ -91,5 +87,83 @@ pub async fn route(
         policy: Some(config.policy.name.clone()),
         score: Some(score),
         prompt_tokens,
+    })
+}
+
+/// Output tokens assumed for a cost estimate when the request sets no `max_tokens`.
+pub const DEFAULT_OUTPUT_ESTIMATE: u64 = 256;
+
+/// What the gateway would do with a request, without calling any model (`POST /v1/route`,
+/// `tiergate explain`).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Explanation {
+    pub requested_model: String,
+    pub tier: String,
+    pub backend_model: String,
+    pub rule: String,
+    pub policy: Option<String>,
+    pub score: Option<f64>,
+    pub scorer: Option<&'static str>,
+    pub prompt_tokens: u64,
+    pub output_tokens_assumed: u64,
+    pub estimated_cost_usd: f64,
+    pub baseline_cost_usd: f64,
+    /// Each rule in order, whether it matched; evaluation stops at the first match.
+    pub trace: Vec<RuleTrace>,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RuleTrace {
+    pub rule: String,
+    pub tier: String,
+    pub matched: bool,
+}
+
+pub async fn explain(config: &Config, scorer: &Arc<dyn Scorer>, req: &ChatRequest) -> Result<Explanation, Error> {
+    let d = route(config, scorer, req).await?;
+    let tier = config
+        .tiers
+        .get(&d.tier)
+        .ok_or_else(|| Error::Internal(format!("unknown tier `{}`", d.tier)))?;
+    let prompt_tokens = tokens::estimate(&req.all_text());
+    let output = ["max_completion_tokens", "max_tokens"]
+        .iter()
+        .find_map(|k| req.rest.get(*k).and_then(serde_json::Value::as_u64))
+        .unwrap_or(DEFAULT_OUTPUT_ESTIMATE);
+    let trace = match (&d.policy, d.score) {
+        (Some(_), Some(s)) => {
+            let facts = Facts {
+                score: s.value,
+                prompt_tokens: d.prompt_tokens,
+            };
+            let mut out = Vec::new();
+            for r in &config.policy.rules {
+                let matched = r.matches(&facts);
+                out.push(RuleTrace {
+                    rule: r.name.clone(),
+                    tier: r.tier.clone(),
+                    matched,
+                });
+                if matched {
+                    break;
+                }
+            }
+            out
+        }
+        _ => Vec::new(),
+    };
+    Ok(Explanation {
+        requested_model: req.model.clone(),
+        tier: d.tier,
+        backend_model: tier.model.clone(),
+        rule: d.rule,
+        policy: d.policy,
+        score: d.score.map(|s| s.value),
+        scorer: d.score.map(|s| s.scorer),
+        prompt_tokens,
+        output_tokens_assumed: output,
+        estimated_cost_usd: tier.price.cost(prompt_tokens, output),
+        baseline_cost_usd: config.baseline.cost(prompt_tokens, output),
+        trace,
     })
 }

@@ -2,5 +2,6 @@
 //! OpenAI-compatible upstreams (`common`), driven over HTTP.
 
 mod chat;
+mod classifier;
 mod common;
 mod python_sdk;
