@@ -131,6 +131,7 @@ def main():
     ap.add_argument("--model-dir", default=HERE)
     ap.add_argument("--scores", help="JSONL of {benchmark, id, score} to evaluate instead of running the heads")
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
+    ap.add_argument("--write", action="store_true", help="with --scores: also write the table to <out>/results.md")
     a = ap.parse_args()
     data = load(a.data)
     ref_path = os.path.join(a.out, "scores.jsonl")
@@ -141,7 +142,11 @@ def main():
             ref = {(r["benchmark"], str(r["id"])): float(r["score"]) for r in train.read_jsonl(ref_path)}
             diff = max(abs(given[k] - ref[k]) for k in ref)
             print(f"max |score - reference score| over {len(ref)} prompts: {diff:.2e}")
-        print(table(data, scores))
+        t = table(data, scores)
+        if a.write:
+            with open(os.path.join(a.out, "results.md"), "w", encoding="utf-8") as f:
+                f.write(t + "\n")
+        print(t)
         return
     scores = our_scores(data, a.model_dir)
     os.makedirs(a.out, exist_ok=True)
