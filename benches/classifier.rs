@@ -69,7 +69,13 @@ fn bench(c: &mut Criterion) {
 fn percentiles(name: &str, mut samples: Vec<Duration>) {
     samples.sort();
     let at = |q: f64| samples[((samples.len() - 1) as f64 * q).round() as usize].as_secs_f64() * 1000.0;
-    println!("{name:<32} n={} p50={:.2}ms p90={:.2}ms p99={:.2}ms", samples.len(), at(0.5), at(0.9), at(0.99));
+    println!(
+        "{name:<32} n={} p50={:.2}ms p90={:.2}ms p99={:.2}ms",
+        samples.len(),
+        at(0.5),
+        at(0.9),
+        at(0.99)
+    );
 }
 
 fn latency_report() {
