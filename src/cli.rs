@@ -43,6 +43,43 @@ pub enum Command {
         )]
         config: PathBuf,
     },
+    /// Cost-savings report from the ledger: per tier cost, tokens, latency percentiles and
+    /// errors; actual cost against sending everything to the baseline model.
+    Report {
+        #[command(flatten)]
+        source: LedgerArgs,
+        #[command(flatten)]
+        filter: crate::report::FilterArgs,
+        /// Output format.
+        #[arg(long, value_enum, default_value = "table")]
+        format: crate::report::render::Format,
+    },
+}
+
+/// Which ledger files to read.
+#[derive(Debug, clap::Args)]
+pub struct LedgerArgs {
+    /// Ledger file to read; repeat it to aggregate the ledgers of several replicas into one
+    /// report. Default: `ledger.path` of `--config`.
+    #[arg(long = "ledger", value_name = "FILE")]
+    pub ledgers: Vec<PathBuf>,
+    /// Gateway configuration whose `ledger.path` is read when no `--ledger` is given.
+    #[arg(
+        long,
+        short,
+        env = "TIERGATE_CONFIG",
+        default_value = "examples/tiergate.toml"
+    )]
+    pub config: PathBuf,
+}
+
+impl LedgerArgs {
+    pub fn paths(&self) -> anyhow::Result<Vec<PathBuf>> {
+        if !self.ledgers.is_empty() {
+            return Ok(self.ledgers.clone());
+        }
+        Ok(vec![Config::load(&self.config)?.ledger.path])
+    }
 }
 
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
@@ -84,6 +121,18 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 c.policy.name,
                 c.policy.rules.len()
             );
+            Ok(())
+        }
+        Command::Report {
+            source,
+            filter,
+            format,
+        } => {
+            let paths = source.paths()?;
+            let filter = filter.filter(crate::report::now_ms())?;
+            let report = tokio::task::spawn_blocking(move || crate::report::build(&paths, &filter))
+                .await??;
+            print!("{}", crate::report::render::render(&report, format));
             Ok(())
         }
     }

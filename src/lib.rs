@@ -10,6 +10,7 @@ pub mod ledger;
 pub mod onnx;
 pub mod openai;
 pub mod policy;
+pub mod report;
 pub mod routing;
 pub mod tokens;
 pub mod upstream;
