@@ -1,7 +1,8 @@
 //! HTTP surface: the axum router and the small handlers (models, health, readiness).
-//! Chat completions live in `chat`.
+//! Chat completions live in `chat`, the report page in `report`.
 
 mod chat;
+mod report;
 
 use std::sync::Arc;
 
@@ -23,6 +24,8 @@ pub fn app(state: Arc<AppState>) -> Router {
         .route("/v1/models", get(models))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
+        .route("/report", get(report::report_page))
+        .route("/report.json", get(report::report_json))
         .fallback(not_found)
         // The chat handler reads the body itself with the configured limit, so that an
         // oversized body gets an OpenAI-shaped 413 and a ledger row.

@@ -2,6 +2,7 @@
 //! and errors, computed with SQL over one or more ledger files (one per gateway replica).
 //! It only reads ledgers (opened read-only) and never holds a whole ledger in memory.
 
+pub mod html;
 mod query;
 pub mod render;
 

@@ -4,3 +4,4 @@
 mod chat;
 mod common;
 mod python_sdk;
+mod report;
