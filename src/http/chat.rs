@@ -27,6 +27,7 @@ pub async fn chat_completions(
 ) -> Response {
     let rt = st.runtime.load_full();
     let mut acct = Accounting::new(st.ledger.clone(), &headers, rt.config.baseline);
+    acct.metrics = Some(st.metrics.clone());
     let result = handle(&rt, &mut acct, body).await;
     match result {
         Ok(Reply::Whole(resp)) => resp,
@@ -200,6 +201,7 @@ struct Accounting {
     content: String,
     ttft_ms: Option<f64>,
     done: bool,
+    metrics: Option<Arc<crate::telemetry::Metrics>>,
 }
 
 pub const HEADER_TIER: &str = "x-tiergate-tier";
@@ -339,6 +341,9 @@ impl Accounting {
             latency_ms = format!("{:.1}", r.latency_ms),
             "request"
         );
+        if let Some(m) = &self.metrics {
+            m.observe(r);
+        }
         if let Some(l) = &self.ledger {
             l.record(std::mem::take(&mut self.rec));
         }

@@ -3,5 +3,6 @@
 
 mod chat;
 mod common;
+mod metrics;
 mod python_sdk;
 mod report;
