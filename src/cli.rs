@@ -54,6 +54,15 @@ pub enum Command {
         #[arg(long, value_enum, default_value = "table")]
         format: crate::report::render::Format,
     },
+    /// Send a recorded workload (one chat request body per line) through a running gateway,
+    /// then print the report for exactly those requests.
+    Replay {
+        #[command(flatten)]
+        args: crate::replay::ReplayArgs,
+        /// Format of the report printed at the end.
+        #[arg(long, value_enum, default_value = "table")]
+        format: crate::report::render::Format,
+    },
 }
 
 /// Which ledger files to read.
@@ -133,6 +142,13 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let report = tokio::task::spawn_blocking(move || crate::report::build(&paths, &filter))
                 .await??;
             print!("{}", crate::report::render::render(&report, format));
+            Ok(())
+        }
+        Command::Replay { args, format } => {
+            let done = crate::replay::run(&args, crate::replay::progress_bar()).await?;
+            // The summary goes to stderr so `--format json` output stays parseable.
+            eprintln!("{}", done.summary());
+            print!("{}", crate::report::render::render(&done.report, format));
             Ok(())
         }
     }

@@ -10,6 +10,7 @@ pub mod ledger;
 pub mod onnx;
 pub mod openai;
 pub mod policy;
+pub mod replay;
 pub mod report;
 pub mod routing;
 pub mod telemetry;

@@ -178,7 +178,7 @@ pub struct Report {
     pub first_ts_ms: Option<i64>,
     pub last_ts_ms: Option<i64>,
     pub totals: Totals,
-    /// Busiest tier first.
+    /// Busiest tier first, [`UNROUTED`] last.
     pub tiers: Vec<Stats>,
     pub series: Series,
     pub latency_histogram: LatencyHistogram,

@@ -362,7 +362,14 @@ pub fn build(ledgers: &[PathBuf], filter: &Filter) -> Result<Report, ReportError
         (total.baseline_cost_usd > 0.0).then(|| savings_usd / total.baseline_cost_usd);
 
     let mut tiers: Vec<Stats> = tiers.into_values().collect();
-    tiers.sort_by(|a, b| b.requests.cmp(&a.requests).then(a.tier.cmp(&b.tier)));
+    // Busiest first; requests that never reached a tier last, whatever their number.
+    tiers.sort_by_key(|s| {
+        (
+            s.tier == super::UNROUTED,
+            std::cmp::Reverse(s.requests),
+            s.tier.clone(),
+        )
+    });
 
     let window = match (
         filter.since_ms.or(first),

@@ -5,4 +5,5 @@ mod chat;
 mod common;
 mod metrics;
 mod python_sdk;
+mod replay;
 mod report;
