@@ -95,6 +95,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve { config, listen } => {
             let mut config = Config::load(&config)?;
+            let tracing = crate::telemetry::init(config.telemetry.otlp_endpoint.as_deref())?;
             if let Some(l) = listen {
                 config.listen = l;
             }
@@ -118,10 +119,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             crate::serve(listener, state.clone(), shutdown_signal()).await?;
             let ledger = state.ledger.clone();
             ledger.shutdown().await;
-            tracing::info!("stopped; ledger flushed");
+            tracing.shutdown().await;
+            tracing::info!("stopped; ledger and traces flushed");
             Ok(())
         }
         Command::Check { config } => {
+            let _tracing = crate::telemetry::init(None)?;
             let c = Config::load(&config)?;
             println!(
                 "`{}` is valid: {} tiers, policy `{}` with {} rules",
@@ -137,6 +140,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             filter,
             format,
         } => {
+            let _tracing = crate::telemetry::init(None)?;
             let paths = source.paths()?;
             let filter = filter.filter(crate::report::now_ms())?;
             let report = tokio::task::spawn_blocking(move || crate::report::build(&paths, &filter))
@@ -145,6 +149,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Replay { args, format } => {
+            let _tracing = crate::telemetry::init(None)?;
             let done = crate::replay::run(&args, crate::replay::progress_bar()).await?;
             // The summary goes to stderr so `--format json` output stays parseable.
             eprintln!("{}", done.summary());

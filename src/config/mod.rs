@@ -32,6 +32,8 @@ struct ConfigToml {
     tiers: BTreeMap<String, TierToml>,
     #[serde(default)]
     limits: LimitsToml,
+    #[serde(default)]
+    telemetry: TelemetryToml,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -97,6 +99,12 @@ struct LimitsToml {
     max_body_bytes: Option<usize>,
 }
 
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TelemetryToml {
+    otlp_endpoint: Option<String>,
+}
+
 /// The validated configuration the gateway runs with.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -111,6 +119,14 @@ pub struct Config {
     pub length_half_tokens: f64,
     pub tiers: BTreeMap<String, TierConfig>,
     pub max_body_bytes: usize,
+    pub telemetry: TelemetryConfig,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct TelemetryConfig {
+    /// Base URL of an OTLP/HTTP collector (`http://127.0.0.1:4318`); traces are exported
+    /// only when set.
+    pub otlp_endpoint: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -184,6 +200,7 @@ impl Config {
             routing,
             tiers,
             limits,
+            telemetry,
         } = raw;
 
         let listen = listen.as_deref().unwrap_or("127.0.0.1:8080");
@@ -287,6 +304,19 @@ impl Config {
             max_body_bytes.unwrap_or(4 * 1024 * 1024),
         )?;
 
+        let TelemetryToml { otlp_endpoint } = telemetry;
+        if let Some(e) = &otlp_endpoint
+            && !(e.starts_with("http://") || e.starts_with("https://"))
+        {
+            return Err(err(
+                path,
+                format!(
+                    "telemetry.otlp_endpoint = `{e}` must be an http(s) URL of an OTLP/HTTP collector, e.g. `http://127.0.0.1:4318`"
+                ),
+            ));
+        }
+        let telemetry = TelemetryConfig { otlp_endpoint };
+
         Ok(Config {
             file: path.to_path_buf(),
             listen,
@@ -299,6 +329,7 @@ impl Config {
             length_half_tokens,
             tiers: out_tiers,
             max_body_bytes,
+            telemetry,
         })
     }
 }

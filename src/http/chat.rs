@@ -17,8 +17,10 @@ use crate::error::Error;
 use crate::ledger::{Ledger, Record};
 use crate::openai::{ChatRequest, Usage};
 use crate::routing::{self, RouteDecision};
+use crate::telemetry::trace;
 use crate::upstream::StreamItem;
 use crate::{AppState, Runtime, tokens};
+use tracing::Instrument;
 
 pub async fn chat_completions(
     State(st): State<Arc<AppState>>,
@@ -28,7 +30,9 @@ pub async fn chat_completions(
     let rt = st.runtime.load_full();
     let mut acct = Accounting::new(st.ledger.clone(), &headers, rt.config.baseline);
     acct.metrics = Some(st.metrics.clone());
-    let result = handle(&rt, &mut acct, body).await;
+    let span = trace::request_span(&acct.rec.request_id);
+    acct.span = Some(span.clone());
+    let result = handle(&rt, &mut acct, body).instrument(span).await;
     match result {
         Ok(Reply::Whole(resp)) => resp,
         Ok(Reply::Stream(resp)) => resp,
@@ -91,15 +95,20 @@ async fn handle(rt: &Arc<Runtime>, acct: &mut Accounting, body: Body) -> Result<
             .as_ref()
             .and_then(|o| o.include_usage)
             .unwrap_or(false);
-        let upstream = backend.stream(req).await?;
+        let tier_span = trace::tier_span(tier);
+        let upstream = backend.stream(req).instrument(tier_span.clone()).await?;
         acct.called_tier = true;
         Ok(Reply::Stream(stream_response(
             std::mem::take(acct),
             upstream,
             client_wants_usage,
+            tier_span,
         )))
     } else {
-        let done = backend.complete(req).await?;
+        let done = backend
+            .complete(req)
+            .instrument(trace::tier_span(tier))
+            .await?;
         acct.called_tier = true;
         acct.usage = done.usage;
         acct.content = done.content;
@@ -118,10 +127,13 @@ fn stream_response(
     mut acct: Accounting,
     mut upstream: crate::upstream::ChunkStream,
     client_wants_usage: bool,
+    tier_span: tracing::Span,
 ) -> Response {
     let mut headers = HeaderMap::new();
     acct.decorate(&mut headers);
     let body = async_stream::stream! {
+        // The tier call lasts as long as its stream.
+        let _tier_span = tier_span;
         let mut saw_done = false;
         let mut finished = false;
         while let Some(item) = upstream.next().await {
@@ -202,6 +214,8 @@ struct Accounting {
     ttft_ms: Option<f64>,
     done: bool,
     metrics: Option<Arc<crate::telemetry::Metrics>>,
+    /// The request's span: it ends when the request does (for a stream, with the stream).
+    span: Option<tracing::Span>,
 }
 
 pub const HEADER_TIER: &str = "x-tiergate-tier";
@@ -343,6 +357,9 @@ impl Accounting {
         );
         if let Some(m) = &self.metrics {
             m.observe(r);
+        }
+        if let Some(s) = &self.span {
+            trace::record_request(s, r);
         }
         if let Some(l) = &self.ledger {
             l.record(std::mem::take(&mut self.rec));

@@ -4,6 +4,7 @@
 mod chat;
 mod common;
 mod metrics;
+mod otel;
 mod python_sdk;
 mod replay;
 mod report;
