@@ -120,52 +120,71 @@ pub fn headline(r: &Report) -> String {
     s
 }
 
-fn tier_row(s: &Stats) -> Vec<String> {
-    vec![
-        s.tier.clone(),
-        thousands(s.requests),
-        pct(s.share),
-        thousands(s.prompt_tokens),
-        thousands(s.completion_tokens),
-        usd(s.cost_usd),
-        usd(s.baseline_cost_usd),
-        triple(&s.ttft_ms),
-        triple(&s.latency_ms),
-        format!("{} ({})", thousands(s.errors), pct(s.error_rate)),
-        thousands(s.fallbacks),
-        thousands(s.escalations),
-    ]
-}
-
-pub fn table(r: &Report) -> String {
+/// A table with `header`, one row per tier and the total, numbers right-aligned. Cells
+/// never wrap: a number cut in two reads as two numbers.
+fn stats_table(r: &Report, header: &[&str], row: impl Fn(&Stats) -> Vec<String>) -> Table {
     let mut t = Table::new();
-    // Two-line headers keep the table narrow; on a terminal, Dynamic wraps cells to fit
-    // its width (elsewhere there is no width, so output stays one line per row).
     t.load_preset(UTF8_FULL_CONDENSED)
-        .set_content_arrangement(ContentArrangement::Dynamic)
-        .set_header(vec![
-            "tier",
-            "requests",
-            "share",
-            "tokens\nin",
-            "tokens\nout",
-            "cost",
-            "all-cloud\ncost",
-            "TTFT ms\np50 / p95 / p99",
-            "latency ms\np50 / p95 / p99",
-            "errors",
-            "fall-\nbacks",
-            "escal-\nations",
-        ]);
-    for s in &r.tiers {
-        t.add_row(tier_row(s));
+        .set_content_arrangement(ContentArrangement::Disabled)
+        .set_header(header.to_vec());
+    for s in r.tiers.iter().chain(std::iter::once(&r.totals.stats)) {
+        t.add_row(row(s));
     }
-    t.add_row(tier_row(&r.totals.stats));
-    for i in 1..12 {
+    for i in 1..header.len() {
         if let Some(c) = t.column_mut(i) {
             c.set_cell_alignment(CellAlignment::Right);
         }
     }
+    t
+}
+
+/// The terminal report: volume and cost per tier, then latency and errors per tier (two
+/// tables, so each fits a common terminal), then the totals.
+pub fn table(r: &Report) -> String {
+    let volume = stats_table(
+        r,
+        &[
+            "tier",
+            "requests",
+            "share",
+            "tokens in",
+            "tokens out",
+            "cost",
+            "all-cloud cost",
+        ],
+        |s| {
+            vec![
+                s.tier.clone(),
+                thousands(s.requests),
+                pct(s.share),
+                thousands(s.prompt_tokens),
+                thousands(s.completion_tokens),
+                usd(s.cost_usd),
+                usd(s.baseline_cost_usd),
+            ]
+        },
+    );
+    let latency = stats_table(
+        r,
+        &[
+            "tier",
+            "TTFT ms\np50 / p95 / p99",
+            "latency ms\np50 / p95 / p99",
+            "errors",
+            "fallbacks",
+            "escalations",
+        ],
+        |s| {
+            vec![
+                s.tier.clone(),
+                triple(&s.ttft_ms),
+                triple(&s.latency_ms),
+                format!("{} ({})", thousands(s.errors), pct(s.error_rate)),
+                thousands(s.fallbacks),
+                thousands(s.escalations),
+            ]
+        },
+    );
 
     let tot = &r.totals;
     let mut s = Table::new();
@@ -189,7 +208,7 @@ pub fn table(r: &Report) -> String {
     if let Some(c) = s.column_mut(1) {
         c.set_cell_alignment(CellAlignment::Right);
     }
-    let mut out = format!("{}\n\n{t}\n{s}\n", headline(r));
+    let mut out = format!("{}\n\n{volume}\n{latency}\n{s}\n", headline(r));
     if tot.stats.tokens_estimated > 0 {
         out.push_str(&format!(
             "{} requests have estimated token counts (the upstream reported no usage).\n",
