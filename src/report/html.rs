@@ -162,13 +162,14 @@ fn legend(r: &Report, colour: &dyn Fn(&str) -> &'static str) -> Markup {
     }
 }
 
-/// A "nice" axis maximum (1, 2 or 5 × 10^k) at or above `v`.
+/// A "nice" axis maximum (1, 2, 4 or 8 × 10^k) at or above `v`: its quarters, where the
+/// grid lines go, are round too (a maximum of 50 would put a line at 12.5 requests).
 fn nice_max(v: f64) -> f64 {
     if v <= 0.0 || !v.is_finite() {
         return 1.0;
     }
     let mag = 10f64.powf(v.log10().floor());
-    [1.0, 2.0, 5.0, 10.0]
+    [1.0, 2.0, 4.0, 8.0, 10.0]
         .iter()
         .map(|m| m * mag)
         .find(|m| *m >= v)
@@ -201,15 +202,18 @@ fn y_axis(max: f64, label: &dyn Fn(f64) -> String) -> Markup {
 /// Labels under the first, middle and last of `n` slots of width `slot` starting at ML.
 fn time_labels(s: &Series, slot: f64) -> Markup {
     let n = s.points.len();
-    let short = s.bucket_ms < 86_400_000;
     let label = |ts: i64| {
         let full = timestamp(ts);
-        // `2025-06-01 12:00:00 UTC` → `06-01 12:00` or `2025-06-01`.
-        if short {
-            full.get(5..16).unwrap_or(&full).to_owned()
+        // `2025-06-01 12:00:05 UTC` → `12:00:05`, `06-01 12:00` or `2025-06-01`, as fine
+        // as the buckets.
+        let part = if s.bucket_ms < 60_000 {
+            full.get(11..19)
+        } else if s.bucket_ms < 86_400_000 {
+            full.get(5..16)
         } else {
-            full.get(..10).unwrap_or(&full).to_owned()
-        }
+            full.get(..10)
+        };
+        part.unwrap_or(&full).to_owned()
     };
     let picks: Vec<usize> = match n {
         0 => vec![],
@@ -238,11 +242,13 @@ fn svg(chart: &str, body: Markup) -> Markup {
     }
 }
 
-/// Two cumulative lines, with the gap between them (the savings) shaded.
+/// Two cumulative lines, with the gap between them (the savings) shaded. Each line starts
+/// at zero at the window's start and steps at each bucket's end, so even one bucket of
+/// traffic draws a line rather than a dot.
 fn savings_chart(s: &Series) -> Markup {
-    let mut cum_cost = Vec::with_capacity(s.points.len());
-    let mut cum_base = Vec::with_capacity(s.points.len());
     let (mut c, mut b) = (0.0, 0.0);
+    let mut cum_cost = vec![0.0];
+    let mut cum_base = vec![0.0];
     for p in &s.points {
         c += p.cost_usd;
         b += p.baseline_cost_usd;
@@ -254,27 +260,23 @@ fn savings_chart(s: &Series) -> Markup {
     let ph = H - MT - MB;
     let n = s.points.len().max(1);
     let slot = pw / n as f64;
-    let x = |i: usize| ML + slot * (i as f64 + 0.5);
+    // Point k is the end of bucket k-1 (point 0: the start of the first bucket).
+    let x = |k: usize| ML + slot * k as f64;
     let y = |v: f64| MT + ph - ph * v / max;
+    let xy = |k: usize, v: f64| format!("{:.1},{:.1}", x(k), y(v));
     let line = |vals: &[f64]| {
         vals.iter()
             .enumerate()
-            .map(|(i, v)| format!("{:.1},{:.1}", x(i), y(*v)))
+            .map(|(k, v)| xy(k, *v))
             .collect::<Vec<_>>()
             .join(" ")
     };
     let mut area: Vec<String> = cum_base
         .iter()
         .enumerate()
-        .map(|(i, v)| format!("{:.1},{:.1}", x(i), y(*v)))
+        .map(|(k, v)| xy(k, *v))
         .collect();
-    area.extend(
-        cum_cost
-            .iter()
-            .enumerate()
-            .rev()
-            .map(|(i, v)| format!("{:.1},{:.1}", x(i), y(*v))),
-    );
+    area.extend(cum_cost.iter().enumerate().rev().map(|(k, v)| xy(k, *v)));
     svg(
         "savings",
         html! {
@@ -283,8 +285,8 @@ fn savings_chart(s: &Series) -> Markup {
             polyline.mark points=(line(&cum_base)) fill="none" stroke=(BASELINE) stroke-width="2" stroke-dasharray="5 3" {}
             polyline.mark points=(line(&cum_cost)) fill="none" stroke=(COST) stroke-width="2.5" {}
             @for (i, p) in s.points.iter().enumerate() {
-                circle cx=(format!("{:.1}", x(i))) cy=(format!("{:.1}", y(cum_cost[i]))) r="2.5" fill=(COST) {
-                    title { (timestamp(p.ts_ms)) ": " (usd(cum_cost[i])) " so far, vs " (usd(cum_base[i])) " all-cloud" }
+                circle cx=(format!("{:.1}", x(i + 1))) cy=(format!("{:.1}", y(cum_cost[i + 1]))) r="2.5" fill=(COST) {
+                    title { "by " (timestamp(p.ts_ms + s.bucket_ms)) ": " (usd(cum_cost[i + 1])) " so far, vs " (usd(cum_base[i + 1])) " all-cloud" }
                 }
             }
             (time_labels(s, slot))
@@ -463,9 +465,10 @@ mod tests {
     #[test]
     fn axis_maxima_are_round() {
         assert_eq!(nice_max(0.0), 1.0);
-        assert_eq!(nice_max(7.0), 10.0);
+        assert_eq!(nice_max(7.0), 8.0);
+        assert_eq!(nice_max(22.0), 40.0);
         assert_eq!(nice_max(101.0), 200.0);
-        assert_eq!(nice_max(0.3), 0.5);
+        assert_eq!(nice_max(0.3), 0.4);
     }
 
     #[test]

@@ -24,6 +24,9 @@ const TOP_RULES: usize = 10;
 
 /// Bucket widths the series may use; the smallest giving at most `MAX_POINTS` buckets wins.
 const BUCKETS_MS: &[i64] = &[
+    1_000,
+    2_000,
+    5_000,
     10_000,
     60_000,
     5 * 60_000,

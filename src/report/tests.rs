@@ -237,8 +237,13 @@ async fn filters_narrow_every_figure() {
     .await;
     // Seconds 4, 5, 6, 7 (A) and 10 (B): the bounds are [since, until).
     assert_eq!(window.totals.stats.requests, 5);
-    // The series starts at `since`, aligned down to its 10-second bucket.
-    assert_eq!(window.series.points.first().map(|p| p.ts_ms), Some(T0));
+    // The series covers [since, until) in 1-second buckets.
+    assert_eq!(window.series.bucket_ms, 1000);
+    assert_eq!(
+        window.series.points.first().map(|p| p.ts_ms),
+        Some(T0 + 4000)
+    );
+    assert_eq!(window.series.points.len(), 7);
 
     let replica_b = report(Filter {
         request_id_prefix: Some("b-".into()),
@@ -261,14 +266,21 @@ async fn filters_narrow_every_figure() {
 #[tokio::test]
 async fn series_histogram_and_rules_count_every_request_once() {
     let r = report(Filter::default()).await;
-    // 13 s of traffic: 10-second buckets aligned to multiples of 10 s.
-    assert_eq!(r.series.bucket_ms, 10_000);
-    assert_eq!(r.series.points.len(), 2);
+    // 13 s of traffic: the finest buckets (1 s) that give at most 60 points, empty
+    // seconds (8 and 9) included.
+    assert_eq!(r.series.bucket_ms, 1000);
+    assert_eq!(r.series.points.len(), 13);
+    assert_eq!(r.series.points[8].requests, 0);
     let n: u64 = r.series.points.iter().map(|p| p.requests).sum();
     assert_eq!(n, 11);
     let cost: f64 = r.series.points.iter().map(|p| p.cost_usd).sum();
     assert_eq!(cost, r.totals.stats.cost_usd);
-    assert_eq!(r.series.points[1].requests_by_tier.get("small"), Some(&2));
+    let at = |s: usize, tier: &str| r.series.points[s].requests_by_tier.get(tier).copied();
+    assert_eq!(
+        (at(10, "small"), at(11, "small"), at(12, "cloud")),
+        (Some(1), Some(1), Some(1))
+    );
+    assert_eq!(r.series.points[12].ts_ms, T0 + 12_000);
 
     let h = &r.latency_histogram;
     let small = h.tiers.get("small").expect("small histogram");
