@@ -65,12 +65,54 @@ pub enum Command {
         #[arg(long)]
         output: PathBuf,
     },
+    /// Cost-savings report from the ledger: per tier cost, tokens, latency percentiles and
+    /// errors; actual cost against sending everything to the baseline model.
+    Report {
+        #[command(flatten)]
+        source: LedgerArgs,
+        #[command(flatten)]
+        filter: crate::report::FilterArgs,
+        /// Output format.
+        #[arg(long, value_enum, default_value = "table")]
+        format: crate::report::render::Format,
+    },
+    /// Send a recorded workload (one chat request body per line) through a running gateway,
+    /// then print the report for exactly those requests.
+    Replay {
+        #[command(flatten)]
+        args: crate::replay::ReplayArgs,
+        /// Format of the report printed at the end.
+        #[arg(long, value_enum, default_value = "table")]
+        format: crate::report::render::Format,
+    },
+}
+
+/// Which ledger files to read.
+#[derive(Debug, clap::Args)]
+pub struct LedgerArgs {
+    /// Ledger file to read; repeat it to aggregate the ledgers of several replicas into one
+    /// report. Default: `ledger.path` of `--config`.
+    #[arg(long = "ledger", value_name = "FILE")]
+    pub ledgers: Vec<PathBuf>,
+    /// Gateway configuration whose `ledger.path` is read when no `--ledger` is given.
+    #[arg(long, short, env = "TIERGATE_CONFIG", default_value = "examples/tiergate.toml")]
+    pub config: PathBuf,
+}
+
+impl LedgerArgs {
+    pub fn paths(&self) -> anyhow::Result<Vec<PathBuf>> {
+        if !self.ledgers.is_empty() {
+            return Ok(self.ledgers.clone());
+        }
+        Ok(vec![Config::load(&self.config)?.ledger.path])
+    }
 }
 
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve { config, listen } => {
             let mut config = Config::load(&config)?;
+            let tracing = crate::telemetry::init(config.telemetry.otlp_endpoint.as_deref())?;
             if let Some(l) = listen {
                 config.listen = l;
             }
@@ -94,7 +136,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             crate::serve(listener, state.clone(), shutdown_signal()).await?;
             let ledger = state.ledger.clone();
             ledger.shutdown().await;
-            tracing::info!("stopped; ledger flushed");
+            tracing.shutdown().await;
+            tracing::info!("stopped; ledger and traces flushed");
             Ok(())
         }
         Command::Explain {
@@ -132,6 +175,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             output,
         } => score_file(&config, head, &input, &output).await,
         Command::Check { config } => {
+            let _tracing = crate::telemetry::init(None)?;
             let c = Config::load(&config)?;
             println!(
                 "`{}` is valid: {} tiers, policy `{}` with {} rules",
@@ -140,6 +184,22 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 c.policy.name,
                 c.policy.rules.len()
             );
+            Ok(())
+        }
+        Command::Report { source, filter, format } => {
+            let _tracing = crate::telemetry::init(None)?;
+            let paths = source.paths()?;
+            let filter = filter.filter(crate::report::now_ms())?;
+            let report = tokio::task::spawn_blocking(move || crate::report::build(&paths, &filter)).await??;
+            print!("{}", crate::report::render::render(&report, format));
+            Ok(())
+        }
+        Command::Replay { args, format } => {
+            let _tracing = crate::telemetry::init(None)?;
+            let done = crate::replay::run(&args, crate::replay::progress_bar()).await?;
+            // The summary goes to stderr so `--format json` output stays parseable.
+            eprintln!("{}", done.summary());
+            print!("{}", crate::report::render::render(&done.report, format));
             Ok(())
         }
     }

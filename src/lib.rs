@@ -11,7 +11,10 @@ pub mod ledger;
 pub mod onnx;
 pub mod openai;
 pub mod policy;
+pub mod replay;
+pub mod report;
 pub mod routing;
+pub mod telemetry;
 pub mod tokens;
 pub mod upstream;
 
@@ -80,6 +83,7 @@ pub struct AppState {
     pub runtime: ArcSwap<Runtime>,
     pub ledger: Ledger,
     pub onnxruntime_version: String,
+    pub metrics: Arc<telemetry::Metrics>,
 }
 
 impl AppState {
@@ -92,10 +96,12 @@ impl AppState {
             config.ledger.batch_size,
         )?;
         let runtime = Runtime::build(config)?;
+        let metrics = Arc::new(telemetry::Metrics::new(Some(ledger.clone())));
         Ok(Arc::new(AppState {
             runtime: ArcSwap::from_pointee(runtime),
             ledger,
             onnxruntime_version,
+            metrics,
         }))
     }
 }

@@ -33,6 +33,8 @@ struct ConfigToml {
     tiers: BTreeMap<String, TierToml>,
     #[serde(default)]
     limits: LimitsToml,
+    #[serde(default)]
+    telemetry: TelemetryToml,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -116,6 +118,12 @@ struct LimitsToml {
     max_body_bytes: Option<usize>,
 }
 
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TelemetryToml {
+    otlp_endpoint: Option<String>,
+}
+
 /// The validated configuration the gateway runs with.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -132,6 +140,14 @@ pub struct Config {
     pub classifier: Option<ClassifierConfig>,
     pub tiers: BTreeMap<String, TierConfig>,
     pub max_body_bytes: usize,
+    pub telemetry: TelemetryConfig,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct TelemetryConfig {
+    /// Base URL of an OTLP/HTTP collector (`http://127.0.0.1:4318`); traces are exported
+    /// only when set.
+    pub otlp_endpoint: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -202,6 +218,7 @@ impl Config {
             routing,
             tiers,
             limits,
+            telemetry,
         } = raw;
 
         let listen = listen.as_deref().unwrap_or("127.0.0.1:8080");
@@ -303,6 +320,19 @@ impl Config {
         let LimitsToml { max_body_bytes } = limits;
         let max_body_bytes = positive(path, "limits.max_body_bytes", max_body_bytes.unwrap_or(4 * 1024 * 1024))?;
 
+        let TelemetryToml { otlp_endpoint } = telemetry;
+        if let Some(e) = &otlp_endpoint
+            && !(e.starts_with("http://") || e.starts_with("https://"))
+        {
+            return Err(err(
+                path,
+                format!(
+                    "telemetry.otlp_endpoint = `{e}` must be an http(s) URL of an OTLP/HTTP collector, e.g. `http://127.0.0.1:4318`"
+                ),
+            ));
+        }
+        let telemetry = TelemetryConfig { otlp_endpoint };
+
         Ok(Config {
             file: path.to_path_buf(),
             listen,
@@ -316,6 +346,7 @@ impl Config {
             classifier,
             tiers: out_tiers,
             max_body_bytes,
+            telemetry,
         })
     }
 }

@@ -64,3 +64,20 @@ fn errors_name_the_file_and_key() {
         assert!(e.contains(want) && e.contains("tiergate.toml"), "{e}\n  wanted: {want}");
     }
 }
+
+#[test]
+fn telemetry_is_off_unless_an_otlp_endpoint_is_set() {
+    assert_eq!(parse(&example()).expect("valid").telemetry.otlp_endpoint, None);
+    let on = example().replace(
+        "# otlp_endpoint = \"http://127.0.0.1:4318\"",
+        "otlp_endpoint = \"http://127.0.0.1:4318\"",
+    );
+    assert_eq!(
+        parse(&on).expect("valid").telemetry.otlp_endpoint.as_deref(),
+        Some("http://127.0.0.1:4318")
+    );
+    let e = parse(&on.replace("\"http://127.0.0.1:4318\"", "\"127.0.0.1:4318\"")).expect_err("not a URL");
+    assert!(e.contains("telemetry.otlp_endpoint = `127.0.0.1:4318`"), "{e}");
+    let e = parse(&on.replace("otlp_endpoint =", "otlp_endpiont =")).expect_err("typo");
+    assert!(e.contains("unknown field `otlp_endpiont`"), "{e}");
+}

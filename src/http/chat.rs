@@ -17,13 +17,18 @@ use crate::error::Error;
 use crate::ledger::{Ledger, Record};
 use crate::openai::{ChatRequest, Usage};
 use crate::routing::{self, RouteDecision};
+use crate::telemetry::trace;
 use crate::upstream::StreamItem;
 use crate::{AppState, Runtime, tokens};
+use tracing::Instrument;
 
 pub async fn chat_completions(State(st): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Response {
     let rt = st.runtime.load_full();
     let mut acct = Accounting::new(st.ledger.clone(), &headers, rt.config.baseline);
-    let result = handle(&rt, &mut acct, body).await;
+    acct.metrics = Some(st.metrics.clone());
+    let span = trace::request_span(&acct.rec.request_id);
+    acct.span = Some(span.clone());
+    let result = handle(&rt, &mut acct, body).instrument(span).await;
     match result {
         Ok(Reply::Whole(resp)) => resp,
         Ok(Reply::Stream(resp)) => resp,
@@ -70,15 +75,17 @@ async fn handle(rt: &Arc<Runtime>, acct: &mut Accounting, body: Body) -> Result<
             .as_ref()
             .and_then(|o| o.include_usage)
             .unwrap_or(false);
-        let upstream = backend.stream(req).await?;
+        let tier_span = trace::tier_span(tier);
+        let upstream = backend.stream(req).instrument(tier_span.clone()).await?;
         acct.called_tier = true;
         Ok(Reply::Stream(stream_response(
             std::mem::take(acct),
             upstream,
             client_wants_usage,
+            tier_span,
         )))
     } else {
-        let done = backend.complete(req).await?;
+        let done = backend.complete(req).instrument(trace::tier_span(tier)).await?;
         acct.called_tier = true;
         acct.usage = done.usage;
         acct.content = done.content;
@@ -95,10 +102,13 @@ fn stream_response(
     mut acct: Accounting,
     mut upstream: crate::upstream::ChunkStream,
     client_wants_usage: bool,
+    tier_span: tracing::Span,
 ) -> Response {
     let mut headers = HeaderMap::new();
     acct.decorate(&mut headers);
     let body = async_stream::stream! {
+        // The tier call lasts as long as its stream.
+        let _tier_span = tier_span;
         let mut saw_done = false;
         let mut finished = false;
         while let Some(item) = upstream.next().await {
@@ -175,6 +185,9 @@ struct Accounting {
     content: String,
     ttft_ms: Option<f64>,
     done: bool,
+    metrics: Option<Arc<crate::telemetry::Metrics>>,
+    /// The request's span: it ends when the request does (for a stream, with the stream).
+    span: Option<tracing::Span>,
 }
 
 pub const HEADER_TIER: &str = "x-tiergate-tier";
@@ -303,6 +316,12 @@ impl Accounting {
             latency_ms = format!("{:.1}", r.latency_ms),
             "request"
         );
+        if let Some(m) = &self.metrics {
+            m.observe(r);
+        }
+        if let Some(s) = &self.span {
+            trace::record_request(s, r);
+        }
         if let Some(l) = &self.ledger {
             l.record(std::mem::take(&mut self.rec));
         }

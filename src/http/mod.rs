@@ -1,7 +1,9 @@
-//! HTTP surface: the axum router and the small handlers (models, health, readiness).
-//! Chat completions live in `chat`.
+//! HTTP surface: the axum router and the small handlers (models, health, readiness,
+//! metrics).
+//! Chat completions live in `chat`, the report page in `report`.
 
 mod chat;
+mod report;
 
 use std::sync::Arc;
 
@@ -24,6 +26,9 @@ pub fn app(state: Arc<AppState>) -> Router {
         .route("/v1/route", post(route))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
+        .route("/report", get(report::report_page))
+        .route("/report.json", get(report::report_json))
+        .route("/metrics", get(metrics))
         .fallback(not_found)
         // The chat handler reads the body itself with the configured limit, so that an
         // oversized body gets an OpenAI-shaped 413 and a ledger row.
@@ -84,6 +89,16 @@ async fn models(State(st): State<Arc<AppState>>) -> impl IntoResponse {
         ),
     );
     Json(json!({"object": "list", "data": data}))
+}
+
+async fn metrics(State(st): State<Arc<AppState>>) -> impl IntoResponse {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            crate::telemetry::metrics::CONTENT_TYPE,
+        )],
+        st.metrics.encode(),
+    )
 }
 
 async fn readyz(State(st): State<Arc<AppState>>) -> impl IntoResponse {

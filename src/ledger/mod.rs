@@ -112,6 +112,8 @@ CREATE TABLE IF NOT EXISTS requests (
     escalated INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS requests_ts ON requests (ts_ms);
+-- `tiergate report --request-id-prefix` (one replay run) and lookups of one request.
+CREATE INDEX IF NOT EXISTS requests_request_id ON requests (request_id);
 CREATE TABLE IF NOT EXISTS attempts (
     id INTEGER PRIMARY KEY,
     request_id TEXT NOT NULL,

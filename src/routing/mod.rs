@@ -9,7 +9,9 @@ use crate::config::Config;
 use crate::error::Error;
 use crate::openai::ChatRequest;
 use crate::policy::Facts;
+use crate::telemetry::trace;
 use crate::tokens;
+use tracing::Instrument;
 
 /// A difficulty score and the scorer that produced it.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -76,11 +78,17 @@ pub async fn route(config: &Config, scorer: &Arc<dyn Scorer>, req: &ChatRequest)
     if !config.aliases.iter().any(|a| a == &req.model) {
         return Err(Error::ModelNotFound(req.model.clone()));
     }
-    let score = scorer.score(&scored, prompt_tokens).await;
-    let rule = config.policy.decide(&Facts {
-        score: score.value,
-        prompt_tokens,
+    let span = trace::score_span(prompt_tokens);
+    let score = scorer.score(&scored, prompt_tokens).instrument(span.clone()).await;
+    trace::scored(&span, &score);
+    let span = trace::policy_span(&config.policy.name);
+    let rule = span.in_scope(|| {
+        config.policy.decide(&Facts {
+            score: score.value,
+            prompt_tokens,
+        })
     });
+    trace::decided(&span, rule);
     Ok(RouteDecision {
         tier: rule.tier.clone(),
         rule: rule.name.clone(),

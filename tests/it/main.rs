@@ -4,4 +4,8 @@
 mod chat;
 mod classifier;
 mod common;
+mod metrics;
+mod otel;
 mod python_sdk;
+mod replay;
+mod report;
