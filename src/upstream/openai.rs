@@ -172,6 +172,7 @@ impl Backend for OpenAiBackend {
                 body,
                 usage: peek.usage,
                 content,
+                confidence: None,
             })
         })
     }

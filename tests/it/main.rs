@@ -3,4 +3,5 @@
 
 mod chat;
 mod common;
+mod local;
 mod python_sdk;
