@@ -26,6 +26,7 @@ pub struct EngineSettings {
 }
 
 /// One generation to run.
+#[derive(Debug)]
 pub struct Job {
     pub prompt: Vec<u32>,
     /// Most tokens to generate (already clamped to the context window).

@@ -103,3 +103,94 @@ async fn greedy_output_matches_the_python_reference_token_for_token() {
     assert_eq!(f.prompt_tokens, r.prompt_ids.len());
     assert_eq!(f.completion_tokens, r.output_ids.len());
 }
+
+#[tokio::test]
+async fn max_tokens_ends_the_answer_with_finish_reason_length() {
+    let (_, f) = generate(ask(
+        &reference().prompt,
+        json!({"max_completion_tokens": 3}),
+    ))
+    .await;
+    assert_eq!(f.reason.as_str(), "length");
+    assert_eq!(f.completion_tokens, 3);
+    assert_eq!(f.output_ids, reference().output_ids[..3]);
+}
+
+#[tokio::test]
+async fn a_stop_sequence_ends_the_answer_and_is_never_emitted() {
+    let r = reference();
+    let (text, f) = generate(ask(&r.prompt, json!({"stop": ["Paris", "zzz"]}))).await;
+    assert_eq!(text, "The capital of France is ");
+    assert_eq!(f.reason.as_str(), "stop");
+    // The model generated the token that completed the stop text; it is counted.
+    assert!(f.completion_tokens < r.output_ids.len(), "{f:?}");
+    // A stop string spanning several tokens, given as a plain string.
+    let (text, _) = generate(ask(&r.prompt, json!({"stop": "of France"}))).await;
+    assert_eq!(text, "The capital ");
+}
+
+#[tokio::test]
+async fn the_same_seed_gives_the_same_sampled_text() {
+    let req = || {
+        ask(
+            "Write a short poem about the sea.",
+            json!({"temperature": 1.2, "top_p": 0.95, "top_k": 50, "seed": 1234, "max_tokens": 24}),
+        )
+    };
+    let (a, fa) = generate(req()).await;
+    let (b, fb) = generate(req()).await;
+    assert_eq!(a, b);
+    assert_eq!(fa.output_ids, fb.output_ids);
+    assert!(!a.is_empty());
+}
+
+#[test]
+fn streaming_detokenization_holds_back_split_characters() {
+    let tok = &backend().engine().files.tokenizer;
+    let text = "Café 日本語 🎉👍🏽 naïve";
+    let ids = tok.encode(text, false).expect("encode").get_ids().to_vec();
+    let mut d = tiergate::local::text::Detokenizer::default();
+    let mut out = String::new();
+    let mut held = 0;
+    for &id in &ids {
+        match d.push(tok, id).expect("decodes") {
+            Some(piece) => out.push_str(&piece),
+            None => held += 1,
+        }
+    }
+    if let Some(rest) = d.finish(tok).expect("decodes") {
+        out.push_str(&rest);
+    }
+    assert_eq!(out, text);
+    assert!(
+        held > 0,
+        "some token ended inside a character: the test must exercise that"
+    );
+}
+
+#[tokio::test]
+async fn empty_and_oversized_prompts_are_rejected_before_generation() {
+    let b = backend();
+    let e = b
+        .prepare(&request(json!({"model": TEST_MODEL, "messages": [
+            {"role": "system", "content": "  "}, {"role": "user", "content": ""}]})))
+        .expect_err("empty");
+    assert_eq!((e.status_code().as_u16(), e.code()), (400, "empty_prompt"));
+    let long = "hello ".repeat(9000);
+    let e = b.prepare(&ask(&long, json!({}))).expect_err("too long");
+    assert_eq!(
+        (e.status_code().as_u16(), e.code()),
+        (400, "context_length_exceeded")
+    );
+    assert!(
+        e.to_string()
+            .contains("maximum context length is 8192 tokens"),
+        "{e}"
+    );
+    let e = b
+        .prepare(&ask("hi", json!({"max_tokens": 9000})))
+        .expect_err("completion too long");
+    assert_eq!(e.code(), "context_length_exceeded");
+    let e = b.prepare(&ask("hi", json!({"n": 2}))).expect_err("n");
+    assert_eq!(e.envelope()["error"]["param"], "n");
+}

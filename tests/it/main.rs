@@ -4,4 +4,5 @@
 mod chat;
 mod common;
 mod local;
+mod local_http;
 mod python_sdk;
