@@ -483,16 +483,24 @@ def main(argv=None):
     ap.add_argument("out_dir")
     ap.add_argument("--name", default="model_fp32.onnx")
     ap.add_argument("--verify", action="store_true", help="compare with the numpy llama.cpp-convention reference")
+    # also writes tokenizer.json, tokenizer_config.json, special_tokens_map.json,
+    # generation_config.json and config.json next to the graph
     args = ap.parse_args(argv)
     os.makedirs(args.out_dir, exist_ok=True)
     m = GGUFModel(args.gguf)
     log(f"{m.arch}: layers={m.n_layers} hidden={m.hidden} heads={m.n_heads}/{m.n_kv_heads} "
         f"head_dim={m.head_dim} vocab={m.vocab} tied={m.tied} eps={m.eps} theta={m.rope_theta}")
+    import gguf_tokenizer
+    info = gguf_tokenizer.write_tokenizer(m, args.out_dir)
+    gguf_tokenizer.verify(os.path.join(args.out_dir, "tokenizer.json"), info, log=log)
+    write_configs(m, args.out_dir, info["stop_token_ids"])
     out = os.path.join(args.out_dir, args.name)
     build_onnx(m, out)
     if args.verify:
-        verify_against_reference(m, out, [1, 504, 3458, 282, 4649, 314, 5245, 30, 2, 198, 1, 503, 23] if m.arch == "llama"
-                                 else [151644, 872, 198, 3838, 374, 279, 6722, 315, 9625, 30, 151645, 198])
+        from tokenizers import Tokenizer
+        tok = Tokenizer.from_file(os.path.join(args.out_dir, "tokenizer.json"))
+        ids = tok.encode("<|im_start|>user\nWhat is 2 + 2?<|im_end|>\n", add_special_tokens=False).ids
+        verify_against_reference(m, out, ids)
 
 
 if __name__ == "__main__":

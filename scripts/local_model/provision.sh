@@ -15,7 +15,7 @@ req_hash="$(sha256sum "$here/requirements.txt" | cut -d' ' -f1)"
 if [ ! -x "$venv/bin/python" ] || [ "$(cat "$venv/.requirements.sha256" 2>/dev/null)" != "$req_hash" ]; then
   echo "[provision] creating $venv from requirements.txt" >&2
   mkdir -p "$cache"
-  python3 -m venv "$venv"
+  python3 -m venv --clear "$venv"
   "$venv/bin/pip" install --quiet --disable-pip-version-check -r "$here/requirements.txt" >&2
   echo "$req_hash" > "$venv/.requirements.sha256"
 fi

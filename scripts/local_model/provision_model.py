@@ -29,6 +29,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 REFERENCE_PROMPT = "What is the capital of France?"
+EXTRA_PROMPTS = [("Write a Python function that adds two numbers", 32),   # ends by max tokens
+                 ("Translate to French: Good morning, how are you?", 32),
+                 ("List three colors. Use digits: 1, 2, 3 and unicode: café ☕", 24)]
 
 
 def log(msg: str) -> None:
@@ -158,16 +161,21 @@ def provision(key: str, cache: str, quant: str | None = None, force: bool = Fals
         for f in ("model_fp32.onnx", "model_fp32.onnx_data"):
             os.remove(os.path.join(build, f))
 
-    log("smoke test: greedy decode of the reference prompt")
+    log("smoke test: greedy decode of the reference prompts")
     import python_greedy
     pm = python_greedy.Model(build, "model.onnx", threads=2)
-    text, ids = pm.chat_ids(REFERENCE_PROMPT)
-    out, times, _ = pm.generate(ids, 32)
-    answer = pm.decode(out)
-    log(f"smoke test: {answer!r}")
-    ref = {"prompt": REFERENCE_PROMPT, "system": None, "add_generation_prompt": True, "templated": text,
-           "prompt_ids": ids, "max_new_tokens": 32, "output_ids": out, "text": answer,
-           "note": "greedy, Python onnxruntime CPU; pin the Rust engine's output against this"}
+
+    def case(prompt, max_new):
+        text, ids = pm.chat_ids(prompt)
+        out, _, _ = pm.generate(ids, max_new)
+        return {"prompt": prompt, "system": None, "add_generation_prompt": True, "templated": text,
+                "prompt_ids": ids, "max_new_tokens": max_new, "output_ids": out, "text": pm.decode(out),
+                "finish_reason": "stop" if out and out[-1] in pm.stop_ids else "length"}
+    ref = case(REFERENCE_PROMPT, 32)
+    log(f"smoke test: {ref['text']!r}")
+    ref["more_cases"] = [case(p, n) for p, n in EXTRA_PROMPTS]
+    ref["note"] = ("greedy decoding with Python onnxruntime (CPU, 2 intra-op threads) on this model.onnx; "
+                   "output_ids include the stop id when finish_reason is stop; text excludes it")
     with open(os.path.join(build, "reference_greedy.json"), "w") as f:
         json.dump(ref, f, indent=2, ensure_ascii=False)
     del pm
