@@ -75,12 +75,18 @@ async fn generate(req: ChatRequest) -> (String, Finish) {
 #[derive(serde::Deserialize)]
 struct Reference {
     prompt: String,
+    system: Option<String>,
     prompt_ids: Vec<u32>,
     max_new_tokens: usize,
     output_ids: Vec<u32>,
     text: String,
+    finish_reason: Option<String>,
+    #[serde(default)]
+    more_cases: Vec<Reference>,
 }
 
+/// `reference_greedy.json`, written by provisioning: Python onnxruntime's greedy output
+/// on the same model file.
 fn reference() -> Reference {
     let path = model_dir().join("reference_greedy.json");
     serde_json::from_str(&std::fs::read_to_string(&path).expect("reference_greedy.json"))
@@ -89,19 +95,31 @@ fn reference() -> Reference {
 
 #[tokio::test]
 async fn greedy_output_matches_the_python_reference_token_for_token() {
-    let r = reference();
-    let req = ask(&r.prompt, json!({"max_tokens": r.max_new_tokens}));
-    let job = backend().prepare(&req).expect("job");
-    assert_eq!(
-        job.prompt, r.prompt_ids,
-        "chat template + tokenizer match transformers"
-    );
-    let (text, f) = generate(req).await;
-    assert_eq!(f.output_ids, r.output_ids);
-    assert_eq!(text, r.text);
-    assert_eq!(f.reason.as_str(), "stop");
-    assert_eq!(f.prompt_tokens, r.prompt_ids.len());
-    assert_eq!(f.completion_tokens, r.output_ids.len());
+    let main = reference();
+    let mut cases = vec![&main];
+    cases.extend(main.more_cases.iter());
+    for r in cases {
+        let mut messages = Vec::new();
+        if let Some(s) = &r.system {
+            messages.push(json!({"role": "system", "content": s}));
+        }
+        messages.push(json!({"role": "user", "content": r.prompt}));
+        let req = request(
+            json!({"model": TEST_MODEL, "messages": messages, "max_tokens": r.max_new_tokens}),
+        );
+        let job = backend().prepare(&req).expect("job");
+        assert_eq!(
+            job.prompt, r.prompt_ids,
+            "{:?}: chat template + tokenizer match transformers",
+            r.prompt
+        );
+        let (text, f) = generate(req).await;
+        assert_eq!(f.output_ids, r.output_ids, "{:?}", r.prompt);
+        assert_eq!(text, r.text, "{:?}", r.prompt);
+        assert_eq!(Some(f.reason.as_str()), r.finish_reason.as_deref());
+        assert_eq!(f.prompt_tokens, r.prompt_ids.len());
+        assert_eq!(f.completion_tokens, r.output_ids.len());
+    }
 }
 
 #[tokio::test]
