@@ -122,3 +122,17 @@ fn keys_of_the_other_backend_are_rejected_with_their_path() {
         "{e}"
     );
 }
+
+#[test]
+fn the_local_example_config_is_valid() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/local.toml");
+    let c = Config::load(&path).expect("valid");
+    let super::BackendConfig::Local(s) = &c.tiers["local"].backend else {
+        panic!("local backend");
+    };
+    assert!(s.model_dir.ends_with("models/qwen2.5-coder-0.5b-instruct"));
+    assert_eq!((s.max_concurrent, s.queue_capacity), (4, 16));
+    let then = &c.policy.rules[0].then;
+    assert_eq!(then.on_saturated.as_deref(), Some("cloud"));
+    assert!(then.escalate.is_some());
+}

@@ -5,7 +5,7 @@ use super::{Facts, Policy};
 use crate::config::{BackendConfig, Price, TierConfig};
 
 fn tiers() -> BTreeMap<String, TierConfig> {
-    ["small", "cloud"]
+    ["small", "cloud", "local"]
         .into_iter()
         .map(|n| {
             let t = TierConfig {

@@ -59,7 +59,10 @@ fn ask(text: &str, extra: Value) -> ChatRequest {
 
 /// Runs a job on the shared engine and returns the text and the summary.
 async fn generate(req: ChatRequest) -> (String, Finish) {
-    let b = backend();
+    generate_on(backend(), req).await
+}
+
+async fn generate_on(b: &LocalBackend, req: ChatRequest) -> (String, Finish) {
     let job = b.prepare(&req).expect("valid job");
     let mut rx = b.engine().submit(job).expect("not saturated");
     let mut text = String::new();
@@ -93,10 +96,9 @@ fn reference() -> Reference {
         .expect("reference parses")
 }
 
-#[tokio::test]
-async fn greedy_output_matches_the_python_reference_token_for_token() {
-    let main = reference();
-    let mut cases = vec![&main];
+/// Every case of `reference`, generated greedily by `backend`, must equal Python's ids.
+async fn check_reference(b: &LocalBackend, model: &str, main: &Reference) {
+    let mut cases = vec![main];
     cases.extend(main.more_cases.iter());
     for r in cases {
         let mut messages = Vec::new();
@@ -104,22 +106,48 @@ async fn greedy_output_matches_the_python_reference_token_for_token() {
             messages.push(json!({"role": "system", "content": s}));
         }
         messages.push(json!({"role": "user", "content": r.prompt}));
-        let req = request(
-            json!({"model": TEST_MODEL, "messages": messages, "max_tokens": r.max_new_tokens}),
-        );
-        let job = backend().prepare(&req).expect("job");
+        let req =
+            request(json!({"model": model, "messages": messages, "max_tokens": r.max_new_tokens}));
+        let job = b.prepare(&req).expect("job");
         assert_eq!(
             job.prompt, r.prompt_ids,
             "{:?}: chat template + tokenizer match transformers",
             r.prompt
         );
-        let (text, f) = generate(req).await;
+        let (text, f) = generate_on(b, req).await;
         assert_eq!(f.output_ids, r.output_ids, "{:?}", r.prompt);
         assert_eq!(text, r.text, "{:?}", r.prompt);
         assert_eq!(Some(f.reason.as_str()), r.finish_reason.as_deref());
         assert_eq!(f.prompt_tokens, r.prompt_ids.len());
         assert_eq!(f.completion_tokens, r.output_ids.len());
     }
+}
+
+#[tokio::test]
+async fn greedy_output_matches_the_python_reference_token_for_token() {
+    check_reference(backend(), TEST_MODEL, &reference()).await;
+}
+
+#[tokio::test]
+#[ignore = "needs the default model: `python3 scripts/provision.py --only default-model`"]
+async fn default_model_greedy_output_matches_the_python_reference() {
+    let model = "qwen2.5-coder-0.5b-instruct";
+    let dir = tiergate::cache::cache_dir().join("models").join(model);
+    tiergate::onnx::init(None).expect("ONNX Runtime loads");
+    let b = LocalBackend::start(
+        "local",
+        model,
+        &LocalSettings {
+            model_dir: dir.clone(),
+            ..settings()
+        },
+    )
+    .expect("default model loads");
+    let r: Reference = serde_json::from_str(
+        &std::fs::read_to_string(dir.join("reference_greedy.json")).expect("reference"),
+    )
+    .expect("parses");
+    check_reference(&b, model, &r).await;
 }
 
 #[tokio::test]
