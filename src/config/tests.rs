@@ -81,3 +81,62 @@ fn telemetry_is_off_unless_an_otlp_endpoint_is_set() {
     let e = parse(&on.replace("otlp_endpoint =", "otlp_endpiont =")).expect_err("typo");
     assert!(e.contains("unknown field `otlp_endpiont`"), "{e}");
 }
+
+const LOCAL_TIER: &str = "\n[tiers.local]\nbackend = \"local\"\nmodel = \"smollm2-135m-instruct\"\n";
+
+#[test]
+fn a_local_tier_gets_defaults_and_a_model_dir_under_the_cache() {
+    let c = parse(&format!(
+        "{}{LOCAL_TIER}max_concurrent = 2\nmodel_dir = \"models/x\"\n",
+        example()
+    ))
+    .expect("valid");
+    let super::BackendConfig::Local(s) = &c.tiers["local"].backend else {
+        panic!("local backend");
+    };
+    assert_eq!(s.max_concurrent, 2);
+    assert_eq!(s.queue_capacity, 16);
+    assert!(s.threads >= 1 && s.spinning);
+    assert!(s.model_dir.ends_with("examples/models/x"), "{}", s.model_dir.display());
+    let c = parse(&format!("{}{LOCAL_TIER}", example())).expect("valid");
+    let super::BackendConfig::Local(s) = &c.tiers["local"].backend else {
+        panic!("local backend");
+    };
+    assert!(s.model_dir.ends_with("models/smollm2-135m-instruct"));
+}
+
+#[test]
+fn keys_of_the_other_backend_are_rejected_with_their_path() {
+    for (extra, want) in [
+        (
+            "base_url = \"http://x\"\n",
+            "tiers.local.base_url is only valid for backend `openai`",
+        ),
+        ("threads = 0\n", "tiers.local.threads must be > 0"),
+        ("max_concurrent = 0\n", "tiers.local.max_concurrent must be > 0"),
+        ("max_concurrency = 2\n", "unknown field `max_concurrency`"),
+    ] {
+        let e = parse(&format!("{}{LOCAL_TIER}{extra}", example())).expect_err(extra);
+        assert!(e.contains(want), "{e}\n  wanted: {want}");
+    }
+    let e = parse(&example().replace("timeout_secs = 120", "timeout_secs = 120\nthreads = 2"))
+        .expect_err("threads on an openai tier");
+    assert!(
+        e.contains("tiers.small.threads is only valid for backend `local`"),
+        "{e}"
+    );
+}
+
+#[test]
+fn the_local_example_config_is_valid() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/local.toml");
+    let c = Config::load(&path).expect("valid");
+    let super::BackendConfig::Local(s) = &c.tiers["local"].backend else {
+        panic!("local backend");
+    };
+    assert!(s.model_dir.ends_with("models/qwen2.5-coder-0.5b-instruct"));
+    assert_eq!((s.max_concurrent, s.queue_capacity), (4, 16));
+    let then = &c.policy.rules[0].then;
+    assert_eq!(then.on_saturated.as_deref(), Some("cloud"));
+    assert!(then.escalate.is_some());
+}

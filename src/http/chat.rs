@@ -13,12 +13,13 @@ use futures::StreamExt;
 use sha2::{Digest, Sha256};
 
 use crate::config::Price;
+use crate::config::TierConfig;
 use crate::error::Error;
-use crate::ledger::{Ledger, Record};
+use crate::ledger::{Attempt, Ledger, Record};
 use crate::openai::{ChatRequest, Usage};
 use crate::routing::{self, RouteDecision};
 use crate::telemetry::trace;
-use crate::upstream::StreamItem;
+use crate::upstream::{Backend, Completion, StreamItem};
 use crate::{AppState, Runtime, tokens};
 use tracing::Instrument;
 
@@ -55,16 +56,7 @@ async fn handle(rt: &Arc<Runtime>, acct: &mut Accounting, body: Body) -> Result<
     acct.rec.streamed = req.is_stream();
 
     let decision = routing::route(&rt.config, &rt.scorer, &req).await?;
-    let tier = rt
-        .config
-        .tiers
-        .get(&decision.tier)
-        .ok_or_else(|| Error::Internal(format!("policy chose unknown tier `{}`", decision.tier)))?;
-    let backend = rt
-        .backends
-        .get(&decision.tier)
-        .ok_or_else(|| Error::Internal(format!("no backend for tier `{}`", decision.tier)))?
-        .clone();
+    let (mut tier, mut backend) = tier_backend(rt, &decision.tier)?;
     acct.routed(&decision, &tier.model, tier.price, tokens::estimate(&req.all_text()));
     req.model = tier.model.clone();
 
@@ -75,8 +67,16 @@ async fn handle(rt: &Arc<Runtime>, acct: &mut Accounting, body: Body) -> Result<
             .as_ref()
             .and_then(|o| o.include_usage)
             .unwrap_or(false);
-        let tier_span = trace::tier_span(tier);
-        let upstream = backend.stream(req).instrument(tier_span.clone()).await?;
+        let mut tier_span = trace::tier_span(tier);
+        let upstream = match backend.stream(req.clone()).instrument(tier_span.clone()).await {
+            Err(Error::LocalSaturated { .. }) if decision.then.on_saturated.is_some() => {
+                (tier, backend) = spill(rt, acct, &decision)?;
+                req.model = tier.model.clone();
+                tier_span = trace::tier_span(tier);
+                backend.stream(req).instrument(tier_span.clone()).await?
+            }
+            other => other?,
+        };
         acct.called_tier = true;
         Ok(Reply::Stream(stream_response(
             std::mem::take(acct),
@@ -85,16 +85,92 @@ async fn handle(rt: &Arc<Runtime>, acct: &mut Accounting, body: Body) -> Result<
             tier_span,
         )))
     } else {
-        let done = backend.complete(req).instrument(trace::tier_span(tier)).await?;
+        let mut done = match backend.complete(req.clone()).instrument(trace::tier_span(tier)).await {
+            Err(Error::LocalSaturated { .. }) if decision.then.on_saturated.is_some() => {
+                (tier, backend) = spill(rt, acct, &decision)?;
+                req.model = tier.model.clone();
+                backend.complete(req.clone()).instrument(trace::tier_span(tier)).await?
+            }
+            other => other?,
+        };
+        if let Some(esc) = &decision.then.escalate
+            && done.confidence.is_some_and(|c| c < esc.min_confidence)
+        {
+            done = escalate(rt, acct, done, &esc.tier, req).await;
+        }
         acct.called_tier = true;
         acct.usage = done.usage;
-        acct.content = done.content;
+        acct.content = std::mem::take(&mut done.content);
+        acct.confidence = done.confidence;
         let mut resp = Response::new(Body::from(done.body));
         resp.headers_mut()
             .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
         acct.decorate(resp.headers_mut());
         acct.finish("ok", 200);
         Ok(Reply::Whole(resp))
+    }
+}
+
+fn tier_backend<'a>(rt: &'a Runtime, name: &str) -> Result<(&'a TierConfig, Arc<dyn Backend>), Error> {
+    let tier = rt
+        .config
+        .tiers
+        .get(name)
+        .ok_or_else(|| Error::Internal(format!("policy chose unknown tier `{name}`")))?;
+    let backend = rt
+        .backends
+        .get(name)
+        .ok_or_else(|| Error::Internal(format!("no backend for tier `{name}`")))?
+        .clone();
+    Ok((tier, backend))
+}
+
+/// The rule's tier is saturated: record that attempt and move to the spill tier.
+fn spill<'a>(
+    rt: &'a Runtime,
+    acct: &mut Accounting,
+    decision: &RouteDecision,
+) -> Result<(&'a TierConfig, Arc<dyn Backend>), Error> {
+    let to = decision
+        .then
+        .on_saturated
+        .as_deref()
+        .ok_or_else(|| Error::Internal("spill without a spill tier".into()))?;
+    let (tier, backend) = tier_backend(rt, to)?;
+    acct.attempt_failed("saturated", Usage::default(), None);
+    acct.rec.fallback = true;
+    acct.switch_tier(tier);
+    Ok((tier, backend))
+}
+
+/// The first answer is too weak: re-ask `to`. If that tier fails, the first answer is
+/// still better than an error, so it is returned (the failed attempt stays in the ledger).
+async fn escalate(
+    rt: &Runtime,
+    acct: &mut Accounting,
+    first: Completion,
+    to: &str,
+    mut req: ChatRequest,
+) -> Completion {
+    let Ok((tier, backend)) = tier_backend(rt, to) else {
+        return first;
+    };
+    let first_tier = acct.current_tier();
+    acct.attempt_failed("low_confidence", first.usage.unwrap_or_default(), first.confidence);
+    acct.rec.escalated = true;
+    acct.switch_tier(tier);
+    req.model = tier.model.clone();
+    match backend.complete(req).await {
+        Ok(done) => done,
+        Err(e) => {
+            tracing::warn!(request_id = %acct.rec.request_id, code = e.code(), "escalation failed; answering with the first tier's answer");
+            // The first attempt becomes the answering one again: `finish` records it last,
+            // so take it out of the failed list rather than count its cost twice.
+            let first_attempt = acct.rec.attempts.pop();
+            acct.attempt_failed(e.code(), Usage::default(), None);
+            acct.restore_tier(first_tier, first_attempt.map(|a| a.latency_ms));
+            first
+        }
     }
 }
 
@@ -184,10 +260,22 @@ struct Accounting {
     usage: Option<Usage>,
     content: String,
     ttft_ms: Option<f64>,
+    /// The answering tier's confidence, when it reports one.
+    confidence: Option<f64>,
+    /// When the current tier was called (for per-attempt latency).
+    attempt_start: Option<Instant>,
     done: bool,
     metrics: Option<Arc<crate::telemetry::Metrics>>,
     /// The request's span: it ends when the request does (for a stream, with the stream).
     span: Option<tracing::Span>,
+}
+
+/// Where an attempt went: enough to record it and to switch back.
+#[derive(Clone)]
+struct TierRef {
+    tier: Option<String>,
+    backend_model: Option<String>,
+    price: Option<Price>,
 }
 
 pub const HEADER_TIER: &str = "x-tiergate-tier";
@@ -196,6 +284,7 @@ pub const HEADER_RULE: &str = "x-tiergate-rule";
 pub const HEADER_SCORER: &str = "x-tiergate-scorer";
 pub const HEADER_POLICY: &str = "x-tiergate-policy";
 pub const HEADER_REQUEST_ID: &str = "x-request-id";
+pub const HEADER_CONFIDENCE: &str = "x-tiergate-confidence";
 
 impl Accounting {
     fn new(ledger: Ledger, headers: &HeaderMap, baseline: Price) -> Self {
@@ -239,6 +328,57 @@ impl Accounting {
 
     fn gateway_done(&mut self) {
         self.rec.gateway_ms = self.elapsed_ms();
+        self.attempt_start = Some(Instant::now());
+    }
+
+    fn current_tier(&self) -> TierRef {
+        TierRef {
+            tier: self.rec.tier.clone(),
+            backend_model: self.rec.backend_model.clone(),
+            price: self.price,
+        }
+    }
+
+    fn restore_tier(&mut self, t: TierRef, latency_ms: Option<f64>) {
+        self.rec.tier = t.tier;
+        self.rec.backend_model = t.backend_model;
+        self.price = t.price;
+        // Its latency stays what it was, not the time since the escalation started.
+        self.attempt_start =
+            latency_ms.and_then(|ms| Instant::now().checked_sub(std::time::Duration::from_secs_f64(ms / 1000.0)));
+    }
+
+    /// The request moves on to another tier (spill or escalation).
+    fn switch_tier(&mut self, tier: &TierConfig) {
+        self.rec.tier = Some(tier.name.clone());
+        self.rec.backend_model = Some(tier.model.clone());
+        self.price = Some(tier.price);
+        self.attempt_start = Some(Instant::now());
+    }
+
+    /// Records the current tier's call as an attempt that did not give the answer.
+    fn attempt_failed(&mut self, outcome: &str, usage: Usage, confidence: Option<f64>) {
+        let a = self.attempt(outcome, usage, confidence);
+        self.rec.attempts.push(a);
+    }
+
+    fn attempt(&self, outcome: &str, usage: Usage, confidence: Option<f64>) -> Attempt {
+        Attempt {
+            tier: self.rec.tier.clone().unwrap_or_default(),
+            backend_model: self.rec.backend_model.clone().unwrap_or_default(),
+            prompt_tokens: usage.prompt_tokens,
+            completion_tokens: usage.completion_tokens,
+            cost_usd: self
+                .price
+                .map(|p| p.cost(usage.prompt_tokens, usage.completion_tokens))
+                .unwrap_or(0.0),
+            latency_ms: self
+                .attempt_start
+                .map(|s| s.elapsed().as_secs_f64() * 1000.0)
+                .unwrap_or(0.0),
+            confidence,
+            outcome: outcome.to_owned(),
+        }
     }
 
     /// The `x-tiergate-*` headers that say which tier answered and why.
@@ -263,6 +403,9 @@ impl Accounting {
         }
         if let Some(s) = &self.rec.scorer {
             put(HEADER_SCORER, s);
+        }
+        if let Some(c) = self.confidence {
+            put(HEADER_CONFIDENCE, &format!("{c:.4}"));
         }
     }
 
@@ -302,6 +445,20 @@ impl Accounting {
             .price
             .map(|p| p.cost(r.prompt_tokens, r.completion_tokens))
             .unwrap_or(0.0);
+        // Several tiers were called: the row's tokens are the final answer's, its cost is
+        // what every call cost together.
+        if !r.attempts.is_empty() {
+            let final_usage = Usage {
+                prompt_tokens: r.prompt_tokens,
+                completion_tokens: r.completion_tokens,
+            };
+            let outcome = r.outcome.clone();
+            let last = self.attempt(&outcome, final_usage, self.confidence);
+            let r = &mut self.rec;
+            r.attempts.push(last);
+            r.cost_usd = r.attempts.iter().map(|a| a.cost_usd).sum();
+        }
+        let r = &mut self.rec;
         r.baseline_cost_usd = self
             .baseline
             .map(|p| p.cost(r.prompt_tokens, r.completion_tokens))

@@ -26,6 +26,9 @@ struct RuleToml {
     score_at_least: Option<f64>,
     max_prompt_tokens: Option<u64>,
     min_prompt_tokens: Option<u64>,
+    on_saturated: Option<String>,
+    min_confidence: Option<f64>,
+    escalate_to: Option<String>,
 }
 
 /// A validated policy: ordered rules, the last of which matches everything.
@@ -45,6 +48,24 @@ pub struct Rule {
     pub score_at_least: Option<f64>,
     pub max_prompt_tokens: Option<u64>,
     pub min_prompt_tokens: Option<u64>,
+    /// What happens after the tier is chosen; not conditions of the rule.
+    pub then: Then,
+}
+
+/// A rule's second chances, for a `local` tier: where to spill when it is saturated, and
+/// when to re-ask another tier because its answer is too weak.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Then {
+    /// Tier to send the request to when the rule's tier is saturated (otherwise a 429).
+    pub on_saturated: Option<String>,
+    /// Re-ask `tier` when a non-streamed answer's confidence is below `min_confidence`.
+    pub escalate: Option<Escalate>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Escalate {
+    pub min_confidence: f64,
+    pub tier: String,
 }
 
 /// What a rule can look at.
@@ -106,16 +127,55 @@ impl Policy {
                 score_at_least,
                 max_prompt_tokens,
                 min_prompt_tokens,
+                on_saturated,
+                min_confidence,
+                escalate_to,
             } = spanned.into_inner();
             let at = |key: &str| format!("policy `{file}`: rules[{i}].{key} (line {line})");
-            if !tiers.contains_key(&tier) {
-                let known: Vec<&str> = tiers.keys().map(String::as_str).collect();
-                return Err(format!(
-                    "{} = `{tier}` is not a configured tier; use one of {}",
-                    at("tier"),
-                    known.join(", ")
-                ));
+            let known = || tiers.keys().map(String::as_str).collect::<Vec<_>>().join(", ");
+            for (key, t) in [
+                ("tier", Some(&tier)),
+                ("on_saturated", on_saturated.as_ref()),
+                ("escalate_to", escalate_to.as_ref()),
+            ] {
+                if let Some(t) = t
+                    && !tiers.contains_key(t)
+                {
+                    return Err(format!(
+                        "{} = `{t}` is not a configured tier; use one of {}",
+                        at(key),
+                        known()
+                    ));
+                }
+                if key != "tier" && t == Some(&tier) {
+                    return Err(format!(
+                        "{} = `{tier}` is the rule's own tier; name another tier",
+                        at(key)
+                    ));
+                }
             }
+            let escalate = match (min_confidence, escalate_to) {
+                (None, None) => None,
+                (Some(c), Some(t)) if (0.0..=1.0).contains(&c) => Some(Escalate {
+                    min_confidence: c,
+                    tier: t,
+                }),
+                (Some(c), Some(_)) => {
+                    return Err(format!("{} = {c} must be in 0..=1", at("min_confidence")));
+                }
+                (Some(_), None) => {
+                    return Err(format!(
+                        "{}: `min_confidence` needs `escalate_to`, the tier that re-answers weak answers",
+                        at("escalate_to")
+                    ));
+                }
+                (None, Some(_)) => {
+                    return Err(format!(
+                        "{}: `escalate_to` needs `min_confidence`, the confidence below which an answer is re-asked",
+                        at("min_confidence")
+                    ));
+                }
+            };
             for (key, v) in [("score_below", score_below), ("score_at_least", score_at_least)] {
                 if let Some(v) = v
                     && !(0.0..=1.0).contains(&v)
@@ -156,6 +216,7 @@ impl Policy {
                 score_at_least,
                 max_prompt_tokens,
                 min_prompt_tokens,
+                then: Then { on_saturated, escalate },
             });
         }
         if !out.last().is_some_and(Rule::is_unconditional) {

@@ -5,7 +5,7 @@ use super::{Facts, Policy};
 use crate::config::{BackendConfig, Price, TierConfig};
 
 fn tiers() -> BTreeMap<String, TierConfig> {
-    ["small", "cloud"]
+    ["small", "cloud", "local"]
         .into_iter()
         .map(|n| {
             let t = TierConfig {
@@ -114,5 +114,41 @@ fn shipped_policies_are_valid() {
     for entry in std::fs::read_dir(dir).expect("policies/") {
         let path = entry.expect("entry").path();
         Policy::load(&path, &tiers()).unwrap_or_else(|e| panic!("{e}"));
+    }
+}
+
+#[test]
+fn spill_and_escalation_are_validated_and_carried_by_the_rule() {
+    let with = |extra: &str| TWO_RULES.replace("tier = \"small\"", &format!("tier = \"small\"\n{extra}"));
+    let p = parse(&with(
+        "on_saturated = \"cloud\"\nmin_confidence = 0.4\nescalate_to = \"cloud\"",
+    ))
+    .expect("valid");
+    let then = &p.rules[0].then;
+    assert_eq!(then.on_saturated.as_deref(), Some("cloud"));
+    let esc = then.escalate.as_ref().expect("escalation");
+    assert_eq!((esc.min_confidence, esc.tier.as_str()), (0.4, "cloud"));
+    // Not conditions: the rule still matches by score alone.
+    let facts = Facts {
+        score: 0.1,
+        prompt_tokens: 5,
+    };
+    assert_eq!(p.decide(&facts).name, "easy");
+
+    for (extra, want) in [
+        (
+            "on_saturated = \"gpu\"",
+            "rules[0].on_saturated (line 2) = `gpu` is not a configured tier",
+        ),
+        ("on_saturated = \"small\"", "is the rule's own tier"),
+        ("min_confidence = 0.4", "`min_confidence` needs `escalate_to`"),
+        ("escalate_to = \"cloud\"", "`escalate_to` needs `min_confidence`"),
+        (
+            "min_confidence = 2.0\nescalate_to = \"cloud\"",
+            "rules[0].min_confidence (line 2) = 2 must be in 0..=1",
+        ),
+    ] {
+        let e = parse(&with(extra)).expect_err(extra);
+        assert!(e.contains(want), "{e}\n  wanted: {want}");
     }
 }

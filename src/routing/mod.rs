@@ -8,7 +8,7 @@ use futures::future::BoxFuture;
 use crate::config::Config;
 use crate::error::Error;
 use crate::openai::ChatRequest;
-use crate::policy::Facts;
+use crate::policy::{Facts, Then};
 use crate::telemetry::trace;
 use crate::tokens;
 use tracing::Instrument;
@@ -60,6 +60,8 @@ pub struct RouteDecision {
     pub policy: Option<String>,
     pub score: Option<Score>,
     pub prompt_tokens: u64,
+    /// The rule's spill and escalation tiers (none for a request that named a tier).
+    pub then: Then,
 }
 
 /// Decides a tier for a request under one configuration snapshot.
@@ -73,6 +75,7 @@ pub async fn route(config: &Config, scorer: &Arc<dyn Scorer>, req: &ChatRequest)
             policy: None,
             score: None,
             prompt_tokens,
+            then: Then::default(),
         });
     }
     if !config.aliases.iter().any(|a| a == &req.model) {
@@ -95,6 +98,7 @@ pub async fn route(config: &Config, scorer: &Arc<dyn Scorer>, req: &ChatRequest)
         policy: Some(config.policy.name.clone()),
         score: Some(score),
         prompt_tokens,
+        then: rule.then.clone(),
     })
 }
 

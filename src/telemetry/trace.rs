@@ -75,6 +75,8 @@ pub fn policy_span(policy: &str) -> Span {
 pub fn system(tier: &TierConfig) -> &'static str {
     match tier.backend {
         BackendConfig::OpenAi { .. } => "openai",
+        // In-process ONNX Runtime generation: no GenAI provider, so tiergate's own name.
+        BackendConfig::Local(_) => "tiergate.local",
     }
 }
 

@@ -1,5 +1,5 @@
 //! Backends a tier can use, behind one trait so handlers never know which one answered:
-//! today OpenAI-compatible HTTP servers; the in-process generator plugs in beside it.
+//! OpenAI-compatible HTTP servers (`openai`) and the in-process generator (`crate::local`).
 
 pub mod openai;
 
@@ -17,6 +17,8 @@ pub struct Completion {
     pub usage: Option<Usage>,
     /// The answer's text, for token estimates when `usage` is missing.
     pub content: String,
+    /// How sure the tier is of its answer, in [0, 1], when it can tell (the local tier).
+    pub confidence: Option<f64>,
 }
 
 /// One event of a streamed answer.

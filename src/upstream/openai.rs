@@ -160,6 +160,7 @@ impl Backend for OpenAiBackend {
                 body,
                 usage: peek.usage,
                 content,
+                confidence: None,
             })
         })
     }

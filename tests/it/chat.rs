@@ -6,11 +6,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use serde_json::{Value, json};
 
-use crate::common::{self, CLIENT_KEY, FAKE_USAGE, PIECES, UPSTREAM_KEY, gateway, sse_payloads, user};
-
-fn header<'a>(r: &'a reqwest::Response, name: &str) -> &'a str {
-    r.headers().get(name).and_then(|v| v.to_str().ok()).unwrap_or("")
-}
+use crate::common::{self, CLIENT_KEY, FAKE_USAGE, PIECES, UPSTREAM_KEY, gateway, header, sse_payloads, user};
 
 #[tokio::test]
 async fn short_prompt_is_routed_to_the_small_tier_and_accounted() {

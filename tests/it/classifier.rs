@@ -62,10 +62,14 @@ fn batched_scores_equal_single_scores() {
 
 #[tokio::test]
 async fn the_gateway_routes_with_the_classifier_and_explains() {
-    let gw = gateway_with(&format!(
+    let routing = format!(
         "scorer = \"classifier\"\n[routing.classifier]\ntimeout_ms = 10000\nhead = \"{}\"\n",
         repo().join("router-model/head.onnx").display()
-    ))
+    );
+    let gw = gateway_with(&crate::common::Setup {
+        routing,
+        ..Default::default()
+    })
     .await;
     let r = gw
         .post_chat(&crate::common::user("tiergate-auto", "What is 2 + 2?"))

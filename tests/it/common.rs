@@ -153,11 +153,21 @@ pub const TIERS: &[(&str, &str)] = &[
 ];
 
 pub async fn gateway() -> Gateway {
-    gateway_with("").await
+    gateway_with(&Setup::default()).await
 }
 
-/// A gateway whose `[routing]` table gets `routing_extra` appended (e.g. another scorer).
-pub async fn gateway_with(routing_extra: &str) -> Gateway {
+/// What a test adds to the standard config.
+#[derive(Default)]
+pub struct Setup {
+    /// TOML appended to the config (more `[tiers.*]`).
+    pub extra: String,
+    /// The policy file's text, instead of `policies/test.toml`.
+    pub policy: Option<String>,
+    /// TOML appended to the `[routing]` table (e.g. another scorer).
+    pub routing: String,
+}
+
+pub async fn gateway_with(setup: &Setup) -> Gateway {
     set_env();
     let (fake_addr, fake) = start_fake().await;
     let dir = tempfile::tempdir().expect("tempdir");
@@ -178,7 +188,16 @@ policy = "{policy}"
 half_tokens = 16
 "#,
         ledger = ledger_path.display(),
-        policy = repo().join("policies/test.toml").display(),
+        routing_extra = setup.routing,
+        policy = match &setup.policy {
+            Some(text) => {
+                let p = dir.path().join("policy.toml");
+                std::fs::write(&p, text).expect("write policy");
+                p
+            }
+            None => repo().join("policies/test.toml"),
+        }
+        .display(),
     );
     for (name, model) in TIERS {
         let (price_in, price_out) = if *name == "small" { (0.1, 0.2) } else { (2.5, 10.0) };
@@ -196,6 +215,7 @@ timeout_secs = {timeout}
 "#
         ));
     }
+    cfg.push_str(&setup.extra);
     let cfg_path = dir.path().join("tiergate.toml");
     std::fs::write(&cfg_path, cfg).expect("write config");
     let config = tiergate::Config::load(&cfg_path).expect("test config is valid");
@@ -273,6 +293,11 @@ impl Gateway {
         }
         self.ledger().await
     }
+}
+
+/// A response header's value, or "" when it is absent.
+pub fn header<'a>(r: &'a reqwest::Response, name: &str) -> &'a str {
+    r.headers().get(name).and_then(|v| v.to_str().ok()).unwrap_or("")
 }
 
 pub fn user(model: &str, text: &str) -> Value {

@@ -4,6 +4,8 @@
 mod chat;
 mod classifier;
 mod common;
+mod local;
+mod local_http;
 mod metrics;
 mod otel;
 mod python_sdk;

@@ -1,0 +1,326 @@
+//! The generation engine: one dedicated thread that owns the ONNX session and runs up to
+//! `max_concurrent` sequences, one decode step each in turn, fed by a bounded admission
+//! queue. It never runs on the async runtime; answers go back as events on a channel per
+//! sequence. Admission is counted so that a full engine says "saturated" at once.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::{Receiver, SyncSender, TryRecvError, TrySendError, sync_channel};
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
+
+use super::confidence::{self, Confidence};
+use super::model::{Graph, KvCache, ModelFiles, SessionSettings};
+use super::sampling::{Sampler, SamplingParams};
+use super::text::{Detokenizer, StopMatcher};
+
+/// How the engine is sized.
+#[derive(Debug, Clone, Copy)]
+pub struct EngineSettings {
+    pub session: SessionSettings,
+    /// Sequences decoded at the same time (interleaved step by step).
+    pub max_concurrent: usize,
+    /// Requests waiting for a free sequence slot; beyond this the engine is saturated.
+    pub queue_capacity: usize,
+}
+
+/// One generation to run.
+#[derive(Debug)]
+pub struct Job {
+    pub prompt: Vec<u32>,
+    /// Most tokens to generate (already clamped to the context window).
+    pub max_tokens: usize,
+    pub sampling: SamplingParams,
+    pub stop: Vec<String>,
+    /// Keep going past the model's stop ids (vLLM's `ignore_eos`; benchmarks use it).
+    pub ignore_eos: bool,
+}
+
+/// What the engine reports for a sequence, in order: text pieces, then one `Done` or
+/// `Failed`.
+#[derive(Debug)]
+pub enum Event {
+    Text(String),
+    Done(Finish),
+    Failed(String),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    /// A stop id or a stop sequence.
+    Stop,
+    /// `max_tokens`, or the context window is full.
+    Length,
+}
+
+impl FinishReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Finish {
+    pub reason: FinishReason,
+    pub prompt_tokens: usize,
+    /// Every token the model generated, the stop id included.
+    pub completion_tokens: usize,
+    pub output_ids: Vec<u32>,
+    pub confidence: Confidence,
+    /// Time of the prompt's forward pass, and of the decode steps after it.
+    pub prefill: Duration,
+    pub decode: Duration,
+}
+
+/// The admission was refused: every sequence slot and every queue place is taken.
+#[derive(Debug)]
+pub struct Saturated;
+
+/// Handle to a running engine; cheap to share. Dropping the last handle lets the engine
+/// thread finish its sequences and exit.
+pub struct Engine {
+    tx: SyncSender<Queued>,
+    in_flight: Arc<AtomicUsize>,
+    limit: usize,
+    pub files: Arc<ModelFiles>,
+}
+
+struct Queued {
+    job: Job,
+    events: UnboundedSender<Event>,
+    _permit: Permit,
+}
+
+/// One admitted request (running or waiting); released when its sequence ends or is
+/// dropped unrun.
+struct Permit(Arc<AtomicUsize>);
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl Engine {
+    /// Loads the model (blocking: seconds for a large one) and starts the engine thread.
+    pub fn start(files: Arc<ModelFiles>, settings: EngineSettings) -> Result<Engine, String> {
+        let graph = Graph::load(&files, settings.session)?;
+        let limit = settings.max_concurrent + settings.queue_capacity;
+        // The admission counter keeps at most `limit` jobs in flight, so this channel is
+        // never full when a job is sent.
+        let (tx, rx) = sync_channel(limit);
+        let in_flight = Arc::new(AtomicUsize::new(0));
+        let f = files.clone();
+        let max_concurrent = settings.max_concurrent;
+        std::thread::Builder::new()
+            .name("tiergate-local".into())
+            .spawn(move || run(graph, &f, &rx, max_concurrent))
+            .map_err(|e| format!("cannot start the local engine thread: {e}"))?;
+        Ok(Engine {
+            tx,
+            in_flight,
+            limit,
+            files,
+        })
+    }
+
+    /// Admits a job or refuses it at once when the engine is saturated. Events arrive on
+    /// the returned channel; dropping it cancels the sequence at its next step.
+    pub fn submit(&self, job: Job) -> Result<UnboundedReceiver<Event>, Saturated> {
+        self.in_flight
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < self.limit).then_some(n + 1)
+            })
+            .map_err(|_| Saturated)?;
+        let permit = Permit(self.in_flight.clone());
+        // Unbounded, yet bounded in practice: one sequence sends at most `max_tokens + 1`
+        // events. A bounded channel would let one slow client stall every sequence on the
+        // shared engine thread.
+        let (events, rx) = unbounded_channel();
+        match self.tx.try_send(Queued {
+            job,
+            events,
+            _permit: permit,
+        }) {
+            Ok(()) => Ok(rx),
+            Err(TrySendError::Full(q) | TrySendError::Disconnected(q)) => {
+                // Only if the engine thread died: tell the caller through the channel.
+                let _ = q.events.send(Event::Failed("the local engine has stopped".to_owned()));
+                Ok(rx)
+            }
+        }
+    }
+
+    /// Requests running or waiting now.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Acquire)
+    }
+}
+
+/// A sequence being generated.
+struct Seq {
+    q: Queued,
+    kv: KvCache,
+    sampler: Sampler,
+    detok: Detokenizer,
+    stop: StopMatcher,
+    out: Vec<u32>,
+    logprobs: Vec<f32>,
+    prefill: Duration,
+    decode: Duration,
+    done: bool,
+}
+
+fn run(mut graph: Graph, files: &ModelFiles, rx: &Receiver<Queued>, max_concurrent: usize) {
+    let mut active: Vec<Seq> = Vec::with_capacity(max_concurrent);
+    let mut logits: Vec<f32> = Vec::new();
+    let mut open = true;
+    loop {
+        while open && active.len() < max_concurrent {
+            let next = if active.is_empty() {
+                rx.recv().map_err(|_| TryRecvError::Disconnected)
+            } else {
+                rx.try_recv()
+            };
+            match next {
+                Ok(q) => {
+                    // The client left while the request waited: skip it.
+                    if q.events.is_closed() {
+                        continue;
+                    }
+                    active.push(Seq::new(q));
+                }
+                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Disconnected) => open = false,
+            }
+        }
+        if active.is_empty() {
+            return;
+        }
+        for seq in active.iter_mut() {
+            seq.advance(&mut graph, files, &mut logits);
+        }
+        // Dropping a finished sequence releases its admission permit.
+        active.retain(|s| !s.done);
+    }
+}
+
+impl Seq {
+    fn new(q: Queued) -> Seq {
+        let sampler = Sampler::new(q.job.sampling);
+        let stop = StopMatcher::new(q.job.stop.clone());
+        Seq {
+            q,
+            kv: KvCache::default(),
+            sampler,
+            detok: Detokenizer::default(),
+            stop,
+            out: Vec::new(),
+            logprobs: Vec::new(),
+            prefill: Duration::ZERO,
+            decode: Duration::ZERO,
+            done: false,
+        }
+    }
+
+    /// One forward step: the prompt first, then the last generated token.
+    fn advance(&mut self, graph: &mut Graph, files: &ModelFiles, logits: &mut Vec<f32>) {
+        if self.q.events.is_closed() {
+            // Cancelled: the client went away.
+            self.done = true;
+            return;
+        }
+        let t0 = Instant::now();
+        let first = self.out.is_empty();
+        let input: &[u32] = match self.out.last() {
+            Some(last) => std::slice::from_ref(last),
+            None => &self.q.job.prompt,
+        };
+        if let Err(e) = graph.step(&mut self.kv, input, logits) {
+            self.fail(e);
+            return;
+        }
+        let pick = self.sampler.pick(logits, files.real_vocab.min(graph.vocab));
+        if first {
+            self.prefill = t0.elapsed();
+        } else {
+            self.decode += t0.elapsed();
+        }
+        self.out.push(pick.token);
+        self.logprobs.push(pick.logprob);
+
+        if !self.q.job.ignore_eos && files.stop_ids.contains(&pick.token) {
+            self.finish(files, FinishReason::Stop);
+            return;
+        }
+        let piece = self.detok.push(&files.tokenizer, pick.token);
+        if self.release(piece) {
+            return;
+        }
+        let full_context = self.kv.len + 1 >= files.context_tokens;
+        if self.out.len() >= self.q.job.max_tokens || full_context {
+            self.finish(files, FinishReason::Length);
+        }
+    }
+
+    /// Passes detokenized text through the stop matcher to the client. True when the
+    /// sequence ended here (a stop sequence, or a decoding failure).
+    fn release(&mut self, piece: Result<Option<String>, String>) -> bool {
+        match piece {
+            Ok(Some(piece)) => {
+                let r = self.stop.push(&piece);
+                self.send_text(r.text);
+                if r.stopped {
+                    self.summary(FinishReason::Stop);
+                }
+                r.stopped
+            }
+            Ok(None) => false,
+            Err(e) => {
+                self.fail(e);
+                true
+            }
+        }
+    }
+
+    fn send_text(&self, text: String) {
+        if !text.is_empty() {
+            let _ = self.q.events.send(Event::Text(text));
+        }
+    }
+
+    /// Ends the answer: gives out held-back text (unless it turns out to hold a stop
+    /// sequence), then the summary.
+    fn finish(&mut self, files: &ModelFiles, reason: FinishReason) {
+        let rest = self.detok.finish(&files.tokenizer);
+        if self.release(rest) {
+            return;
+        }
+        let tail = self.stop.finish();
+        self.send_text(tail);
+        self.summary(reason);
+    }
+
+    fn summary(&mut self, reason: FinishReason) {
+        let confidence = confidence::assess(&self.out, &self.logprobs);
+        let _ = self.q.events.send(Event::Done(Finish {
+            reason,
+            prompt_tokens: self.q.job.prompt.len(),
+            completion_tokens: self.out.len(),
+            output_ids: std::mem::take(&mut self.out),
+            confidence,
+            prefill: self.prefill,
+            decode: self.decode,
+        }));
+        self.done = true;
+    }
+
+    fn fail(&mut self, e: String) {
+        let _ = self.q.events.send(Event::Failed(e));
+        self.done = true;
+    }
+}

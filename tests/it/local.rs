@@ -1,0 +1,227 @@
+//! The `local` tier against the real test model (SmolLM2-135M, provisioned by
+//! `python3 scripts/provision.py --test`): greedy output pinned to the Python reference,
+//! sampling, limits, stop sequences, usage, and OpenAI's shapes.
+
+use std::path::PathBuf;
+use std::sync::OnceLock;
+
+use serde_json::{Value, json};
+use tiergate::local::engine::{Event, Finish};
+use tiergate::local::{LocalBackend, LocalSettings};
+use tiergate::openai::ChatRequest;
+
+pub const TEST_MODEL: &str = "smollm2-135m-instruct";
+
+pub fn model_dir() -> PathBuf {
+    let dir = tiergate::cache::cache_dir().join("models").join(TEST_MODEL);
+    assert!(
+        dir.join("model.onnx").exists(),
+        "the test model is missing at `{}`: run `python3 scripts/provision.py --test`",
+        dir.display()
+    );
+    dir
+}
+
+pub fn settings() -> LocalSettings {
+    LocalSettings {
+        model_dir: model_dir(),
+        threads: 2,
+        spinning: true,
+        max_concurrent: 4,
+        queue_capacity: 16,
+        max_context_tokens: None,
+        default_max_tokens: Some(64),
+    }
+}
+
+/// One engine shared by the tests that talk to the backend directly (loading the model
+/// once keeps the suite fast).
+fn backend() -> &'static LocalBackend {
+    static B: OnceLock<LocalBackend> = OnceLock::new();
+    B.get_or_init(|| {
+        tiergate::onnx::init(None).expect("ONNX Runtime loads (run `python3 scripts/provision.py`)");
+        LocalBackend::start("local", TEST_MODEL, &settings()).expect("test model loads")
+    })
+}
+
+fn request(body: Value) -> ChatRequest {
+    ChatRequest::parse(body.to_string().as_bytes()).expect("valid request")
+}
+
+fn ask(text: &str, extra: Value) -> ChatRequest {
+    let mut body = json!({"model": TEST_MODEL, "messages": [{"role": "user", "content": text}]});
+    if let Value::Object(e) = extra {
+        body.as_object_mut().expect("object").extend(e);
+    }
+    request(body)
+}
+
+/// Runs a job on the shared engine and returns the text and the summary.
+async fn generate(req: ChatRequest) -> (String, Finish) {
+    generate_on(backend(), req).await
+}
+
+async fn generate_on(b: &LocalBackend, req: ChatRequest) -> (String, Finish) {
+    let job = b.prepare(&req).expect("valid job");
+    let mut rx = b.engine().submit(job).expect("not saturated");
+    let mut text = String::new();
+    loop {
+        match rx.recv().await.expect("engine answers") {
+            Event::Text(t) => text.push_str(&t),
+            Event::Done(f) => return (text, f),
+            Event::Failed(e) => panic!("generation failed: {e}"),
+        }
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct Reference {
+    prompt: String,
+    system: Option<String>,
+    prompt_ids: Vec<u32>,
+    max_new_tokens: usize,
+    output_ids: Vec<u32>,
+    text: String,
+    finish_reason: Option<String>,
+    #[serde(default)]
+    more_cases: Vec<Reference>,
+}
+
+/// `reference_greedy.json`, written by provisioning: Python onnxruntime's greedy output
+/// on the same model file.
+fn reference() -> Reference {
+    let path = model_dir().join("reference_greedy.json");
+    serde_json::from_str(&std::fs::read_to_string(&path).expect("reference_greedy.json")).expect("reference parses")
+}
+
+/// Every case of `reference`, generated greedily by `backend`, must equal Python's ids.
+async fn check_reference(b: &LocalBackend, model: &str, main: &Reference) {
+    let mut cases = vec![main];
+    cases.extend(main.more_cases.iter());
+    for r in cases {
+        let mut messages = Vec::new();
+        if let Some(s) = &r.system {
+            messages.push(json!({"role": "system", "content": s}));
+        }
+        messages.push(json!({"role": "user", "content": r.prompt}));
+        let req = request(json!({"model": model, "messages": messages, "max_tokens": r.max_new_tokens}));
+        let job = b.prepare(&req).expect("job");
+        assert_eq!(
+            job.prompt, r.prompt_ids,
+            "{:?}: chat template + tokenizer match transformers",
+            r.prompt
+        );
+        let (text, f) = generate_on(b, req).await;
+        assert_eq!(f.output_ids, r.output_ids, "{:?}", r.prompt);
+        assert_eq!(text, r.text, "{:?}", r.prompt);
+        assert_eq!(Some(f.reason.as_str()), r.finish_reason.as_deref());
+        assert_eq!(f.prompt_tokens, r.prompt_ids.len());
+        assert_eq!(f.completion_tokens, r.output_ids.len());
+    }
+}
+
+#[tokio::test]
+async fn greedy_output_matches_the_python_reference_token_for_token() {
+    check_reference(backend(), TEST_MODEL, &reference()).await;
+}
+
+#[tokio::test]
+#[ignore = "needs the default model: `python3 scripts/provision.py --only default-model`"]
+async fn default_model_greedy_output_matches_the_python_reference() {
+    let model = "qwen2.5-coder-0.5b-instruct";
+    let dir = tiergate::cache::cache_dir().join("models").join(model);
+    tiergate::onnx::init(None).expect("ONNX Runtime loads");
+    let b = LocalBackend::start(
+        "local",
+        model,
+        &LocalSettings {
+            model_dir: dir.clone(),
+            ..settings()
+        },
+    )
+    .expect("default model loads");
+    let r: Reference =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("reference_greedy.json")).expect("reference"))
+            .expect("parses");
+    check_reference(&b, model, &r).await;
+}
+
+#[tokio::test]
+async fn max_tokens_ends_the_answer_with_finish_reason_length() {
+    let (_, f) = generate(ask(&reference().prompt, json!({"max_completion_tokens": 3}))).await;
+    assert_eq!(f.reason.as_str(), "length");
+    assert_eq!(f.completion_tokens, 3);
+    assert_eq!(f.output_ids, reference().output_ids[..3]);
+}
+
+#[tokio::test]
+async fn a_stop_sequence_ends_the_answer_and_is_never_emitted() {
+    let r = reference();
+    let (text, f) = generate(ask(&r.prompt, json!({"stop": ["Paris", "zzz"]}))).await;
+    assert_eq!(text, "The capital of France is ");
+    assert_eq!(f.reason.as_str(), "stop");
+    // The model generated the token that completed the stop text; it is counted.
+    assert!(f.completion_tokens < r.output_ids.len(), "{f:?}");
+    // A stop string spanning several tokens, given as a plain string.
+    let (text, _) = generate(ask(&r.prompt, json!({"stop": "of France"}))).await;
+    assert_eq!(text, "The capital ");
+}
+
+#[tokio::test]
+async fn the_same_seed_gives_the_same_sampled_text() {
+    let req = || {
+        ask(
+            "Write a short poem about the sea.",
+            json!({"temperature": 1.2, "top_p": 0.95, "top_k": 50, "seed": 1234, "max_tokens": 24}),
+        )
+    };
+    let (a, fa) = generate(req()).await;
+    let (b, fb) = generate(req()).await;
+    assert_eq!(a, b);
+    assert_eq!(fa.output_ids, fb.output_ids);
+    assert!(!a.is_empty());
+}
+
+#[test]
+fn streaming_detokenization_holds_back_split_characters() {
+    let tok = &backend().engine().files.tokenizer;
+    let text = "Café 日本語 🎉👍🏽 naïve";
+    let ids = tok.encode(text, false).expect("encode").get_ids().to_vec();
+    let mut d = tiergate::local::text::Detokenizer::default();
+    let mut out = String::new();
+    let mut held = 0;
+    for &id in &ids {
+        match d.push(tok, id).expect("decodes") {
+            Some(piece) => out.push_str(&piece),
+            None => held += 1,
+        }
+    }
+    if let Some(rest) = d.finish(tok).expect("decodes") {
+        out.push_str(&rest);
+    }
+    assert_eq!(out, text);
+    assert!(
+        held > 0,
+        "some token ended inside a character: the test must exercise that"
+    );
+}
+
+#[tokio::test]
+async fn empty_and_oversized_prompts_are_rejected_before_generation() {
+    let b = backend();
+    let e = b
+        .prepare(&request(json!({"model": TEST_MODEL, "messages": [
+            {"role": "system", "content": "  "}, {"role": "user", "content": ""}]})))
+        .expect_err("empty");
+    assert_eq!((e.status_code().as_u16(), e.code()), (400, "empty_prompt"));
+    let long = "hello ".repeat(9000);
+    let e = b.prepare(&ask(&long, json!({}))).expect_err("too long");
+    assert_eq!((e.status_code().as_u16(), e.code()), (400, "context_length_exceeded"));
+    assert!(e.to_string().contains("maximum context length is 8192 tokens"), "{e}");
+    let e = b
+        .prepare(&ask("hi", json!({"max_tokens": 9000})))
+        .expect_err("completion too long");
+    assert_eq!(e.code(), "context_length_exceeded");
+    let e = b.prepare(&ask("hi", json!({"n": 2}))).expect_err("n");
+    assert_eq!(e.envelope()["error"]["param"], "n");
+}

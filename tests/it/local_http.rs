@@ -1,0 +1,254 @@
+//! The `local` tier through the gateway over HTTP with the real test model: OpenAI shapes
+//! (whole and streamed), exact usage in the ledger, 400s, saturation (429 or spill) and
+//! escalation of weak answers.
+
+use futures::StreamExt;
+use serde_json::{Value, json};
+
+use crate::common::{Gateway, PIECES, Setup, gateway_with, header, sse_payloads, user};
+use crate::local::{TEST_MODEL, model_dir};
+
+fn local_tier(max_concurrent: usize, queue_capacity: usize) -> String {
+    format!(
+        r#"
+[tiers.local]
+backend = "local"
+model = "{TEST_MODEL}"
+model_dir = "{dir}"
+threads = 2
+max_concurrent = {max_concurrent}
+queue_capacity = {queue_capacity}
+default_max_tokens = 48
+input_usd_per_mtok = 0.05
+output_usd_per_mtok = 0.1
+"#,
+        dir = model_dir().display()
+    )
+}
+
+/// A gateway with a local tier beside the fake upstream's tiers.
+async fn local_gateway(max_concurrent: usize, queue_capacity: usize, policy: Option<String>) -> Gateway {
+    gateway_with(&Setup {
+        extra: local_tier(max_concurrent, queue_capacity),
+        policy,
+        ..Setup::default()
+    })
+    .await
+}
+
+fn policy(then: &str) -> String {
+    format!(
+        "[[rules]]\nname = \"local-first\"\nscore_below = 0.9\ntier = \"local\"\n{then}\n[[rules]]\nname = \"default\"\ntier = \"cloud\"\n"
+    )
+}
+
+const PROMPT: &str = "What is the capital of France?";
+const ANSWER: &str = "The capital of France is Paris.";
+
+#[tokio::test]
+async fn answers_with_the_clouds_shapes_and_exact_usage() {
+    let gw = local_gateway(2, 4, None).await;
+    let r = gw.post_chat(&user(TEST_MODEL, PROMPT)).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(header(&r, "x-tiergate-tier"), "local");
+    assert_eq!(header(&r, "content-type"), "application/json");
+    let confidence: f64 = header(&r, "x-tiergate-confidence").parse().expect("confidence header");
+    assert!((0.0..=1.0).contains(&confidence));
+    let body: Value = r.json().await.expect("json");
+    assert!(
+        body["id"].as_str().is_some_and(|id| id.starts_with("chatcmpl-")),
+        "{body}"
+    );
+    assert_eq!(body["object"], "chat.completion");
+    assert_eq!(body["model"], TEST_MODEL);
+    assert!(body["created"].as_u64().is_some_and(|t| t > 1_700_000_000));
+    let choice = &body["choices"][0];
+    assert_eq!(choice["index"], 0);
+    assert_eq!(choice["message"]["role"], "assistant");
+    assert_eq!(choice["message"]["content"], ANSWER);
+    assert_eq!(choice["finish_reason"], "stop");
+    // 37 prompt tokens and 8 generated (the stop token included), as in the reference.
+    assert_eq!(
+        body["usage"],
+        json!({"prompt_tokens": 37, "completion_tokens": 8, "total_tokens": 45})
+    );
+    let rows = gw.ledger().await;
+    let row = &rows[0];
+    assert_eq!((row.prompt_tokens, row.completion_tokens), (37, 8));
+    assert!(!row.tokens_estimated);
+    assert_eq!(row.tier.as_deref(), Some("local"));
+    assert!((row.cost_usd - (37.0 * 0.05 + 8.0 * 0.1) / 1e6).abs() < 1e-15);
+    assert!(row.attempts.is_empty(), "one call, no attempts list");
+
+    // Over the model's context window: OpenAI's 400, in its envelope.
+    let r = gw.post_chat(&user(TEST_MODEL, &"hello ".repeat(9000))).await;
+    assert_eq!(r.status(), 400);
+    let e: Value = r.json().await.expect("json");
+    assert_eq!(e["error"]["code"], "context_length_exceeded");
+    assert_eq!(e["error"]["type"], "invalid_request_error");
+    assert_eq!(e["error"]["param"], "messages");
+    let r = gw.post_chat(&user(TEST_MODEL, " \n")).await;
+    assert_eq!(r.status(), 400);
+    let e: Value = r.json().await.expect("json");
+    assert_eq!(e["error"]["code"], "empty_prompt");
+}
+
+#[tokio::test]
+async fn streams_chunks_shaped_like_openais() {
+    let gw = local_gateway(2, 4, None).await;
+    let mut req = user(TEST_MODEL, PROMPT);
+    req["stream"] = json!(true);
+    req["stream_options"] = json!({"include_usage": true});
+    let r = gw.post_chat(&req).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(header(&r, "content-type"), "text/event-stream");
+    let body = r.text().await.expect("body");
+    let events = sse_payloads(&body);
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+    let chunks: Vec<Value> = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(e).expect("chunk json"))
+        .collect();
+    let id = chunks[0]["id"].as_str().expect("id");
+    assert!(id.starts_with("chatcmpl-"));
+    for c in &chunks {
+        assert_eq!(c["id"], id, "one id for the whole stream");
+        assert_eq!(c["object"], "chat.completion.chunk");
+        assert_eq!(c["model"], TEST_MODEL);
+    }
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    // Every chunk but the last carries `usage: null`, as OpenAI's do when usage is asked for.
+    let (usage_chunk, rest) = chunks.split_last().expect("chunks");
+    assert!(rest.iter().all(|c| c["usage"].is_null() && c.get("usage").is_some()));
+    assert_eq!(usage_chunk["choices"], json!([]));
+    assert_eq!(
+        usage_chunk["usage"],
+        json!({"prompt_tokens": 37, "completion_tokens": 8, "total_tokens": 45})
+    );
+    let finish = &rest[rest.len() - 1]["choices"][0];
+    assert_eq!(finish["finish_reason"], "stop");
+    assert_eq!(finish["delta"], json!({}));
+    let text: String = rest
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert_eq!(text, ANSWER);
+    assert!(
+        rest.iter()
+            .filter(|c| c["choices"][0]["finish_reason"].is_string())
+            .count()
+            == 1
+    );
+
+    // Without include_usage: no usage chunk, no usage field.
+    req["stream_options"] = json!(null);
+    let body = gw.post_chat(&req).await.text().await.expect("body");
+    let events = sse_payloads(&body);
+    assert!(events.iter().all(|e| !e.contains("\"usage\"")), "{body}");
+    let rows = gw.ledger_rows(2).await;
+    assert!(
+        rows.iter()
+            .all(|r| r.streamed && (r.prompt_tokens, r.completion_tokens) == (37, 8))
+    );
+}
+
+#[tokio::test]
+async fn saturation_is_a_429_or_a_spill_as_the_policy_says() {
+    let gw = local_gateway(1, 0, Some(policy("on_saturated = \"cloud\""))).await;
+    // Occupy the one sequence slot with a long answer, and wait until it is generating.
+    let mut long = user(TEST_MODEL, "Tell me a long story.");
+    long["stream"] = json!(true);
+    long["ignore_eos"] = json!(true);
+    long["max_tokens"] = json!(4000);
+    let busy = gw.post_chat(&long).await;
+    assert_eq!(busy.status(), 200);
+    let mut busy = busy.bytes_stream();
+    let mut seen = String::new();
+    while !seen.contains("\"content\":\"") || seen.matches("data: ").count() < 2 {
+        let chunk = busy.next().await.expect("stream goes on").expect("bytes");
+        seen.push_str(&String::from_utf8_lossy(&chunk));
+    }
+
+    // Named directly, the saturated tier answers 429 in OpenAI's envelope.
+    let r = gw.post_chat(&user(TEST_MODEL, PROMPT)).await;
+    assert_eq!(r.status(), 429);
+    let e: Value = r.json().await.expect("json");
+    assert_eq!(e["error"]["code"], "tier_saturated");
+    assert_eq!(e["error"]["type"], "rate_limit_error");
+
+    // Routed by the policy, it spills to the cloud tier.
+    let r = gw.post_chat(&user("tiergate-auto", PROMPT)).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(header(&r, "x-tiergate-tier"), "cloud");
+    assert_eq!(header(&r, "x-tiergate-rule"), "local-first");
+    let body: Value = r.json().await.expect("json");
+    assert_eq!(body["choices"][0]["message"]["content"], PIECES.concat());
+
+    let rows = gw.ledger_rows(2).await;
+    let rejected = rows.iter().find(|r| r.http_status == 429).expect("429 row");
+    assert_eq!(rejected.outcome, "tier_saturated");
+    let spilled = rows.iter().find(|r| r.http_status == 200).expect("spill row");
+    assert!(spilled.fallback && !spilled.escalated);
+    assert_eq!(spilled.tier.as_deref(), Some("cloud"));
+    let outcomes: Vec<(&str, &str)> = spilled
+        .attempts
+        .iter()
+        .map(|a| (a.tier.as_str(), a.outcome.as_str()))
+        .collect();
+    assert_eq!(outcomes, [("local", "saturated"), ("cloud", "ok")]);
+    assert_eq!(spilled.attempts[0].cost_usd, 0.0);
+
+    // The client of the long answer leaves: its sequence is cancelled and the slot frees.
+    drop(busy);
+    let mut status = 0;
+    for _ in 0..100 {
+        let r = gw.post_chat(&user(TEST_MODEL, PROMPT)).await;
+        status = r.status().as_u16();
+        if status == 200 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(status, 200, "the cancelled sequence released its slot");
+}
+
+#[tokio::test]
+async fn a_weak_local_answer_is_escalated_and_both_attempts_are_accounted() {
+    // A threshold no answer reaches, so the local answer is always judged weak.
+    let gw = local_gateway(2, 4, Some(policy("min_confidence = 1.0\nescalate_to = \"cloud\""))).await;
+    let r = gw.post_chat(&user("tiergate-auto", PROMPT)).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(header(&r, "x-tiergate-tier"), "cloud");
+    let body: Value = r.json().await.expect("json");
+    assert_eq!(body["choices"][0]["message"]["content"], PIECES.concat());
+
+    let rows = gw.ledger().await;
+    let row = &rows[0];
+    assert!(row.escalated && !row.fallback);
+    assert_eq!(row.tier.as_deref(), Some("cloud"));
+    let [local, cloud] = &row.attempts[..] else {
+        panic!("two attempts: {:?}", row.attempts);
+    };
+    assert_eq!(
+        (local.tier.as_str(), local.outcome.as_str()),
+        ("local", "low_confidence")
+    );
+    assert_eq!((local.prompt_tokens, local.completion_tokens), (37, 8));
+    let c = local.confidence.expect("local confidence recorded");
+    assert!((0.0..1.0).contains(&c), "{c}");
+    assert!((local.cost_usd - (37.0 * 0.05 + 8.0 * 0.1) / 1e6).abs() < 1e-15);
+    assert_eq!((cloud.tier.as_str(), cloud.outcome.as_str()), ("cloud", "ok"));
+    assert!((cloud.cost_usd - (11.0 * 2.5 + 4.0 * 10.0) / 1e6).abs() < 1e-15);
+    assert!((row.cost_usd - (local.cost_usd + cloud.cost_usd)).abs() < 1e-15);
+    // The cloud was asked the client's request, not the local tier's model name.
+    let sent = gw.fake.requests.lock().expect("lock")[0].1.clone();
+    assert_eq!(sent["model"], "fake-cloud");
+
+    // Streams are not escalated: the local answer is streamed as generated.
+    let mut req = user("tiergate-auto", PROMPT);
+    req["stream"] = json!(true);
+    let r = gw.post_chat(&req).await;
+    assert_eq!(header(&r, "x-tiergate-tier"), "local");
+    let text = r.text().await.expect("body");
+    assert!(text.ends_with("data: [DONE]\n\n"));
+}
