@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use axum::body::{Body, Bytes};
 use axum::http::{Request, header};
+use axum::serve::ListenerExt;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use http_body_util::BodyExt;
 use tower::ServiceExt;
@@ -55,6 +56,11 @@ async fn start_fake() -> SocketAddr {
         .await
         .expect("bind fake upstream");
     let addr = listener.local_addr().expect("addr");
+    // Without TCP_NODELAY, Nagle's algorithm would hold each small SSE write until the
+    // reader's delayed ACK (~40 ms), and the bench would time that timer, not the relay.
+    let listener = listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     tokio::spawn(async move { axum::serve(listener, app).await.expect("fake upstream") });
     addr
 }
@@ -110,6 +116,7 @@ fn bench(c: &mut Criterion) {
     let app = tiergate::app(state.clone());
     let client = reqwest::Client::builder()
         .no_proxy()
+        .tcp_nodelay(true)
         .build()
         .expect("client");
 

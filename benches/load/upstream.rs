@@ -16,6 +16,7 @@ use axum::extract::State;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
+use axum::serve::ListenerExt;
 use serde::Deserialize;
 use serde_json::json;
 
@@ -176,6 +177,11 @@ async fn main() -> std::process::ExitCode {
         }
     };
     let addr = listener.local_addr().map(|a| a.to_string());
+    // As uvicorn (vLLM, LiteLLM) does: without it, Nagle's algorithm holds each small SSE
+    // write until the client's delayed ACK, adding ~40 ms to every stream.
+    let listener = listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     // The orchestrator reads this line to learn the port.
     println!("LISTEN {}", addr.unwrap_or_default());
     match axum::serve(listener, app).await {
