@@ -41,12 +41,17 @@ pub struct Runtime {
     pub scorer_name: &'static str,
     /// Tiers that cannot serve, and why (e.g. a missing API key), for `/readyz`.
     pub tier_problems: BTreeMap<String, String>,
+    /// Typed handles on the parts `/metrics` reads live: the classifier's counters and
+    /// each local tier's queue.
+    pub classifier: Option<Arc<classifier::Classifier>>,
+    pub local_tiers: BTreeMap<String, Arc<LocalBackend>>,
 }
 
 impl Runtime {
     pub fn build(config: Config) -> Result<Runtime, String> {
         let mut backends: HashMap<String, Arc<dyn Backend>> = HashMap::new();
         let mut tier_problems = BTreeMap::new();
+        let mut local_tiers = BTreeMap::new();
         for t in config.tiers.values() {
             match &t.backend {
                 config::BackendConfig::OpenAi {
@@ -62,16 +67,26 @@ impl Runtime {
                     backends.insert(t.name.clone(), Arc::new(b));
                 }
                 config::BackendConfig::Local(settings) => {
-                    let b = LocalBackend::start(&t.name, &t.model, settings)?;
-                    backends.insert(t.name.clone(), Arc::new(b));
+                    let b = Arc::new(LocalBackend::start(&t.name, &t.model, settings)?);
+                    local_tiers.insert(t.name.clone(), b.clone());
+                    backends.insert(t.name.clone(), b);
                 }
             }
         }
         let length = LengthScorer {
             half_tokens: config.length_half_tokens,
         };
-        let (scorer, scorer_name): (Arc<dyn Scorer>, &'static str) = match &config.classifier {
-            Some(c) => (Arc::new(classifier::Classifier::start(c, length)?), "classifier"),
+        let classifier = match &config.classifier {
+            Some(c) => Some(Arc::new(classifier::Classifier::start(
+                c,
+                LengthScorer {
+                    half_tokens: length.half_tokens,
+                },
+            )?)),
+            None => None,
+        };
+        let (scorer, scorer_name): (Arc<dyn Scorer>, &'static str) = match &classifier {
+            Some(c) => (c.clone(), "classifier"),
             None => (Arc::new(length), "length"),
         };
         Ok(Runtime {
@@ -80,6 +95,8 @@ impl Runtime {
             scorer,
             scorer_name,
             tier_problems,
+            classifier,
+            local_tiers,
         })
     }
 }

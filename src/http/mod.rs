@@ -97,8 +97,49 @@ async fn metrics(State(st): State<Arc<AppState>>) -> impl IntoResponse {
             axum::http::header::CONTENT_TYPE,
             crate::telemetry::metrics::CONTENT_TYPE,
         )],
-        st.metrics.encode(),
+        live_metrics(&st.metrics.encode(), &st.runtime.load()),
     )
+}
+
+/// Adds what belongs to the current runtime (it is swapped on reload, so it is read at
+/// scrape time rather than registered): local tiers' queues and the classifier's counters.
+fn live_metrics(encoded: &str, rt: &crate::Runtime) -> String {
+    use std::fmt::Write as _;
+    use std::sync::atomic::Ordering::Relaxed;
+    let body = encoded.strip_suffix("# EOF\n").unwrap_or(encoded);
+    let mut out = String::with_capacity(body.len() + 1024);
+    out.push_str(body);
+    if !rt.local_tiers.is_empty() {
+        out.push_str("# HELP tiergate_local_queue_depth Requests running or waiting in a local tier's engine.\n");
+        out.push_str("# TYPE tiergate_local_queue_depth gauge\n");
+        for (tier, b) in &rt.local_tiers {
+            let _ = writeln!(out, "tiergate_local_queue_depth{{tier=\"{tier}\"}} {}", b.in_flight());
+        }
+    }
+    if let Some(c) = &rt.classifier {
+        let s = &c.stats;
+        for (name, help, v) in [
+            (
+                "tiergate_classifier_cache_hits",
+                "Scores answered from the classifier's cache.",
+                s.cache_hits.load(Relaxed),
+            ),
+            (
+                "tiergate_classifier_scored",
+                "Scores computed by the classifier model.",
+                s.scored.load(Relaxed),
+            ),
+            (
+                "tiergate_classifier_fallbacks",
+                "Requests scored by length because the classifier queue was full, late or failed.",
+                s.shed.load(Relaxed) + s.timeouts.load(Relaxed) + s.errors.load(Relaxed),
+            ),
+        ] {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name}_total {v}");
+        }
+    }
+    out.push_str("# EOF\n");
+    out
 }
 
 async fn readyz(State(st): State<Arc<AppState>>) -> impl IntoResponse {

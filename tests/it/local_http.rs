@@ -55,6 +55,19 @@ async fn answers_with_the_clouds_shapes_and_exact_usage() {
     let confidence: f64 = header(&r, "x-tiergate-confidence").parse().expect("confidence header");
     assert!((0.0..=1.0).contains(&confidence));
     let body: Value = r.json().await.expect("json");
+    let metrics = gw
+        .client()
+        .get(format!("{}/metrics", gw.url))
+        .send()
+        .await
+        .expect("send")
+        .text()
+        .await
+        .expect("text");
+    assert!(
+        metrics.contains("tiergate_local_queue_depth{tier=\"local\"} 0"),
+        "{metrics}"
+    );
     assert!(
         body["id"].as_str().is_some_and(|id| id.starts_with("chatcmpl-")),
         "{body}"
