@@ -427,7 +427,9 @@ fn tier(
             BackendConfig::Local(LocalSettings {
                 model_dir,
                 threads: positive(file, &key("threads"), threads.unwrap_or(default_threads))?,
-                spinning: spinning.unwrap_or(true),
+                // Off by default: on a machine shared with other work, spinning ONNX Runtime
+                // threads halve decode speed (BENCHMARKS.md, "Local generator").
+                spinning: spinning.unwrap_or(false),
                 max_concurrent: positive(
                     file,
                     &key("max_concurrent"),
