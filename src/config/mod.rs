@@ -462,7 +462,9 @@ fn tier(file: &Path, name: &str, t: TierToml, resolve: &dyn Fn(&Path) -> PathBuf
             BackendConfig::Local(LocalSettings {
                 model_dir,
                 threads: positive(file, &key("threads"), threads.unwrap_or(default_threads))?,
-                spinning: spinning.unwrap_or(true),
+                // Off by default: on a machine shared with other work, spinning ONNX Runtime
+                // threads halve decode speed (BENCHMARKS.md, "Local generator").
+                spinning: spinning.unwrap_or(false),
                 max_concurrent: positive(file, &key("max_concurrent"), max_concurrent.unwrap_or(4))?,
                 queue_capacity: queue_capacity.unwrap_or(16),
                 max_context_tokens: optional_positive("max_context_tokens", max_context_tokens)?,

@@ -96,7 +96,7 @@ fn a_local_tier_gets_defaults_and_a_model_dir_under_the_cache() {
     };
     assert_eq!(s.max_concurrent, 2);
     assert_eq!(s.queue_capacity, 16);
-    assert!(s.threads >= 1 && s.spinning);
+    assert!(s.threads >= 1 && !s.spinning);
     assert!(s.model_dir.ends_with("examples/models/x"), "{}", s.model_dir.display());
     let c = parse(&format!("{}{LOCAL_TIER}", example())).expect("valid");
     let super::BackendConfig::Local(s) = &c.tiers["local"].backend else {
