@@ -109,6 +109,8 @@ struct TierToml {
     input_usd_per_mtok: f64,
     #[serde(default)]
     output_usd_per_mtok: f64,
+    machine_usd_per_hour: Option<f64>,
+    machine_concurrency: Option<usize>,
     timeout_secs: Option<f64>,
     connect_timeout_secs: Option<f64>,
     // backend = "local"
@@ -171,11 +173,29 @@ pub struct LedgerConfig {
 pub struct Price {
     pub input_per_mtok: f64,
     pub output_per_mtok: f64,
+    /// For self-run tiers priced by the machine: USD per second of a request's share of
+    /// the machine (`machine_usd_per_hour / 3600 / machine_concurrency`).
+    pub machine_usd_per_second: f64,
 }
 
 impl Price {
+    pub const fn per_mtok(input_per_mtok: f64, output_per_mtok: f64) -> Price {
+        Price {
+            input_per_mtok,
+            output_per_mtok,
+            machine_usd_per_second: 0.0,
+        }
+    }
+
+    /// What tokens cost; machine time is added by [`Price::cost_with_time`].
     pub fn cost(&self, prompt_tokens: u64, completion_tokens: u64) -> f64 {
         (prompt_tokens as f64 * self.input_per_mtok + completion_tokens as f64 * self.output_per_mtok) / 1_000_000.0
+    }
+
+    /// Tokens plus the machine time the call held: a local tier that answers in 2 s with 4
+    /// sequences at once on a $0.36/h machine costs 2 × 0.36 / 3600 / 4 = $0.00005.
+    pub fn cost_with_time(&self, prompt_tokens: u64, completion_tokens: u64, seconds: f64) -> f64 {
+        self.cost(prompt_tokens, completion_tokens) + self.machine_usd_per_second * seconds.max(0.0)
     }
 }
 
@@ -259,10 +279,10 @@ impl Config {
             input_usd_per_mtok,
             output_usd_per_mtok,
         } = baseline;
-        let baseline = Price {
-            input_per_mtok: price(path, "baseline.input_usd_per_mtok", input_usd_per_mtok)?,
-            output_per_mtok: price(path, "baseline.output_usd_per_mtok", output_usd_per_mtok)?,
-        };
+        let baseline = Price::per_mtok(
+            price(path, "baseline.input_usd_per_mtok", input_usd_per_mtok)?,
+            price(path, "baseline.output_usd_per_mtok", output_usd_per_mtok)?,
+        );
 
         if tiers.is_empty() {
             return Err(err(path, "`tiers` must define at least one tier, e.g. `[tiers.cloud]`"));
@@ -370,6 +390,8 @@ fn tier(file: &Path, name: &str, t: TierToml, resolve: &dyn Fn(&Path) -> PathBuf
         api_key_env,
         input_usd_per_mtok,
         output_usd_per_mtok,
+        machine_usd_per_hour,
+        machine_concurrency,
         timeout_secs,
         connect_timeout_secs,
         model_dir,
@@ -381,9 +403,22 @@ fn tier(file: &Path, name: &str, t: TierToml, resolve: &dyn Fn(&Path) -> PathBuf
         default_max_tokens,
     } = t;
     let key = |k: &str| format!("tiers.{name}.{k}");
+    let per_hour = price(file, &key("machine_usd_per_hour"), machine_usd_per_hour.unwrap_or(0.0))?;
+    // A machine answering several requests at once bills each for its share.
+    let default_concurrency = if backend == "local" {
+        max_concurrent.unwrap_or(4).max(1)
+    } else {
+        1
+    };
+    let concurrency = positive(
+        file,
+        &key("machine_concurrency"),
+        machine_concurrency.unwrap_or(default_concurrency),
+    )?;
     let price = Price {
         input_per_mtok: price(file, &key("input_usd_per_mtok"), input_usd_per_mtok)?,
         output_per_mtok: price(file, &key("output_usd_per_mtok"), output_usd_per_mtok)?,
+        machine_usd_per_second: per_hour / 3600.0 / concurrency as f64,
     };
     if model.trim().is_empty() {
         return Err(err(file, format!("{} must not be empty", key("model"))));

@@ -140,3 +140,24 @@ fn the_local_example_config_is_valid() {
     assert_eq!(then.on_saturated.as_deref(), Some("cloud"));
     assert!(then.escalate.is_some());
 }
+
+#[test]
+fn machine_priced_tiers_charge_their_share_of_the_machine() {
+    let c = parse(&format!(
+        "{}{LOCAL_TIER}max_concurrent = 4\nmachine_usd_per_hour = 0.36\n",
+        example()
+    ))
+    .expect("valid");
+    let p = c.tiers["local"].price;
+    // 2 s on a $0.36/h machine shared by 4 sequences.
+    assert!((p.cost_with_time(0, 0, 2.0) - 0.00005).abs() < 1e-12, "{p:?}");
+    let c = parse(&example().replace("timeout_secs = 120", "timeout_secs = 120\nmachine_usd_per_hour = 3.6"))
+        .expect("valid");
+    assert!((c.tiers["small"].price.cost_with_time(1_000_000, 0, 1.0) - 0.001).abs() < 1e-12);
+    let e = parse(&example().replace("timeout_secs = 120", "timeout_secs = 120\nmachine_usd_per_hour = -1"))
+        .expect_err("negative");
+    assert!(
+        e.contains("tiers.small.machine_usd_per_hour must be a number >= 0"),
+        "{e}"
+    );
+}

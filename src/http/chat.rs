@@ -356,6 +356,14 @@ impl Accounting {
         self.attempt_start = Some(Instant::now());
     }
 
+    /// Seconds since the current tier was called (or since routing, for the first tier).
+    fn attempt_secs(&self) -> f64 {
+        self.attempt_start
+            .or(self.start)
+            .map(|s| s.elapsed().as_secs_f64())
+            .unwrap_or(0.0)
+    }
+
     /// Records the current tier's call as an attempt that did not give the answer.
     fn attempt_failed(&mut self, outcome: &str, usage: Usage, confidence: Option<f64>) {
         let a = self.attempt(outcome, usage, confidence);
@@ -370,12 +378,9 @@ impl Accounting {
             completion_tokens: usage.completion_tokens,
             cost_usd: self
                 .price
-                .map(|p| p.cost(usage.prompt_tokens, usage.completion_tokens))
+                .map(|p| p.cost_with_time(usage.prompt_tokens, usage.completion_tokens, self.attempt_secs()))
                 .unwrap_or(0.0),
-            latency_ms: self
-                .attempt_start
-                .map(|s| s.elapsed().as_secs_f64() * 1000.0)
-                .unwrap_or(0.0),
+            latency_ms: self.attempt_secs() * 1000.0,
             confidence,
             outcome: outcome.to_owned(),
         }
@@ -441,9 +446,11 @@ impl Accounting {
             }
             None => {}
         }
+        let held = if self.called_tier { self.attempt_secs() } else { 0.0 };
+        let r = &mut self.rec;
         r.cost_usd = self
             .price
-            .map(|p| p.cost(r.prompt_tokens, r.completion_tokens))
+            .map(|p| p.cost_with_time(r.prompt_tokens, r.completion_tokens, held))
             .unwrap_or(0.0);
         // Several tiers were called: the row's tokens are the final answer's, its cost is
         // what every call cost together.

@@ -11,10 +11,7 @@ fn tiers() -> BTreeMap<String, TierConfig> {
             let t = TierConfig {
                 name: n.to_owned(),
                 model: format!("m-{n}"),
-                price: Price {
-                    input_per_mtok: 0.0,
-                    output_per_mtok: 0.0,
-                },
+                price: Price::per_mtok(0.0, 0.0),
                 backend: BackendConfig::OpenAi {
                     base_url: "http://x".into(),
                     api_key_env: None,
