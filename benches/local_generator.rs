@@ -19,8 +19,7 @@ use tiergate::local::template::{ChatTemplate, TurnView};
 
 /// The prompt of `scripts/local_model/python_greedy.py --bench` (kept identical, so both
 /// sides run the same tokens).
-const BENCH_PROMPT: &str =
-    "Summarise in one sentence: the report is due on Friday and the meeting moved to room 4.";
+const BENCH_PROMPT: &str = "Summarise in one sentence: the report is due on Friday and the meeting moved to room 4.";
 const NEW_TOKENS: usize = 64;
 
 struct Args {
@@ -125,8 +124,7 @@ fn main() {
     tiergate::onnx::init(None).expect("ONNX Runtime (run `python3 scripts/provision.py`)");
     let t_load = Instant::now();
     let files = Arc::new(ModelFiles::load(&a.model_dir).expect("model loads"));
-    let template = ChatTemplate::new(&files.chat_template, &files.bos_token, &files.eos_token)
-        .expect("template");
+    let template = ChatTemplate::new(&files.chat_template, &files.bos_token, &files.eos_token).expect("template");
     let text = template
         .render(&[TurnView {
             role: "user".into(),
@@ -188,11 +186,7 @@ fn main() {
         status_kib("VmRSS:") / 1024,
         status_kib("VmHWM:") / 1024,
     );
-    let round = |v: &[f64]| {
-        v.iter()
-            .map(|x| (x * 10.0).round() / 10.0)
-            .collect::<Vec<_>>()
-    };
+    let round = |v: &[f64]| v.iter().map(|x| (x * 10.0).round() / 10.0).collect::<Vec<_>>();
     println!(
         "  prefill runs {:?}, ttft runs {:?}, decode runs {:?}",
         round(&prefills),

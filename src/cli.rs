@@ -22,12 +22,7 @@ pub enum Command {
     /// Run the gateway.
     Serve {
         /// Gateway configuration (TOML).
-        #[arg(
-            long,
-            short,
-            env = "TIERGATE_CONFIG",
-            default_value = "examples/tiergate.toml"
-        )]
+        #[arg(long, short, env = "TIERGATE_CONFIG", default_value = "examples/tiergate.toml")]
         config: PathBuf,
         /// Listen address; overrides `listen` in the config.
         #[arg(long)]
@@ -35,20 +30,89 @@ pub enum Command {
     },
     /// Validate a configuration and its policy without starting the gateway.
     Check {
-        #[arg(
-            long,
-            short,
-            env = "TIERGATE_CONFIG",
-            default_value = "examples/tiergate.toml"
-        )]
+        #[arg(long, short, env = "TIERGATE_CONFIG", default_value = "examples/tiergate.toml")]
         config: PathBuf,
     },
+    /// Show the score, rule, tier and cost estimate the gateway would pick for a prompt,
+    /// without calling any model.
+    Explain {
+        #[arg(long, short, env = "TIERGATE_CONFIG", default_value = "examples/tiergate.toml")]
+        config: PathBuf,
+        /// Model to request (a routing alias or a tier's model); default: the first alias.
+        #[arg(long)]
+        model: Option<String>,
+        /// A system prompt to send with the text.
+        #[arg(long)]
+        system: Option<String>,
+        /// Print JSON (as `POST /v1/route` returns) instead of text.
+        #[arg(long)]
+        json: bool,
+        /// The user message.
+        text: String,
+    },
+    /// Score texts with the configured classifier, exactly as the gateway does (used by
+    /// `router-model/eval` to evaluate the router through the Rust path).
+    Score {
+        #[arg(long, short, env = "TIERGATE_CONFIG", default_value = "examples/tiergate.toml")]
+        config: PathBuf,
+        /// Use this head instead of the config's (its spec is the `.json` beside it).
+        #[arg(long)]
+        head: Option<PathBuf>,
+        /// JSONL with `{"id": …, "text": …}` per line (`text` is the scored text).
+        #[arg(long)]
+        input: PathBuf,
+        /// JSONL written with `{"id": …, "score": …}` per line.
+        #[arg(long)]
+        output: PathBuf,
+    },
+    /// Cost-savings report from the ledger: per tier cost, tokens, latency percentiles and
+    /// errors; actual cost against sending everything to the baseline model.
+    Report {
+        #[command(flatten)]
+        source: LedgerArgs,
+        #[command(flatten)]
+        filter: crate::report::FilterArgs,
+        /// Output format.
+        #[arg(long, value_enum, default_value = "table")]
+        format: crate::report::render::Format,
+    },
+    /// Send a recorded workload (one chat request body per line) through a running gateway,
+    /// then print the report for exactly those requests.
+    Replay {
+        #[command(flatten)]
+        args: crate::replay::ReplayArgs,
+        /// Format of the report printed at the end.
+        #[arg(long, value_enum, default_value = "table")]
+        format: crate::report::render::Format,
+    },
+}
+
+/// Which ledger files to read.
+#[derive(Debug, clap::Args)]
+pub struct LedgerArgs {
+    /// Ledger file to read; repeat it to aggregate the ledgers of several replicas into one
+    /// report. Default: `ledger.path` of `--config`.
+    #[arg(long = "ledger", value_name = "FILE")]
+    pub ledgers: Vec<PathBuf>,
+    /// Gateway configuration whose `ledger.path` is read when no `--ledger` is given.
+    #[arg(long, short, env = "TIERGATE_CONFIG", default_value = "examples/tiergate.toml")]
+    pub config: PathBuf,
+}
+
+impl LedgerArgs {
+    pub fn paths(&self) -> anyhow::Result<Vec<PathBuf>> {
+        if !self.ledgers.is_empty() {
+            return Ok(self.ledgers.clone());
+        }
+        Ok(vec![Config::load(&self.config)?.ledger.path])
+    }
 }
 
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve { config, listen } => {
             let mut config = Config::load(&config)?;
+            let tracing = crate::telemetry::init(config.telemetry.otlp_endpoint.as_deref())?;
             if let Some(l) = listen {
                 config.listen = l;
             }
@@ -72,10 +136,46 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             crate::serve(listener, state.clone(), shutdown_signal()).await?;
             let ledger = state.ledger.clone();
             ledger.shutdown().await;
-            tracing::info!("stopped; ledger flushed");
+            tracing.shutdown().await;
+            tracing::info!("stopped; ledger and traces flushed");
             Ok(())
         }
+        Command::Explain {
+            config,
+            model,
+            system,
+            json,
+            text,
+        } => {
+            let config = Config::load(&config)?;
+            crate::onnx::init(config.onnxruntime_library.as_deref()).map_err(anyhow::Error::msg)?;
+            let model = model.unwrap_or_else(|| config.aliases[0].clone());
+            let rt = crate::Runtime::build(config).map_err(anyhow::Error::msg)?;
+            let mut messages = Vec::new();
+            if let Some(s) = system {
+                messages.push(serde_json::json!({"role": "system", "content": s}));
+            }
+            messages.push(serde_json::json!({"role": "user", "content": text}));
+            let body = serde_json::json!({"model": model, "messages": messages}).to_string();
+            let req = crate::openai::ChatRequest::parse(body.as_bytes()).map_err(|e| anyhow::anyhow!("{e}"))?;
+            let e = crate::routing::explain(&rt.config, &rt.scorer, &req)
+                .await
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&e)?);
+            } else {
+                print_explanation(&e);
+            }
+            Ok(())
+        }
+        Command::Score {
+            config,
+            head,
+            input,
+            output,
+        } => score_file(&config, head, &input, &output).await,
         Command::Check { config } => {
+            let _tracing = crate::telemetry::init(None)?;
             let c = Config::load(&config)?;
             println!(
                 "`{}` is valid: {} tiers, policy `{}` with {} rules",
@@ -86,7 +186,105 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             );
             Ok(())
         }
+        Command::Report { source, filter, format } => {
+            let _tracing = crate::telemetry::init(None)?;
+            let paths = source.paths()?;
+            let filter = filter.filter(crate::report::now_ms())?;
+            let report = tokio::task::spawn_blocking(move || crate::report::build(&paths, &filter)).await??;
+            print!("{}", crate::report::render::render(&report, format));
+            Ok(())
+        }
+        Command::Replay { args, format } => {
+            let _tracing = crate::telemetry::init(None)?;
+            let done = crate::replay::run(&args, crate::replay::progress_bar()).await?;
+            // The summary goes to stderr so `--format json` output stays parseable.
+            eprintln!("{}", done.summary());
+            print!("{}", crate::report::render::render(&done.report, format));
+            Ok(())
+        }
     }
+}
+
+fn print_explanation(e: &crate::routing::Explanation) {
+    match (e.score, e.scorer) {
+        (Some(s), Some(by)) => println!("score     {s:.4} ({by})"),
+        _ => println!("score     - (the request names a tier's model)"),
+    }
+    if let Some(p) = &e.policy {
+        println!("policy    {p}");
+        for t in &e.trace {
+            println!(
+                "  rule {:<20} -> {:<10} {}",
+                t.rule,
+                t.tier,
+                if t.matched { "MATCH" } else { "no" }
+            );
+        }
+    }
+    println!("rule      {}", e.rule);
+    println!("tier      {} (model `{}`)", e.tier, e.backend_model);
+    println!(
+        "cost      ${:.6} estimated for {} prompt + {} output tokens; ${:.6} on the baseline",
+        e.estimated_cost_usd, e.prompt_tokens, e.output_tokens_assumed, e.baseline_cost_usd
+    );
+}
+
+async fn score_file(
+    config: &std::path::Path,
+    head: Option<PathBuf>,
+    input: &std::path::Path,
+    output: &std::path::Path,
+) -> anyhow::Result<()> {
+    use std::io::{BufRead, Write};
+    let config = Config::load(config)?;
+    let Some(mut cc) = config.classifier.clone() else {
+        anyhow::bail!(
+            "`{}` uses no classifier: set `routing.scorer = \"classifier\"`",
+            config.file.display()
+        );
+    };
+    if let Some(h) = head {
+        cc.spec = h.with_extension("json");
+        cc.head = h;
+    }
+    crate::onnx::init(config.onnxruntime_library.as_deref()).map_err(anyhow::Error::msg)?;
+    let classifier = std::sync::Arc::new(
+        crate::classifier::Classifier::start(
+            &cc,
+            crate::routing::LengthScorer {
+                half_tokens: config.length_half_tokens,
+            },
+        )
+        .map_err(anyhow::Error::msg)?,
+    );
+    let reader =
+        std::io::BufReader::new(std::fs::File::open(input).map_err(|e| anyhow::anyhow!("`{}`: {e}", input.display()))?);
+    let mut items = Vec::new();
+    for (n, line) in reader.lines().enumerate() {
+        let line = line?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let v: serde_json::Value =
+            serde_json::from_str(&line).map_err(|e| anyhow::anyhow!("`{}` line {}: {e}", input.display(), n + 1))?;
+        let text = v["text"]
+            .as_str()
+            .ok_or_else(|| anyhow::anyhow!("`{}` line {}: no string `text`", input.display(), n + 1))?;
+        items.push((v["id"].clone(), text.to_owned()));
+    }
+    // Submitted all at once so the workers batch them as they would under load.
+    let mut pending = Vec::with_capacity(items.len());
+    for (id, text) in items {
+        let c = classifier.clone();
+        pending.push((id, tokio::spawn(async move { c.score_exact(text).await })));
+    }
+    let mut out = std::io::BufWriter::new(std::fs::File::create(output)?);
+    for (id, task) in pending {
+        let score = task.await?.map_err(anyhow::Error::msg)?;
+        writeln!(out, "{}", serde_json::json!({"id": id, "score": score}))?;
+    }
+    out.flush()?;
+    Ok(())
 }
 
 async fn shutdown_signal() {

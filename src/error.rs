@@ -14,8 +14,8 @@ pub enum Error {
         param: Option<String>,
         code: &'static str,
     },
-    #[error("request body is {size} bytes; the limit is {limit} bytes (`limits.max_body_bytes`)")]
-    BodyTooLarge { size: usize, limit: usize },
+    #[error("request body is larger than the limit of {limit} bytes (`limits.max_body_bytes`)")]
+    BodyTooLarge { limit: usize },
     #[error("The model `{0}` does not exist or you do not have access to it.")]
     ModelNotFound(String),
     #[error("tier `{tier}` did not answer within {secs:.1}s")]
@@ -23,23 +23,14 @@ pub enum Error {
     #[error("tier `{tier}` failed: {detail}")]
     Upstream { tier: String, detail: String },
     #[error("tier `{tier}` is rate limited upstream; retry later")]
-    UpstreamRateLimited {
-        tier: String,
-        retry_after: Option<String>,
-    },
+    UpstreamRateLimited { tier: String, retry_after: Option<String> },
     #[error("tier `{tier}` rejected the request: {detail}")]
-    UpstreamRejected {
-        tier: String,
-        status: u16,
-        detail: String,
-    },
+    UpstreamRejected { tier: String, status: u16, detail: String },
     #[error("tier `{tier}` is not usable: {detail}")]
     TierUnavailable { tier: String, detail: String },
     /// Every sequence slot and queue place of a local tier is taken. The policy may spill
     /// the request to another tier; otherwise the client gets a 429.
-    #[error(
-        "tier `{tier}` is saturated: all its local sequence slots and queue places are taken; retry later"
-    )]
+    #[error("tier `{tier}` is saturated: all its local sequence slots and queue places are taken; retry later")]
     LocalSaturated { tier: String },
     #[error("tier `{tier}` failed: {detail}")]
     LocalEngine { tier: String, detail: String },
@@ -64,9 +55,7 @@ impl Error {
             Error::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             Error::Upstream { .. } => StatusCode::BAD_GATEWAY,
             Error::UpstreamRateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
-            Error::UpstreamRejected { status, .. } => {
-                StatusCode::from_u16(*status).unwrap_or(StatusCode::BAD_REQUEST)
-            }
+            Error::UpstreamRejected { status, .. } => StatusCode::from_u16(*status).unwrap_or(StatusCode::BAD_REQUEST),
             Error::TierUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Error::LocalSaturated { .. } => StatusCode::TOO_MANY_REQUESTS,
             Error::LocalEngine { .. } => StatusCode::INTERNAL_SERVER_ERROR,
@@ -77,9 +66,9 @@ impl Error {
     /// OpenAI's `error.type`.
     fn kind(&self) -> &'static str {
         match self {
-            Error::InvalidRequest { .. }
-            | Error::BodyTooLarge { .. }
-            | Error::UpstreamRejected { .. } => "invalid_request_error",
+            Error::InvalidRequest { .. } | Error::BodyTooLarge { .. } | Error::UpstreamRejected { .. } => {
+                "invalid_request_error"
+            }
             Error::ModelNotFound(_) => "invalid_request_error",
             Error::UpstreamRateLimited { .. } | Error::LocalSaturated { .. } => "rate_limit_error",
             Error::UpstreamTimeout { .. }
@@ -137,8 +126,7 @@ impl IntoResponse for Error {
     fn into_response(self) -> Response {
         let mut resp = (self.status_code(), axum::Json(self.envelope())).into_response();
         if let Error::UpstreamRateLimited {
-            retry_after: Some(v),
-            ..
+            retry_after: Some(v), ..
         } = &self
             && let Ok(v) = HeaderValue::from_str(v)
         {

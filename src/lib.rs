@@ -2,6 +2,7 @@
 //! it to the cheapest tier able to answer it, accounting cost and latency per tier.
 
 pub mod cache;
+pub mod classifier;
 pub mod cli;
 pub mod config;
 pub mod error;
@@ -11,7 +12,10 @@ pub mod local;
 pub mod onnx;
 pub mod openai;
 pub mod policy;
+pub mod replay;
+pub mod report;
 pub mod routing;
+pub mod telemetry;
 pub mod tokens;
 pub mod upstream;
 
@@ -51,13 +55,7 @@ impl Runtime {
                     timeout,
                     connect_timeout,
                 } => {
-                    let b = OpenAiBackend::new(
-                        &t.name,
-                        base_url,
-                        api_key_env.as_deref(),
-                        *timeout,
-                        *connect_timeout,
-                    )?;
+                    let b = OpenAiBackend::new(&t.name, base_url, api_key_env.as_deref(), *timeout, *connect_timeout)?;
                     if let Some(p) = b.missing_key() {
                         tier_problems.insert(t.name.clone(), p.to_owned());
                     }
@@ -69,14 +67,18 @@ impl Runtime {
                 }
             }
         }
-        let scorer: Arc<dyn Scorer> = Arc::new(LengthScorer {
+        let length = LengthScorer {
             half_tokens: config.length_half_tokens,
-        });
+        };
+        let (scorer, scorer_name): (Arc<dyn Scorer>, &'static str) = match &config.classifier {
+            Some(c) => (Arc::new(classifier::Classifier::start(c, length)?), "classifier"),
+            None => (Arc::new(length), "length"),
+        };
         Ok(Runtime {
             config,
             backends,
             scorer,
-            scorer_name: "length",
+            scorer_name,
             tier_problems,
         })
     }
@@ -87,6 +89,7 @@ pub struct AppState {
     pub runtime: ArcSwap<Runtime>,
     pub ledger: Ledger,
     pub onnxruntime_version: String,
+    pub metrics: Arc<telemetry::Metrics>,
 }
 
 impl AppState {
@@ -99,10 +102,12 @@ impl AppState {
             config.ledger.batch_size,
         )?;
         let runtime = Runtime::build(config)?;
+        let metrics = Arc::new(telemetry::Metrics::new(Some(ledger.clone())));
         Ok(Arc::new(AppState {
             runtime: ArcSwap::from_pointee(runtime),
             ledger,
             onnxruntime_version,
+            metrics,
         }))
     }
 }

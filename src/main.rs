@@ -1,16 +1,10 @@
-//! The `tiergate` binary: parse arguments, set up logging, run the command.
+//! The `tiergate` binary: parse arguments, run the command (which sets up logging and
+//! tracing once it knows the configuration).
 
 use clap::Parser;
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("TIERGATE_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,ort=warn")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let cli = tiergate::cli::Cli::parse();
     match tiergate::cli::run(cli).await {
         Ok(()) => std::process::ExitCode::SUCCESS,

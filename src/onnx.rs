@@ -71,8 +71,7 @@ fn library_version(path: &Path) -> Result<String, String> {
     // `OrtGetApiBase` is ONNX Runtime's documented, argument-free C entry point returning a
     // static struct whose `GetVersionString` returns a static NUL-terminated string.
     unsafe {
-        let lib = libloading::Library::new(path)
-            .map_err(|e| format!("cannot open `{}`: {e}", path.display()))?;
+        let lib = libloading::Library::new(path).map_err(|e| format!("cannot open `{}`: {e}", path.display()))?;
         let get: libloading::Symbol<unsafe extern "C" fn() -> *const ort::sys::OrtApiBase> = lib
             .get(b"OrtGetApiBase")
             .map_err(|e| format!("`{}` is not ONNX Runtime: {e}", path.display()))?;
@@ -81,8 +80,6 @@ fn library_version(path: &Path) -> Result<String, String> {
             return Err(format!("`{}` returned no API base", path.display()));
         }
         let version = ((*base).GetVersionString)();
-        Ok(std::ffi::CStr::from_ptr(version)
-            .to_string_lossy()
-            .into_owned())
+        Ok(std::ffi::CStr::from_ptr(version).to_string_lossy().into_owned())
     }
 }

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::classifier::ClassifierConfig;
 use crate::local::LocalSettings;
 use crate::policy::Policy;
 
@@ -33,6 +34,8 @@ struct ConfigToml {
     tiers: BTreeMap<String, TierToml>,
     #[serde(default)]
     limits: LimitsToml,
+    #[serde(default)]
+    telemetry: TelemetryToml,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -64,7 +67,25 @@ struct RoutingToml {
     aliases: Vec<String>,
     policy: PathBuf,
     #[serde(default)]
+    scorer: Option<String>,
+    #[serde(default)]
     length_scorer: LengthScorerToml,
+    #[serde(default)]
+    classifier: ClassifierToml,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ClassifierToml {
+    encoder_dir: Option<PathBuf>,
+    head: Option<PathBuf>,
+    spec: Option<PathBuf>,
+    workers: Option<usize>,
+    threads_per_worker: Option<usize>,
+    max_batch: Option<usize>,
+    queue_capacity: Option<usize>,
+    cache_capacity: Option<u64>,
+    timeout_ms: Option<f64>,
 }
 
 fn default_aliases() -> Vec<String> {
@@ -106,6 +127,12 @@ struct LimitsToml {
     max_body_bytes: Option<usize>,
 }
 
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TelemetryToml {
+    otlp_endpoint: Option<String>,
+}
+
 /// The validated configuration the gateway runs with.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -118,8 +145,18 @@ pub struct Config {
     pub aliases: Vec<String>,
     pub policy: Policy,
     pub length_half_tokens: f64,
+    /// `None`: the length scorer alone.
+    pub classifier: Option<ClassifierConfig>,
     pub tiers: BTreeMap<String, TierConfig>,
     pub max_body_bytes: usize,
+    pub telemetry: TelemetryConfig,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct TelemetryConfig {
+    /// Base URL of an OTLP/HTTP collector (`http://127.0.0.1:4318`); traces are exported
+    /// only when set.
+    pub otlp_endpoint: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -138,9 +175,7 @@ pub struct Price {
 
 impl Price {
     pub fn cost(&self, prompt_tokens: u64, completion_tokens: u64) -> f64 {
-        (prompt_tokens as f64 * self.input_per_mtok
-            + completion_tokens as f64 * self.output_per_mtok)
-            / 1_000_000.0
+        (prompt_tokens as f64 * self.input_per_mtok + completion_tokens as f64 * self.output_per_mtok) / 1_000_000.0
     }
 }
 
@@ -171,8 +206,7 @@ impl Config {
     /// Reads and validates a config file; relative paths inside it are resolved against
     /// the file's directory, so the gateway can be started from anywhere.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text =
-            std::fs::read_to_string(path).map_err(|e| err(path, format!("cannot read: {e}")))?;
+        let text = std::fs::read_to_string(path).map_err(|e| err(path, format!("cannot read: {e}")))?;
         Self::parse(&text, path)
     }
 
@@ -195,6 +229,7 @@ impl Config {
             routing,
             tiers,
             limits,
+            telemetry,
         } = raw;
 
         let listen = listen.as_deref().unwrap_or("127.0.0.1:8080");
@@ -214,16 +249,8 @@ impl Config {
             batch_size,
         } = ledger;
         let ledger = LedgerConfig {
-            path: resolve(
-                ledger_path
-                    .as_deref()
-                    .unwrap_or(Path::new("tiergate-ledger.db")),
-            ),
-            queue_capacity: positive(
-                path,
-                "ledger.queue_capacity",
-                queue_capacity.unwrap_or(10_000),
-            )?,
+            path: resolve(ledger_path.as_deref().unwrap_or(Path::new("tiergate-ledger.db"))),
+            queue_capacity: positive(path, "ledger.queue_capacity", queue_capacity.unwrap_or(10_000))?,
             batch_size: positive(path, "ledger.batch_size", batch_size.unwrap_or(256))?,
         };
 
@@ -238,10 +265,7 @@ impl Config {
         };
 
         if tiers.is_empty() {
-            return Err(err(
-                path,
-                "`tiers` must define at least one tier, e.g. `[tiers.cloud]`",
-            ));
+            return Err(err(path, "`tiers` must define at least one tier, e.g. `[tiers.cloud]`"));
         }
         let mut out_tiers = BTreeMap::new();
         for (name, t) in tiers {
@@ -264,7 +288,9 @@ impl Config {
         let RoutingToml {
             aliases,
             policy,
+            scorer,
             length_scorer,
+            classifier,
         } = routing;
         if aliases.is_empty() {
             return Err(err(
@@ -283,20 +309,40 @@ impl Config {
                 ));
             }
         }
-        let policy = Policy::load(&resolve(&policy), &out_tiers)
-            .map_err(|e| err(path, format!("routing.policy: {e}")))?;
+        let policy =
+            Policy::load(&resolve(&policy), &out_tiers).map_err(|e| err(path, format!("routing.policy: {e}")))?;
         let LengthScorerToml { half_tokens } = length_scorer;
         let length_half_tokens = half_tokens.unwrap_or(128.0);
         if !(length_half_tokens.is_finite() && length_half_tokens > 0.0) {
             return Err(err(path, "routing.length_scorer.half_tokens must be > 0"));
         }
 
+        let classifier = match scorer.as_deref().unwrap_or("length") {
+            "length" => None,
+            "classifier" => Some(classifier_config(path, classifier, &resolve)?),
+            other => {
+                return Err(err(
+                    path,
+                    format!("routing.scorer = `{other}` is not a scorer; use `classifier` or `length`"),
+                ));
+            }
+        };
+
         let LimitsToml { max_body_bytes } = limits;
-        let max_body_bytes = positive(
-            path,
-            "limits.max_body_bytes",
-            max_body_bytes.unwrap_or(4 * 1024 * 1024),
-        )?;
+        let max_body_bytes = positive(path, "limits.max_body_bytes", max_body_bytes.unwrap_or(4 * 1024 * 1024))?;
+
+        let TelemetryToml { otlp_endpoint } = telemetry;
+        if let Some(e) = &otlp_endpoint
+            && !(e.starts_with("http://") || e.starts_with("https://"))
+        {
+            return Err(err(
+                path,
+                format!(
+                    "telemetry.otlp_endpoint = `{e}` must be an http(s) URL of an OTLP/HTTP collector, e.g. `http://127.0.0.1:4318`"
+                ),
+            ));
+        }
+        let telemetry = TelemetryConfig { otlp_endpoint };
 
         Ok(Config {
             file: path.to_path_buf(),
@@ -308,18 +354,15 @@ impl Config {
             aliases,
             policy,
             length_half_tokens,
+            classifier,
             tiers: out_tiers,
             max_body_bytes,
+            telemetry,
         })
     }
 }
 
-fn tier(
-    file: &Path,
-    name: &str,
-    t: TierToml,
-    resolve: &dyn Fn(&Path) -> PathBuf,
-) -> Result<TierConfig, ConfigError> {
+fn tier(file: &Path, name: &str, t: TierToml, resolve: &dyn Fn(&Path) -> PathBuf) -> Result<TierConfig, ConfigError> {
     let TierToml {
         backend,
         model,
@@ -384,21 +427,14 @@ fn tier(
             if !(base_url.starts_with("http://") || base_url.starts_with("https://")) {
                 return Err(err(
                     file,
-                    format!(
-                        "{} must start with `http://` or `https://`",
-                        key("base_url")
-                    ),
+                    format!("{} must start with `http://` or `https://`", key("base_url")),
                 ));
             }
             BackendConfig::OpenAi {
                 base_url: base_url.trim_end_matches('/').to_owned(),
                 api_key_env,
                 timeout: secs(file, &key("timeout_secs"), timeout_secs.unwrap_or(120.0))?,
-                connect_timeout: secs(
-                    file,
-                    &key("connect_timeout_secs"),
-                    connect_timeout_secs.unwrap_or(5.0),
-                )?,
+                connect_timeout: secs(file, &key("connect_timeout_secs"), connect_timeout_secs.unwrap_or(5.0))?,
             }
         }
         "local" => {
@@ -420,21 +456,16 @@ fn tier(
             let default_threads = std::thread::available_parallelism()
                 .map(|n| n.get().min(4))
                 .unwrap_or(2);
-            let optional_positive =
-                |k: &str, v: Option<usize>| -> Result<Option<usize>, ConfigError> {
-                    v.map(|v| positive(file, &key(k), v)).transpose()
-                };
+            let optional_positive = |k: &str, v: Option<usize>| -> Result<Option<usize>, ConfigError> {
+                v.map(|v| positive(file, &key(k), v)).transpose()
+            };
             BackendConfig::Local(LocalSettings {
                 model_dir,
                 threads: positive(file, &key("threads"), threads.unwrap_or(default_threads))?,
                 // Off by default: on a machine shared with other work, spinning ONNX Runtime
                 // threads halve decode speed (BENCHMARKS.md, "Local generator").
                 spinning: spinning.unwrap_or(false),
-                max_concurrent: positive(
-                    file,
-                    &key("max_concurrent"),
-                    max_concurrent.unwrap_or(4),
-                )?,
+                max_concurrent: positive(file, &key("max_concurrent"), max_concurrent.unwrap_or(4))?,
                 queue_capacity: queue_capacity.unwrap_or(16),
                 max_context_tokens: optional_positive("max_context_tokens", max_context_tokens)?,
                 default_max_tokens: optional_positive("default_max_tokens", default_max_tokens)?,
@@ -456,6 +487,57 @@ fn tier(
         model,
         price,
         backend,
+    })
+}
+
+fn classifier_config(
+    file: &Path,
+    c: ClassifierToml,
+    resolve: &dyn Fn(&Path) -> PathBuf,
+) -> Result<ClassifierConfig, ConfigError> {
+    let ClassifierToml {
+        encoder_dir,
+        head,
+        spec,
+        workers,
+        threads_per_worker,
+        max_batch,
+        queue_capacity,
+        cache_capacity,
+        timeout_ms,
+    } = c;
+    let Some(head) = head.as_deref().map(resolve) else {
+        return Err(err(
+            file,
+            "routing.classifier.head is required with `scorer = \"classifier\"`, e.g. `\"../router-model/head.onnx\"`",
+        ));
+    };
+    let spec = spec
+        .as_deref()
+        .map(resolve)
+        .unwrap_or_else(|| head.with_extension("json"));
+    let encoder_dir = encoder_dir
+        .as_deref()
+        .map(resolve)
+        .unwrap_or_else(|| crate::cache::cache_dir().join("models").join("all-minilm-l6-v2-int8"));
+    let timeout_ms = timeout_ms.unwrap_or(50.0);
+    if !(timeout_ms.is_finite() && timeout_ms > 0.0) {
+        return Err(err(file, "routing.classifier.timeout_ms must be > 0"));
+    }
+    Ok(ClassifierConfig {
+        encoder_dir,
+        head,
+        spec,
+        workers: positive(file, "routing.classifier.workers", workers.unwrap_or(1))?,
+        threads_per_worker: positive(
+            file,
+            "routing.classifier.threads_per_worker",
+            threads_per_worker.unwrap_or(2),
+        )?,
+        max_batch: positive(file, "routing.classifier.max_batch", max_batch.unwrap_or(8))?,
+        queue_capacity: positive(file, "routing.classifier.queue_capacity", queue_capacity.unwrap_or(64))?,
+        cache_capacity: cache_capacity.unwrap_or(10_000),
+        timeout: Duration::from_secs_f64(timeout_ms / 1000.0),
     })
 }
 

@@ -3,8 +3,7 @@ use std::path::Path;
 use super::Config;
 
 fn example() -> String {
-    std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/tiergate.toml"))
-        .expect("example")
+    std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/tiergate.toml")).expect("example")
 }
 
 fn parse(text: &str) -> Result<Config, String> {
@@ -21,15 +20,14 @@ fn the_example_config_is_valid() {
     assert_eq!(c.tiers.len(), 2);
     assert!(c.ledger.path.ends_with("examples/tiergate-ledger.db"));
     assert!((c.baseline.cost(1_000_000, 1_000_000) - 12.5).abs() < 1e-9);
+    let cc = c.classifier.expect("the example uses the learned router");
+    assert!(cc.head.ends_with("router-model/head.onnx") && cc.spec.ends_with("router-model/head.json"));
 }
 
 #[test]
 fn errors_name_the_file_and_key() {
     let cases = [
-        (
-            example().replace("listen = ", "listn = "),
-            "unknown field `listn`",
-        ),
+        (example().replace("listen = ", "listn = "), "unknown field `listn`"),
         (
             example().replace(
                 "backend = \"openai\"\nbase_url = \"http://127",
@@ -63,15 +61,28 @@ fn errors_name_the_file_and_key() {
     ];
     for (text, want) in cases {
         let e = parse(&text).expect_err(want);
-        assert!(
-            e.contains(want) && e.contains("tiergate.toml"),
-            "{e}\n  wanted: {want}"
-        );
+        assert!(e.contains(want) && e.contains("tiergate.toml"), "{e}\n  wanted: {want}");
     }
 }
 
-const LOCAL_TIER: &str =
-    "\n[tiers.local]\nbackend = \"local\"\nmodel = \"smollm2-135m-instruct\"\n";
+#[test]
+fn telemetry_is_off_unless_an_otlp_endpoint_is_set() {
+    assert_eq!(parse(&example()).expect("valid").telemetry.otlp_endpoint, None);
+    let on = example().replace(
+        "# otlp_endpoint = \"http://127.0.0.1:4318\"",
+        "otlp_endpoint = \"http://127.0.0.1:4318\"",
+    );
+    assert_eq!(
+        parse(&on).expect("valid").telemetry.otlp_endpoint.as_deref(),
+        Some("http://127.0.0.1:4318")
+    );
+    let e = parse(&on.replace("\"http://127.0.0.1:4318\"", "\"127.0.0.1:4318\"")).expect_err("not a URL");
+    assert!(e.contains("telemetry.otlp_endpoint = `127.0.0.1:4318`"), "{e}");
+    let e = parse(&on.replace("otlp_endpoint =", "otlp_endpiont =")).expect_err("typo");
+    assert!(e.contains("unknown field `otlp_endpiont`"), "{e}");
+}
+
+const LOCAL_TIER: &str = "\n[tiers.local]\nbackend = \"local\"\nmodel = \"smollm2-135m-instruct\"\n";
 
 #[test]
 fn a_local_tier_gets_defaults_and_a_model_dir_under_the_cache() {
@@ -86,11 +97,7 @@ fn a_local_tier_gets_defaults_and_a_model_dir_under_the_cache() {
     assert_eq!(s.max_concurrent, 2);
     assert_eq!(s.queue_capacity, 16);
     assert!(s.threads >= 1 && !s.spinning);
-    assert!(
-        s.model_dir.ends_with("examples/models/x"),
-        "{}",
-        s.model_dir.display()
-    );
+    assert!(s.model_dir.ends_with("examples/models/x"), "{}", s.model_dir.display());
     let c = parse(&format!("{}{LOCAL_TIER}", example())).expect("valid");
     let super::BackendConfig::Local(s) = &c.tiers["local"].backend else {
         panic!("local backend");
@@ -106,10 +113,7 @@ fn keys_of_the_other_backend_are_rejected_with_their_path() {
             "tiers.local.base_url is only valid for backend `openai`",
         ),
         ("threads = 0\n", "tiers.local.threads must be > 0"),
-        (
-            "max_concurrent = 0\n",
-            "tiers.local.max_concurrent must be > 0",
-        ),
+        ("max_concurrent = 0\n", "tiers.local.max_concurrent must be > 0"),
         ("max_concurrency = 2\n", "unknown field `max_concurrency`"),
     ] {
         let e = parse(&format!("{}{LOCAL_TIER}{extra}", example())).expect_err(extra);

@@ -18,17 +18,18 @@ use crate::error::Error;
 use crate::ledger::{Attempt, Ledger, Record};
 use crate::openai::{ChatRequest, Usage};
 use crate::routing::{self, RouteDecision};
+use crate::telemetry::trace;
 use crate::upstream::{Backend, Completion, StreamItem};
 use crate::{AppState, Runtime, tokens};
+use tracing::Instrument;
 
-pub async fn chat_completions(
-    State(st): State<Arc<AppState>>,
-    headers: HeaderMap,
-    body: Body,
-) -> Response {
+pub async fn chat_completions(State(st): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Response {
     let rt = st.runtime.load_full();
     let mut acct = Accounting::new(st.ledger.clone(), &headers, rt.config.baseline);
-    let result = handle(&rt, &mut acct, body).await;
+    acct.metrics = Some(st.metrics.clone());
+    let span = trace::request_span(&acct.rec.request_id);
+    acct.span = Some(span.clone());
+    let result = handle(&rt, &mut acct, body).instrument(span).await;
     match result {
         Ok(Reply::Whole(resp)) => resp,
         Ok(Reply::Stream(resp)) => resp,
@@ -49,31 +50,14 @@ enum Reply {
 }
 
 async fn handle(rt: &Arc<Runtime>, acct: &mut Accounting, body: Body) -> Result<Reply, Error> {
-    let limit = rt.config.max_body_bytes;
-    let bytes = axum::body::to_bytes(body, limit).await.map_err(|e| {
-        let is_limit = std::error::Error::source(&e)
-            .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
-        if is_limit {
-            Error::BodyTooLarge {
-                size: limit + 1,
-                limit,
-            }
-        } else {
-            Error::invalid("could not read the request body", None)
-        }
-    })?;
+    let bytes = super::read_body(body, rt.config.max_body_bytes).await?;
     let mut req = ChatRequest::parse(&bytes)?;
     acct.rec.requested_model = Some(req.model.clone());
     acct.rec.streamed = req.is_stream();
 
     let decision = routing::route(&rt.config, &rt.scorer, &req).await?;
     let (mut tier, mut backend) = tier_backend(rt, &decision.tier)?;
-    acct.routed(
-        &decision,
-        &tier.model,
-        tier.price,
-        tokens::estimate(&req.all_text()),
-    );
+    acct.routed(&decision, &tier.model, tier.price, tokens::estimate(&req.all_text()));
     req.model = tier.model.clone();
 
     acct.gateway_done();
@@ -83,11 +67,13 @@ async fn handle(rt: &Arc<Runtime>, acct: &mut Accounting, body: Body) -> Result<
             .as_ref()
             .and_then(|o| o.include_usage)
             .unwrap_or(false);
-        let upstream = match backend.stream(req.clone()).await {
+        let mut tier_span = trace::tier_span(tier);
+        let upstream = match backend.stream(req.clone()).instrument(tier_span.clone()).await {
             Err(Error::LocalSaturated { .. }) if decision.then.on_saturated.is_some() => {
                 (tier, backend) = spill(rt, acct, &decision)?;
                 req.model = tier.model.clone();
-                backend.stream(req).await?
+                tier_span = trace::tier_span(tier);
+                backend.stream(req).instrument(tier_span.clone()).await?
             }
             other => other?,
         };
@@ -96,13 +82,14 @@ async fn handle(rt: &Arc<Runtime>, acct: &mut Accounting, body: Body) -> Result<
             std::mem::take(acct),
             upstream,
             client_wants_usage,
+            tier_span,
         )))
     } else {
-        let mut done = match backend.complete(req.clone()).await {
+        let mut done = match backend.complete(req.clone()).instrument(trace::tier_span(tier)).await {
             Err(Error::LocalSaturated { .. }) if decision.then.on_saturated.is_some() => {
                 (tier, backend) = spill(rt, acct, &decision)?;
                 req.model = tier.model.clone();
-                backend.complete(req.clone()).await?
+                backend.complete(req.clone()).instrument(trace::tier_span(tier)).await?
             }
             other => other?,
         };
@@ -116,20 +103,15 @@ async fn handle(rt: &Arc<Runtime>, acct: &mut Accounting, body: Body) -> Result<
         acct.content = std::mem::take(&mut done.content);
         acct.confidence = done.confidence;
         let mut resp = Response::new(Body::from(done.body));
-        resp.headers_mut().insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        );
+        resp.headers_mut()
+            .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
         acct.decorate(resp.headers_mut());
         acct.finish("ok", 200);
         Ok(Reply::Whole(resp))
     }
 }
 
-fn tier_backend<'a>(
-    rt: &'a Runtime,
-    name: &str,
-) -> Result<(&'a TierConfig, Arc<dyn Backend>), Error> {
+fn tier_backend<'a>(rt: &'a Runtime, name: &str) -> Result<(&'a TierConfig, Arc<dyn Backend>), Error> {
     let tier = rt
         .config
         .tiers
@@ -174,11 +156,7 @@ async fn escalate(
         return first;
     };
     let first_tier = acct.current_tier();
-    acct.attempt_failed(
-        "low_confidence",
-        first.usage.unwrap_or_default(),
-        first.confidence,
-    );
+    acct.attempt_failed("low_confidence", first.usage.unwrap_or_default(), first.confidence);
     acct.rec.escalated = true;
     acct.switch_tier(tier);
     req.model = tier.model.clone();
@@ -200,10 +178,13 @@ fn stream_response(
     mut acct: Accounting,
     mut upstream: crate::upstream::ChunkStream,
     client_wants_usage: bool,
+    tier_span: tracing::Span,
 ) -> Response {
     let mut headers = HeaderMap::new();
     acct.decorate(&mut headers);
     let body = async_stream::stream! {
+        // The tier call lasts as long as its stream.
+        let _tier_span = tier_span;
         let mut saw_done = false;
         let mut finished = false;
         while let Some(item) = upstream.next().await {
@@ -251,10 +232,7 @@ fn stream_response(
     let mut resp = Response::new(Body::from_stream(body));
     *resp.status_mut() = StatusCode::OK;
     let h = resp.headers_mut();
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/event-stream"),
-    );
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     h.extend(headers);
     resp
@@ -287,6 +265,9 @@ struct Accounting {
     /// When the current tier was called (for per-attempt latency).
     attempt_start: Option<Instant>,
     done: bool,
+    metrics: Option<Arc<crate::telemetry::Metrics>>,
+    /// The request's span: it ends when the request does (for a stream, with the stream).
+    span: Option<tracing::Span>,
 }
 
 /// Where an attempt went: enough to record it and to switch back.
@@ -331,18 +312,10 @@ impl Accounting {
     }
 
     fn elapsed_ms(&self) -> f64 {
-        self.start
-            .map(|s| s.elapsed().as_secs_f64() * 1000.0)
-            .unwrap_or(0.0)
+        self.start.map(|s| s.elapsed().as_secs_f64() * 1000.0).unwrap_or(0.0)
     }
 
-    fn routed(
-        &mut self,
-        d: &RouteDecision,
-        backend_model: &str,
-        price: Price,
-        prompt_estimate: u64,
-    ) {
+    fn routed(&mut self, d: &RouteDecision, backend_model: &str, price: Price, prompt_estimate: u64) {
         self.rec.tier = Some(d.tier.clone());
         self.rec.rule = Some(d.rule.clone());
         self.rec.policy = d.policy.clone();
@@ -371,9 +344,8 @@ impl Accounting {
         self.rec.backend_model = t.backend_model;
         self.price = t.price;
         // Its latency stays what it was, not the time since the escalation started.
-        self.attempt_start = latency_ms.and_then(|ms| {
-            Instant::now().checked_sub(std::time::Duration::from_secs_f64(ms / 1000.0))
-        });
+        self.attempt_start =
+            latency_ms.and_then(|ms| Instant::now().checked_sub(std::time::Duration::from_secs_f64(ms / 1000.0)));
     }
 
     /// The request moves on to another tier (spill or escalation).
@@ -445,10 +417,7 @@ impl Accounting {
         let r = &mut self.rec;
         r.outcome = outcome.to_owned();
         r.http_status = status;
-        r.latency_ms = self
-            .start
-            .map(|s| s.elapsed().as_secs_f64() * 1000.0)
-            .unwrap_or(0.0);
+        r.latency_ms = self.start.map(|s| s.elapsed().as_secs_f64() * 1000.0).unwrap_or(0.0);
         if r.gateway_ms == 0.0 {
             r.gateway_ms = r.latency_ms;
         }
@@ -504,6 +473,12 @@ impl Accounting {
             latency_ms = format!("{:.1}", r.latency_ms),
             "request"
         );
+        if let Some(m) = &self.metrics {
+            m.observe(r);
+        }
+        if let Some(s) = &self.span {
+            trace::record_request(s, r);
+        }
         if let Some(l) = &self.ledger {
             l.record(std::mem::take(&mut self.rec));
         }
@@ -529,10 +504,6 @@ fn api_key_id(headers: &HeaderMap) -> Option<String> {
     let digest = Sha256::digest(key.as_bytes());
     Some(format!(
         "key-{}",
-        digest
-            .iter()
-            .take(6)
-            .map(|b| format!("{b:02x}"))
-            .collect::<String>()
+        digest.iter().take(6).map(|b| format!("{b:02x}")).collect::<String>()
     ))
 }

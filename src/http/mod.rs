@@ -1,7 +1,9 @@
-//! HTTP surface: the axum router and the small handlers (models, health, readiness).
-//! Chat completions live in `chat`.
+//! HTTP surface: the axum router and the small handlers (models, health, readiness,
+//! metrics).
+//! Chat completions live in `chat`, the report page in `report`.
 
 mod chat;
+mod report;
 
 use std::sync::Arc;
 
@@ -21,13 +23,29 @@ pub fn app(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/v1/chat/completions", post(chat::chat_completions))
         .route("/v1/models", get(models))
+        .route("/v1/route", post(route))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
+        .route("/report", get(report::report_page))
+        .route("/report.json", get(report::report_json))
+        .route("/metrics", get(metrics))
         .fallback(not_found)
         // The chat handler reads the body itself with the configured limit, so that an
         // oversized body gets an OpenAI-shaped 413 and a ledger row.
         .layer(DefaultBodyLimit::disable())
         .with_state(state)
+}
+
+/// Reads a request body up to `limit` bytes; over it, a 413 in OpenAI's shape.
+async fn read_body(body: axum::body::Body, limit: usize) -> Result<axum::body::Bytes, Error> {
+    axum::body::to_bytes(body, limit).await.map_err(|e| {
+        let over = std::error::Error::source(&e).is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
+        if over {
+            Error::BodyTooLarge { limit }
+        } else {
+            Error::invalid("could not read the request body", None)
+        }
+    })
 }
 
 async fn not_found(uri: axum::http::Uri) -> impl IntoResponse {
@@ -42,6 +60,21 @@ async fn not_found(uri: axum::http::Uri) -> impl IntoResponse {
     (StatusCode::NOT_FOUND, Json(e.envelope()))
 }
 
+/// `POST /v1/route`: the decision for a chat-completions body, without calling a model.
+async fn route(State(st): State<Arc<AppState>>, body: axum::body::Body) -> axum::response::Response {
+    let rt = st.runtime.load_full();
+    let result = async {
+        let body = read_body(body, rt.config.max_body_bytes).await?;
+        let req = crate::openai::ChatRequest::parse(&body)?;
+        crate::routing::explain(&rt.config, &rt.scorer, &req).await
+    }
+    .await;
+    match result {
+        Ok(e) => Json(e).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
 async fn models(State(st): State<Arc<AppState>>) -> impl IntoResponse {
     let rt = st.runtime.load();
     let mut data: Vec<serde_json::Value> = rt
@@ -50,10 +83,22 @@ async fn models(State(st): State<Arc<AppState>>) -> impl IntoResponse {
         .iter()
         .map(|a| json!({"id": a, "object": "model", "created": 0, "owned_by": "tiergate"}))
         .collect();
-    data.extend(rt.config.tiers.values().map(|t| {
-        json!({"id": t.model, "object": "model", "created": 0, "owned_by": format!("tiergate:{}", t.name)})
-    }));
+    data.extend(
+        rt.config.tiers.values().map(
+            |t| json!({"id": t.model, "object": "model", "created": 0, "owned_by": format!("tiergate:{}", t.name)}),
+        ),
+    );
     Json(json!({"object": "list", "data": data}))
+}
+
+async fn metrics(State(st): State<Arc<AppState>>) -> impl IntoResponse {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            crate::telemetry::metrics::CONTENT_TYPE,
+        )],
+        st.metrics.encode(),
+    )
 }
 
 async fn readyz(State(st): State<Arc<AppState>>) -> impl IntoResponse {

@@ -112,6 +112,8 @@ CREATE TABLE IF NOT EXISTS requests (
     escalated INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS requests_ts ON requests (ts_ms);
+-- `tiergate report --request-id-prefix` (one replay run) and lookups of one request.
+CREATE INDEX IF NOT EXISTS requests_request_id ON requests (request_id);
 CREATE TABLE IF NOT EXISTS attempts (
     id INTEGER PRIMARY KEY,
     request_id TEXT NOT NULL,
@@ -151,8 +153,7 @@ pub fn open(path: &Path) -> rusqlite::Result<Connection> {
 impl Ledger {
     /// Opens the database and starts the writer thread.
     pub fn start(path: &Path, capacity: usize, batch_size: usize) -> Result<Ledger, String> {
-        let conn =
-            open(path).map_err(|e| format!("cannot open ledger `{}`: {e}", path.display()))?;
+        let conn = open(path).map_err(|e| format!("cannot open ledger `{}`: {e}", path.display()))?;
         let (tx, rx) = mpsc::channel(capacity);
         let shared = Arc::new(Shared {
             path: path.to_path_buf(),
@@ -242,15 +243,10 @@ fn writer(mut conn: Connection, mut rx: mpsc::Receiver<Msg>, batch_size: usize, 
         if !batch.is_empty() {
             match insert(&mut conn, &batch) {
                 Ok(()) => {
-                    shared
-                        .written
-                        .fetch_add(batch.len() as u64, Ordering::Relaxed);
+                    shared.written.fetch_add(batch.len() as u64, Ordering::Relaxed);
                 }
                 Err(e) => {
-                    let n = shared
-                        .dropped
-                        .fetch_add(batch.len() as u64, Ordering::Relaxed)
-                        + batch.len() as u64;
+                    let n = shared.dropped.fetch_add(batch.len() as u64, Ordering::Relaxed) + batch.len() as u64;
                     tracing::error!(error = %e, rows = batch.len(), dropped_total = n, "ledger batch write failed");
                 }
             }
@@ -359,8 +355,7 @@ pub fn read_all(path: &Path) -> rusqlite::Result<Vec<Record>> {
         "SELECT request_id, tier, backend_model, prompt_tokens, completion_tokens, cost_usd, latency_ms, confidence, outcome \
          FROM attempts ORDER BY request_id, n",
     )?;
-    let mut attempts: std::collections::HashMap<String, Vec<Attempt>> =
-        std::collections::HashMap::new();
+    let mut attempts: std::collections::HashMap<String, Vec<Attempt>> = std::collections::HashMap::new();
     for a in stmt.query_map([], |row| {
         Ok((
             row.get::<_, String>(0)?,

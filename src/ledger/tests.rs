@@ -47,9 +47,7 @@ async fn rows_are_written_in_order_and_survive_shutdown() {
     assert_eq!(ledger.written(), 50);
     assert_eq!(ledger.dropped(), 0);
     let conn = rusqlite::Connection::open(&path).expect("open");
-    let mode: String = conn
-        .query_row("PRAGMA journal_mode", [], |r| r.get(0))
-        .expect("pragma");
+    let mode: String = conn.query_row("PRAGMA journal_mode", [], |r| r.get(0)).expect("pragma");
     assert_eq!(mode, "wal");
 }
 

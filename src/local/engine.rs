@@ -149,9 +149,7 @@ impl Engine {
             Ok(()) => Ok(rx),
             Err(TrySendError::Full(q) | TrySendError::Disconnected(q)) => {
                 // Only if the engine thread died: tell the caller through the channel.
-                let _ = q
-                    .events
-                    .send(Event::Failed("the local engine has stopped".to_owned()));
+                let _ = q.events.send(Event::Failed("the local engine has stopped".to_owned()));
                 Ok(rx)
             }
         }

@@ -124,13 +124,9 @@ impl LocalBackend {
             .await
             .map_err(|e| self.engine_error(format!("request preparation failed: {e}")))??;
         let prompt_tokens = job.prompt.len();
-        let rx = self
-            .shared
-            .engine
-            .submit(job)
-            .map_err(|_| Error::LocalSaturated {
-                tier: self.tier.clone(),
-            })?;
+        let rx = self.shared.engine.submit(job).map_err(|_| Error::LocalSaturated {
+            tier: self.tier.clone(),
+        })?;
         Ok((rx, prompt_tokens))
     }
 
@@ -145,9 +141,7 @@ impl LocalBackend {
 fn generation_max_new_tokens(dir: &std::path::Path) -> Option<usize> {
     let text = std::fs::read_to_string(dir.join("generation_config.json")).ok()?;
     let v: Value = serde_json::from_str(&text).ok()?;
-    v.get("max_new_tokens")
-        .and_then(Value::as_u64)
-        .map(|n| n as usize)
+    v.get("max_new_tokens").and_then(Value::as_u64).map(|n| n as usize)
 }
 
 fn invalid(message: String, param: &str) -> Error {
@@ -166,10 +160,7 @@ fn prepare(shared: &Shared, req: &ChatRequest) -> Result<Job, Error> {
         ));
     }
     let turns = turns(req)?;
-    let text = shared
-        .template
-        .render(&turns)
-        .map_err(|e| invalid(e, "messages"))?;
+    let text = shared.template.render(&turns).map_err(|e| invalid(e, "messages"))?;
     let files = &shared.engine.files;
     // The template already holds the special tokens (`<|im_start|>`…): encode them as the
     // single ids they are, and add nothing (no BOS: the template starts the prompt).
@@ -216,10 +207,7 @@ fn prepare(shared: &Shared, req: &ChatRequest) -> Result<Job, Error> {
             None | Some(Value::Null) => false,
             Some(Value::Bool(b)) => *b,
             Some(_) => {
-                return Err(invalid(
-                    "`ignore_eos` must be a boolean".into(),
-                    "ignore_eos",
-                ));
+                return Err(invalid("`ignore_eos` must be a boolean".into(), "ignore_eos"));
             }
         },
     })
@@ -273,7 +261,9 @@ fn turns(req: &ChatRequest) -> Result<Vec<TurnView>, Error> {
     }
     if !any_text {
         return Err(Error::InvalidRequest {
-            message: "the prompt is empty: every message's content is empty or blank; send at least one message with text".into(),
+            message:
+                "the prompt is empty: every message's content is empty or blank; send at least one message with text"
+                    .into(),
             param: Some("messages".into()),
             code: "empty_prompt",
         });
@@ -297,12 +287,7 @@ fn requested_max_tokens(p: &Map<String, Value>) -> Result<Option<(usize, &'stati
     Ok(None)
 }
 
-fn number(
-    p: &Map<String, Value>,
-    key: &str,
-    ok: impl Fn(f64) -> bool,
-    want: &str,
-) -> Result<Option<f64>, Error> {
+fn number(p: &Map<String, Value>, key: &str, ok: impl Fn(f64) -> bool, want: &str) -> Result<Option<f64>, Error> {
     match p.get(key) {
         None | Some(Value::Null) => Ok(None),
         Some(v) => match v.as_f64() {
@@ -356,12 +341,7 @@ fn sampling(p: &Map<String, Value>) -> Result<SamplingParams, Error> {
 
 /// OpenAI allows up to 4 stop sequences, as a string or a list.
 fn stop_sequences(p: &Map<String, Value>) -> Result<Vec<String>, Error> {
-    let bad = || {
-        invalid(
-            "`stop` must be a string or a list of up to 4 strings".into(),
-            "stop",
-        )
-    };
+    let bad = || invalid("`stop` must be a string or a list of up to 4 strings".into(), "stop");
     match p.get("stop") {
         None | Some(Value::Null) => Ok(Vec::new()),
         Some(Value::String(s)) => Ok(vec![s.clone()]),

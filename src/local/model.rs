@@ -32,8 +32,7 @@ pub struct ModelFiles {
 
 fn read_json(dir: &Path, name: &str) -> Result<Value, String> {
     let path = dir.join(name);
-    let text = std::fs::read_to_string(&path)
-        .map_err(|e| format!("cannot read `{}`: {e}", path.display()))?;
+    let text = std::fs::read_to_string(&path).map_err(|e| format!("cannot read `{}`: {e}", path.display()))?;
     serde_json::from_str(&text).map_err(|e| format!("`{}` is not valid JSON: {e}", path.display()))
 }
 
@@ -48,11 +47,7 @@ fn usize_field(v: &Value, file: &str, key: &str) -> Result<usize, String> {
 fn token_text(v: Option<&Value>) -> String {
     match v {
         Some(Value::String(s)) => s.clone(),
-        Some(Value::Object(o)) => o
-            .get("content")
-            .and_then(Value::as_str)
-            .unwrap_or_default()
-            .to_owned(),
+        Some(Value::Object(o)) => o.get("content").and_then(Value::as_str).unwrap_or_default().to_owned(),
         _ => String::new(),
     }
 }
@@ -60,10 +55,7 @@ fn token_text(v: Option<&Value>) -> String {
 impl ModelFiles {
     pub fn load(dir: &Path) -> Result<ModelFiles, String> {
         if !dir.is_dir() {
-            return Err(format!(
-                "model directory `{}` does not exist",
-                dir.display()
-            ));
+            return Err(format!("model directory `{}` does not exist", dir.display()));
         }
         let config = read_json(dir, "config.json")?;
         let layers = usize_field(&config, "config.json", "num_hidden_layers")?;
@@ -103,9 +95,7 @@ impl ModelFiles {
         if let Ok(generation) = read_json(dir, "generation_config.json") {
             match generation.get("eos_token_id") {
                 Some(Value::Number(n)) => stop_ids.extend(n.as_u64().map(|n| n as u32)),
-                Some(Value::Array(a)) => {
-                    stop_ids.extend(a.iter().filter_map(Value::as_u64).map(|n| n as u32))
-                }
+                Some(Value::Array(a)) => stop_ids.extend(a.iter().filter_map(Value::as_u64).map(|n| n as u32)),
                 _ => {}
             }
         }
@@ -186,8 +176,7 @@ impl Graph {
             .ok_or("ONNX Runtime is not loaded; `onnx::init` must run before a model is loaded")?;
         let path = files.dir.join("model.onnx");
         let spin = if settings.spinning { "1" } else { "0" };
-        let configure =
-            |what: &str, e: ort::Error<_>| format!("cannot set {what} on the session: {e}");
+        let configure = |what: &str, e: ort::Error<_>| format!("cannot set {what} on the session: {e}");
         let mut builder = Session::builder(env).map_err(ort_err("cannot create a session"))?;
         builder = builder
             .with_optimization_level(GraphOptimizationLevel::All)
@@ -284,12 +273,9 @@ impl Graph {
             .filter(|&v| v > 0)
             .map(|v| v as usize)
             .unwrap_or(files.real_vocab);
-        let empty_past = Tensor::<f32>::from_array((
-            [1usize, files.kv_heads, 0, files.head_dim],
-            Vec::<f32>::new(),
-        ))
-        .map_err(ort_err("cannot create the empty KV cache"))?
-        .into_dyn();
+        let empty_past = Tensor::<f32>::from_array(([1usize, files.kv_heads, 0, files.head_dim], Vec::<f32>::new()))
+            .map_err(ort_err("cannot create the empty KV cache"))?
+            .into_dyn();
         Ok(Graph {
             session,
             inputs,
@@ -301,12 +287,7 @@ impl Graph {
 
     /// Runs `ids` (the whole prompt on the first step, then one token) on top of `kv`,
     /// appends them to the cache, and writes the last position's logits to `logits`.
-    pub fn step(
-        &mut self,
-        kv: &mut KvCache,
-        ids: &[u32],
-        logits: &mut Vec<f32>,
-    ) -> Result<(), String> {
+    pub fn step(&mut self, kv: &mut KvCache, ids: &[u32], logits: &mut Vec<f32>) -> Result<(), String> {
         let Graph {
             session,
             inputs,

@@ -199,25 +199,17 @@ mod tests {
 
     #[test]
     fn same_seed_same_tokens_and_top_k_limits_the_choice() {
-        let logits: Vec<f32> = (0..1000)
-            .map(|i| ((i * 7919) % 1000) as f32 / 100.0)
-            .collect();
+        let logits: Vec<f32> = (0..1000).map(|i| ((i * 7919) % 1000) as f32 / 100.0).collect();
         let run = |seed| {
             let mut s = Sampler::new(params(1.5, 1.0, 3, seed));
-            (0..50)
-                .map(|_| s.pick(&logits, 1000).token)
-                .collect::<Vec<_>>()
+            (0..50).map(|_| s.pick(&logits, 1000).token).collect::<Vec<_>>()
         };
         assert_eq!(run(7), run(7));
         let mut top3: Vec<usize> = (0..1000).collect();
         top3.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
         let allowed: Vec<u32> = top3[..3].iter().map(|&i| i as u32).collect();
         assert!(run(7).iter().all(|t| allowed.contains(t)));
-        assert_ne!(
-            run(7),
-            run(8),
-            "different seeds should differ over 50 draws"
-        );
+        assert_ne!(run(7), run(8), "different seeds should differ over 50 draws");
     }
 
     #[test]
@@ -230,8 +222,7 @@ mod tests {
         // With top_p 1 and a flat distribution, many different tokens come out.
         let flat = vec![0.0f32; 500];
         let mut s = Sampler::new(params(1.0, 1.0, 0, 1));
-        let distinct: std::collections::HashSet<u32> =
-            (0..100).map(|_| s.pick(&flat, 500).token).collect();
+        let distinct: std::collections::HashSet<u32> = (0..100).map(|_| s.pick(&flat, 500).token).collect();
         assert!(distinct.len() > 50, "{}", distinct.len());
     }
 }

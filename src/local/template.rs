@@ -26,12 +26,9 @@ impl ChatTemplate {
         // Templates are written for Python's Jinja2 and call `str.strip()`, `.startswith()`,
         // `dict.items()`…; pycompat provides those.
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-        env.add_function(
-            "raise_exception",
-            |msg: String| -> Result<String, minijinja::Error> {
-                Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
-            },
-        );
+        env.add_function("raise_exception", |msg: String| -> Result<String, minijinja::Error> {
+            Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
+        });
         env.add_template_owned("chat", source.to_owned())
             .map_err(|e| format!("the chat template does not parse: {e}"))?;
         Ok(ChatTemplate {

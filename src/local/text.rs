@@ -98,18 +98,10 @@ impl StopMatcher {
             };
         }
         // The earliest stop sequence wins.
-        if let Some(at) = self
-            .stops
-            .iter()
-            .filter_map(|s| self.pending.find(s.as_str()))
-            .min()
-        {
+        if let Some(at) = self.stops.iter().filter_map(|s| self.pending.find(s.as_str())).min() {
             let mut text = std::mem::take(&mut self.pending);
             text.truncate(at);
-            return Released {
-                text,
-                stopped: true,
-            };
+            return Released { text, stopped: true };
         }
         // Keep the longest tail that is a proper prefix of some stop sequence.
         let keep = self
@@ -121,10 +113,7 @@ impl StopMatcher {
         let cut = self.pending.len() - keep;
         let text = self.pending[..cut].to_owned();
         self.pending.drain(..cut);
-        Released {
-            text,
-            stopped: false,
-        }
+        Released { text, stopped: false }
     }
 
     /// The text held back when the answer ends for another reason.
@@ -180,10 +169,7 @@ mod tests {
     #[test]
     fn a_false_start_is_released_and_the_earliest_stop_wins() {
         let mut m = StopMatcher::new(vec!["\n\n".into(), "STOP".into()]);
-        assert_eq!(
-            feed(&mut m, &["a\n", "b ST", "OP c\n\n"]),
-            ("a\nb ".into(), true)
-        );
+        assert_eq!(feed(&mut m, &["a\n", "b ST", "OP c\n\n"]), ("a\nb ".into(), true));
         let mut m = StopMatcher::new(vec!["xyz".into()]);
         assert_eq!(feed(&mut m, &["x", "y", "!"]), ("xy!".into(), false));
     }

@@ -81,10 +81,7 @@ impl ChatRequest {
         for (i, m) in messages.iter().enumerate() {
             let param = format!("messages[{i}]");
             let Some(m) = m.as_object() else {
-                return Err(Error::invalid(
-                    format!("`{param}` must be an object"),
-                    Some(&param),
-                ));
+                return Err(Error::invalid(format!("`{param}` must be an object"), Some(&param)));
             };
             if !m.get("role").is_some_and(Value::is_string) {
                 return Err(Error::invalid(
@@ -96,9 +93,7 @@ impl ChatRequest {
                 None | Some(Value::Null | Value::String(_) | Value::Array(_)) => {}
                 Some(_) => {
                     return Err(Error::invalid(
-                        format!(
-                            "`{param}.content` must be a string, an array of content parts, or null"
-                        ),
+                        format!("`{param}.content` must be a string, an array of content parts, or null"),
                         Some(&format!("{param}.content")),
                     ));
                 }
@@ -117,8 +112,7 @@ impl ChatRequest {
                 Some("stream_options"),
             ));
         }
-        serde_json::from_value(value)
-            .map_err(|e| Error::invalid(format!("invalid request: {e}"), None))
+        serde_json::from_value(value).map_err(|e| Error::invalid(format!("invalid request: {e}"), None))
     }
 
     pub fn is_stream(&self) -> bool {
@@ -131,43 +125,49 @@ impl ChatRequest {
         for m in &self.messages {
             out.push_str(&m.role);
             out.push('\n');
-            push_content_text(&mut out, m.content.as_ref());
+            out.push_str(&content_text(m.content.as_ref()));
             out.push('\n');
         }
         out
     }
 
-    /// What the router scores: the system prompt(s) and the last user turn. Earlier turns
-    /// are left out so a long conversation is judged by what is being asked now.
+    /// What the router scores (`router-model/FEATURES.md`): the system messages' text
+    /// joined by newlines, a blank line, then the last user message; without a system
+    /// message, the last user message alone. Earlier turns are left out, so a long
+    /// conversation is judged by what is being asked now. `developer` counts as `system`.
     pub fn scored_text(&self) -> String {
-        let mut out = String::new();
-        for m in self
+        let system: Vec<String> = self
             .messages
             .iter()
             .filter(|m| m.role == "system" || m.role == "developer")
-        {
-            push_content_text(&mut out, m.content.as_ref());
-            out.push('\n');
+            .map(|m| content_text(m.content.as_ref()))
+            .collect();
+        let last_user = self
+            .messages
+            .iter()
+            .rev()
+            .find(|m| m.role == "user")
+            .map(|m| content_text(m.content.as_ref()))
+            .unwrap_or_default();
+        if system.is_empty() {
+            last_user
+        } else {
+            format!("{}\n\n{last_user}", system.join("\n"))
         }
-        if let Some(m) = self.messages.iter().rev().find(|m| m.role == "user") {
-            push_content_text(&mut out, m.content.as_ref());
-        }
-        out
     }
 }
 
-fn push_content_text(out: &mut String, content: Option<&Value>) {
+/// A message's text: the string, or the `text` of its `type: "text"` parts joined by newlines.
+fn content_text(content: Option<&Value>) -> String {
     match content {
-        Some(Value::String(s)) => out.push_str(s),
-        Some(Value::Array(parts)) => {
-            for p in parts {
-                if let Some(t) = p.get("text").and_then(Value::as_str) {
-                    out.push_str(t);
-                    out.push('\n');
-                }
-            }
-        }
-        _ => {}
+        Some(Value::String(s)) => s.clone(),
+        Some(Value::Array(parts)) => parts
+            .iter()
+            .filter(|p| p.get("type").and_then(Value::as_str) == Some("text"))
+            .filter_map(|p| p.get("text").and_then(Value::as_str))
+            .collect::<Vec<_>>()
+            .join("\n"),
+        _ => String::new(),
     }
 }
 

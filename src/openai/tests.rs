@@ -22,7 +22,7 @@ fn scored_text_is_system_prompt_and_last_user_turn() {
         {"role": "user", "content": [{"type": "text", "text": "second question"}]},
     ]});
     let req = ChatRequest::parse(body.to_string().as_bytes()).expect("valid");
-    assert_eq!(req.scored_text(), "Be brief.\nsecond question\n");
+    assert_eq!(req.scored_text(), "Be brief.\n\nsecond question");
     assert!(req.all_text().contains("first question"));
 }
 
@@ -39,13 +39,7 @@ fn odd_but_valid_inputs_are_accepted() {
 
 #[test]
 fn non_object_bodies_are_rejected() {
-    for body in [
-        "[]",
-        "null",
-        "\"x\"",
-        "",
-        "{\"model\": \"m\", \"messages\": {}}",
-    ] {
+    for body in ["[]", "null", "\"x\"", "", "{\"model\": \"m\", \"messages\": {}}"] {
         assert!(ChatRequest::parse(body.as_bytes()).is_err(), "{body}");
     }
 }

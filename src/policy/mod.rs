@@ -93,16 +93,12 @@ impl Rule {
 
 impl Policy {
     pub fn load(path: &Path, tiers: &BTreeMap<String, TierConfig>) -> Result<Policy, String> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| format!("policy `{}`: cannot read: {e}", path.display()))?;
+        let text =
+            std::fs::read_to_string(path).map_err(|e| format!("policy `{}`: cannot read: {e}", path.display()))?;
         Self::parse(&text, path, tiers)
     }
 
-    pub fn parse(
-        text: &str,
-        path: &Path,
-        tiers: &BTreeMap<String, TierConfig>,
-    ) -> Result<Policy, String> {
+    pub fn parse(text: &str, path: &Path, tiers: &BTreeMap<String, TierConfig>) -> Result<Policy, String> {
         let file = path.display();
         let raw: PolicyToml = toml::from_str(text).map_err(|e| format!("policy `{file}`: {e}"))?;
         let PolicyToml {
@@ -136,13 +132,7 @@ impl Policy {
                 escalate_to,
             } = spanned.into_inner();
             let at = |key: &str| format!("policy `{file}`: rules[{i}].{key} (line {line})");
-            let known = || {
-                tiers
-                    .keys()
-                    .map(String::as_str)
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            };
+            let known = || tiers.keys().map(String::as_str).collect::<Vec<_>>().join(", ");
             for (key, t) in [
                 ("tier", Some(&tier)),
                 ("on_saturated", on_saturated.as_ref()),
@@ -186,10 +176,7 @@ impl Policy {
                     ));
                 }
             };
-            for (key, v) in [
-                ("score_below", score_below),
-                ("score_at_least", score_at_least),
-            ] {
+            for (key, v) in [("score_below", score_below), ("score_at_least", score_at_least)] {
                 if let Some(v) = v
                     && !(0.0..=1.0).contains(&v)
                 {
@@ -229,10 +216,7 @@ impl Policy {
                 score_at_least,
                 max_prompt_tokens,
                 min_prompt_tokens,
-                then: Then {
-                    on_saturated,
-                    escalate,
-                },
+                then: Then { on_saturated, escalate },
             });
         }
         if !out.last().is_some_and(Rule::is_unconditional) {

@@ -45,12 +45,7 @@ tier = "cloud"
 fn threshold_boundaries_decide_by_the_first_matching_rule() {
     let p = parse(TWO_RULES).expect("valid");
     assert_eq!(p.name, "p");
-    for (score, want) in [
-        (0.0, "easy"),
-        (0.4999, "easy"),
-        (0.5, "rest"),
-        (1.0, "rest"),
-    ] {
+    for (score, want) in [(0.0, "easy"), (0.4999, "easy"), (0.5, "rest"), (1.0, "rest")] {
         assert_eq!(
             p.decide(&Facts {
                 score,
@@ -98,10 +93,7 @@ fn errors_name_the_key_path_and_line() {
             "rules[1].name (line 5): rule `rest` is unreachable",
         ),
         (
-            TWO_RULES.replace(
-                "name = \"rest\"\ntier",
-                "name = \"rest\"\nscore_below = 0.9\ntier",
-            ),
+            TWO_RULES.replace("name = \"rest\"\ntier", "name = \"rest\"\nscore_below = 0.9\ntier"),
             "the last rule must have no conditions",
         ),
         (
@@ -112,10 +104,7 @@ fn errors_name_the_key_path_and_line() {
     ];
     for (text, want) in cases {
         let e = parse(&text).expect_err(&text);
-        assert!(
-            e.contains(want) && e.contains("p.toml"),
-            "{e}\n  wanted: {want}"
-        );
+        assert!(e.contains(want) && e.contains("p.toml"), "{e}\n  wanted: {want}");
     }
 }
 
@@ -130,8 +119,7 @@ fn shipped_policies_are_valid() {
 
 #[test]
 fn spill_and_escalation_are_validated_and_carried_by_the_rule() {
-    let with =
-        |extra: &str| TWO_RULES.replace("tier = \"small\"", &format!("tier = \"small\"\n{extra}"));
+    let with = |extra: &str| TWO_RULES.replace("tier = \"small\"", &format!("tier = \"small\"\n{extra}"));
     let p = parse(&with(
         "on_saturated = \"cloud\"\nmin_confidence = 0.4\nescalate_to = \"cloud\"",
     ))
@@ -153,14 +141,8 @@ fn spill_and_escalation_are_validated_and_carried_by_the_rule() {
             "rules[0].on_saturated (line 2) = `gpu` is not a configured tier",
         ),
         ("on_saturated = \"small\"", "is the rule's own tier"),
-        (
-            "min_confidence = 0.4",
-            "`min_confidence` needs `escalate_to`",
-        ),
-        (
-            "escalate_to = \"cloud\"",
-            "`escalate_to` needs `min_confidence`",
-        ),
+        ("min_confidence = 0.4", "`min_confidence` needs `escalate_to`"),
+        ("escalate_to = \"cloud\"", "`escalate_to` needs `min_confidence`"),
         (
             "min_confidence = 2.0\nescalate_to = \"cloud\"",
             "rules[0].min_confidence (line 2) = 2 must be in 0..=1",

@@ -9,7 +9,9 @@ use crate::config::Config;
 use crate::error::Error;
 use crate::openai::ChatRequest;
 use crate::policy::{Facts, Then};
+use crate::telemetry::trace;
 use crate::tokens;
+use tracing::Instrument;
 
 /// A difficulty score and the scorer that produced it.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -63,11 +65,7 @@ pub struct RouteDecision {
 }
 
 /// Decides a tier for a request under one configuration snapshot.
-pub async fn route(
-    config: &Config,
-    scorer: &Arc<dyn Scorer>,
-    req: &ChatRequest,
-) -> Result<RouteDecision, Error> {
+pub async fn route(config: &Config, scorer: &Arc<dyn Scorer>, req: &ChatRequest) -> Result<RouteDecision, Error> {
     let scored = req.scored_text();
     let prompt_tokens = tokens::estimate(&scored);
     if let Some(tier) = config.tiers.values().find(|t| t.model == req.model) {
@@ -83,11 +81,17 @@ pub async fn route(
     if !config.aliases.iter().any(|a| a == &req.model) {
         return Err(Error::ModelNotFound(req.model.clone()));
     }
-    let score = scorer.score(&scored, prompt_tokens).await;
-    let rule = config.policy.decide(&Facts {
-        score: score.value,
-        prompt_tokens,
+    let span = trace::score_span(prompt_tokens);
+    let score = scorer.score(&scored, prompt_tokens).instrument(span.clone()).await;
+    trace::scored(&span, &score);
+    let span = trace::policy_span(&config.policy.name);
+    let rule = span.in_scope(|| {
+        config.policy.decide(&Facts {
+            score: score.value,
+            prompt_tokens,
+        })
     });
+    trace::decided(&span, rule);
     Ok(RouteDecision {
         tier: rule.tier.clone(),
         rule: rule.name.clone(),
@@ -95,5 +99,83 @@ pub async fn route(
         score: Some(score),
         prompt_tokens,
         then: rule.then.clone(),
+    })
+}
+
+/// Output tokens assumed for a cost estimate when the request sets no `max_tokens`.
+pub const DEFAULT_OUTPUT_ESTIMATE: u64 = 256;
+
+/// What the gateway would do with a request, without calling any model (`POST /v1/route`,
+/// `tiergate explain`).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Explanation {
+    pub requested_model: String,
+    pub tier: String,
+    pub backend_model: String,
+    pub rule: String,
+    pub policy: Option<String>,
+    pub score: Option<f64>,
+    pub scorer: Option<&'static str>,
+    pub prompt_tokens: u64,
+    pub output_tokens_assumed: u64,
+    pub estimated_cost_usd: f64,
+    pub baseline_cost_usd: f64,
+    /// Each rule in order, whether it matched; evaluation stops at the first match.
+    pub trace: Vec<RuleTrace>,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RuleTrace {
+    pub rule: String,
+    pub tier: String,
+    pub matched: bool,
+}
+
+pub async fn explain(config: &Config, scorer: &Arc<dyn Scorer>, req: &ChatRequest) -> Result<Explanation, Error> {
+    let d = route(config, scorer, req).await?;
+    let tier = config
+        .tiers
+        .get(&d.tier)
+        .ok_or_else(|| Error::Internal(format!("unknown tier `{}`", d.tier)))?;
+    let prompt_tokens = tokens::estimate(&req.all_text());
+    let output = ["max_completion_tokens", "max_tokens"]
+        .iter()
+        .find_map(|k| req.rest.get(*k).and_then(serde_json::Value::as_u64))
+        .unwrap_or(DEFAULT_OUTPUT_ESTIMATE);
+    let trace = match (&d.policy, d.score) {
+        (Some(_), Some(s)) => {
+            let facts = Facts {
+                score: s.value,
+                prompt_tokens: d.prompt_tokens,
+            };
+            let mut out = Vec::new();
+            for r in &config.policy.rules {
+                let matched = r.matches(&facts);
+                out.push(RuleTrace {
+                    rule: r.name.clone(),
+                    tier: r.tier.clone(),
+                    matched,
+                });
+                if matched {
+                    break;
+                }
+            }
+            out
+        }
+        _ => Vec::new(),
+    };
+    Ok(Explanation {
+        requested_model: req.model.clone(),
+        tier: d.tier,
+        backend_model: tier.model.clone(),
+        rule: d.rule,
+        policy: d.policy,
+        score: d.score.map(|s| s.value),
+        scorer: d.score.map(|s| s.scorer),
+        prompt_tokens,
+        output_tokens_assumed: output,
+        estimated_cost_usd: tier.price.cost(prompt_tokens, output),
+        baseline_cost_usd: config.baseline.cost(prompt_tokens, output),
+        trace,
     })
 }

@@ -81,10 +81,7 @@ mod tests {
     fn redacts_known_keys_and_key_shaped_words() {
         let s = "Incorrect API key provided: sk-abc123***xyz9. Key topsecretvalue leaked";
         let r = redact_secrets(s, &["topsecretvalue"]);
-        assert_eq!(
-            r,
-            "Incorrect API key provided: [redacted]. Key [redacted] leaked"
-        );
+        assert_eq!(r, "Incorrect API key provided: [redacted]. Key [redacted] leaked");
         assert_eq!(redact_secrets("task-sk-ab", &[]), "task-sk-ab");
     }
 }

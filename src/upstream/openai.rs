@@ -59,13 +59,10 @@ impl OpenAiBackend {
     }
 
     async fn send(&self, req: &ChatRequest) -> Result<reqwest::Response, Error> {
-        let key = self
-            .api_key
-            .as_ref()
-            .map_err(|detail| Error::TierUnavailable {
-                tier: self.tier.clone(),
-                detail: detail.clone(),
-            })?;
+        let key = self.api_key.as_ref().map_err(|detail| Error::TierUnavailable {
+            tier: self.tier.clone(),
+            detail: detail.clone(),
+        })?;
         let mut builder = self.client.post(&self.url).timeout(self.timeout).json(req);
         if let Some(k) = key {
             builder = builder.bearer_auth(k);
@@ -112,11 +109,7 @@ impl OpenAiBackend {
         let upstream_message = body
             .as_deref()
             .and_then(|b| serde_json::from_slice::<Value>(b).ok())
-            .and_then(|v| {
-                v.pointer("/error/message")
-                    .and_then(Value::as_str)
-                    .map(str::to_owned)
-            });
+            .and_then(|v| v.pointer("/error/message").and_then(Value::as_str).map(str::to_owned));
         let tier = self.tier.clone();
         match status {
             429 => Error::UpstreamRateLimited { tier, retry_after },
@@ -131,11 +124,7 @@ impl OpenAiBackend {
                 let detail = upstream_message
                     .map(|m| redact_secrets(&m.chars().take(500).collect::<String>(), &keys))
                     .unwrap_or_else(|| format!("HTTP {status}"));
-                Error::UpstreamRejected {
-                    tier,
-                    status,
-                    detail,
-                }
+                Error::UpstreamRejected { tier, status, detail }
             }
             _ => Error::Upstream {
                 tier,
@@ -152,11 +141,10 @@ impl Backend for OpenAiBackend {
             req.stream_options = None;
             let resp = self.send(&req).await?;
             let body = resp.bytes().await.map_err(|e| self.transport_error(&e))?;
-            let peek: CompletionPeek =
-                serde_json::from_slice(&body).map_err(|_| Error::Upstream {
-                    tier: self.tier.clone(),
-                    detail: "the upstream answer is not a chat completion".to_owned(),
-                })?;
+            let peek: CompletionPeek = serde_json::from_slice(&body).map_err(|_| Error::Upstream {
+                tier: self.tier.clone(),
+                detail: "the upstream answer is not a chat completion".to_owned(),
+            })?;
             let content = peek
                 .choices
                 .iter()
@@ -218,8 +206,7 @@ impl Backend for OpenAiBackend {
                 if peek.error.is_some() {
                     return Err(Error::Upstream {
                         tier: tier2.clone(),
-                        detail: "the upstream reported an error in the middle of the stream"
-                            .to_owned(),
+                        detail: "the upstream reported an error in the middle of the stream".to_owned(),
                     });
                 }
                 let content: Option<String> = {
@@ -228,11 +215,7 @@ impl Backend for OpenAiBackend {
                         .iter()
                         .filter_map(|c| c.delta.as_ref().and_then(|d| d.content.as_deref()))
                         .collect();
-                    if parts.is_empty() {
-                        None
-                    } else {
-                        Some(parts.concat())
-                    }
+                    if parts.is_empty() { None } else { Some(parts.concat()) }
                 };
                 Ok(StreamItem::Chunk {
                     json: Bytes::copy_from_slice(data.as_bytes()),

@@ -6,16 +6,12 @@ use std::time::Duration;
 use futures::StreamExt;
 use serde_json::{Value, json};
 
-use crate::common::{
-    self, CLIENT_KEY, FAKE_USAGE, PIECES, UPSTREAM_KEY, gateway, header, sse_payloads, user,
-};
+use crate::common::{self, CLIENT_KEY, FAKE_USAGE, PIECES, UPSTREAM_KEY, gateway, header, sse_payloads, user};
 
 #[tokio::test]
 async fn short_prompt_is_routed_to_the_small_tier_and_accounted() {
     let gw = gateway().await;
-    let r = gw
-        .post_chat(&user("tiergate-auto", "Capital of France?"))
-        .await;
+    let r = gw.post_chat(&user("tiergate-auto", "Capital of France?")).await;
     assert_eq!(r.status(), 200);
     assert_eq!(header(&r, "x-tiergate-tier"), "small");
     assert_eq!(header(&r, "x-tiergate-rule"), "routine");
@@ -24,10 +20,7 @@ async fn short_prompt_is_routed_to_the_small_tier_and_accounted() {
     let score: f64 = header(&r, "x-tiergate-score")
         .parse()
         .expect("score header is a number");
-    assert!(
-        (0.0..0.5).contains(&score),
-        "short prompt scores low: {score}"
-    );
+    assert!((0.0..0.5).contains(&score), "short prompt scores low: {score}");
     let request_id = header(&r, "x-request-id").to_owned();
     let body: Value = r.json().await.expect("json");
     assert_eq!(body["choices"][0]["message"]["content"], PIECES.concat());
@@ -35,10 +28,7 @@ async fn short_prompt_is_routed_to_the_small_tier_and_accounted() {
     // The upstream got the tier's model and the gateway's key, not the client's.
     let (auth, sent) = gw.fake.requests.lock().expect("lock")[0].clone();
     assert_eq!(sent["model"], "fake-small");
-    assert_eq!(
-        auth.as_deref(),
-        Some(format!("Bearer {UPSTREAM_KEY}").as_str())
-    );
+    assert_eq!(auth.as_deref(), Some(format!("Bearer {UPSTREAM_KEY}").as_str()));
 
     let rows = gw.ledger().await;
     assert_eq!(rows.len(), 1);
@@ -60,26 +50,17 @@ async fn short_prompt_is_routed_to_the_small_tier_and_accounted() {
     assert!(!row.streamed);
     let cost = (11.0 * 0.1 + 4.0 * 0.2) / 1e6;
     let baseline = (11.0 * 2.5 + 4.0 * 10.0) / 1e6;
-    assert!(
-        (row.cost_usd - cost).abs() < 1e-15,
-        "{} vs {cost}",
-        row.cost_usd
-    );
+    assert!((row.cost_usd - cost).abs() < 1e-15, "{} vs {cost}", row.cost_usd);
     assert!((row.baseline_cost_usd - baseline).abs() < 1e-15);
     assert!(row.latency_ms >= row.gateway_ms && row.gateway_ms >= 0.0);
     let key_id = row.api_key_id.as_deref().expect("key id recorded");
-    assert!(
-        key_id.starts_with("key-") && !key_id.contains("SECRET"),
-        "{key_id}"
-    );
+    assert!(key_id.starts_with("key-") && !key_id.contains("SECRET"), "{key_id}");
 }
 
 #[tokio::test]
 async fn long_prompt_is_routed_to_the_cloud_tier() {
     let gw = gateway().await;
-    let long =
-        "Prove that there are infinitely many primes of the form 4k+3, then explain each step. "
-            .repeat(4);
+    let long = "Prove that there are infinitely many primes of the form 4k+3, then explain each step. ".repeat(4);
     let r = gw.post_chat(&user("tiergate-auto", &long)).await;
     assert_eq!(r.status(), 200);
     assert_eq!(header(&r, "x-tiergate-tier"), "cloud");
@@ -119,9 +100,7 @@ async fn streaming_relays_chunks_and_done_and_records_usage() {
     assert_eq!(content, PIECES.concat());
     // The client did not ask for usage: the gateway asked upstream for it, and kept the usage-only chunk to itself.
     assert!(
-        chunks
-            .iter()
-            .all(|c| c.get("usage").is_none_or(Value::is_null)),
+        chunks.iter().all(|c| c.get("usage").is_none_or(Value::is_null)),
         "{text}"
     );
     let (_, sent) = gw.fake.requests.lock().expect("lock")[0].clone();
@@ -164,10 +143,7 @@ async fn stream_without_upstream_usage_is_estimated_not_zero() {
     let rows = gw.ledger_rows(1).await;
     let row = &rows[0];
     assert!(row.tokens_estimated);
-    assert!(
-        row.prompt_tokens > 0 && row.completion_tokens > 0,
-        "{row:?}"
-    );
+    assert!(row.prompt_tokens > 0 && row.completion_tokens > 0, "{row:?}");
     assert!(row.cost_usd > 0.0);
 }
 
@@ -231,10 +207,7 @@ async fn assert_error(r: reqwest::Response, status: u16, code: &str) -> Value {
     let body: Value = r.json().await.expect("error body is JSON");
     let e = &body["error"];
     assert_eq!(e["code"], code, "{body}");
-    assert!(
-        e["message"].as_str().is_some_and(|m| !m.is_empty()),
-        "{body}"
-    );
+    assert!(e["message"].as_str().is_some_and(|m| !m.is_empty()), "{body}");
     assert!(
         e.get("type").is_some() && e.get("param").is_some(),
         "OpenAI envelope: {body}"
@@ -266,14 +239,8 @@ async fn missing_or_bad_fields_are_named() {
     let gw = gateway().await;
     for (req, param) in [
         (json!({"model": "tiergate-auto"}), "messages"),
-        (
-            json!({"messages": [{"role": "user", "content": "hi"}]}),
-            "model",
-        ),
-        (
-            json!({"model": "tiergate-auto", "messages": []}),
-            "messages",
-        ),
+        (json!({"messages": [{"role": "user", "content": "hi"}]}), "model"),
+        (json!({"model": "tiergate-auto", "messages": []}), "messages"),
         (
             json!({"model": "tiergate-auto", "messages": [{"content": "hi"}]}),
             "messages[0].role",
@@ -296,12 +263,7 @@ async fn missing_or_bad_fields_are_named() {
 #[tokio::test]
 async fn unknown_model_is_a_404() {
     let gw = gateway().await;
-    let body = assert_error(
-        gw.post_chat(&user("gpt-9-ultra", "hi")).await,
-        404,
-        "model_not_found",
-    )
-    .await;
+    let body = assert_error(gw.post_chat(&user("gpt-9-ultra", "hi")).await, 404, "model_not_found").await;
     assert_eq!(body["error"]["param"], "model");
 }
 
@@ -324,10 +286,7 @@ async fn upstream_500_is_a_502_that_leaks_nothing() {
         assert_eq!(header(&r, "x-tiergate-tier"), "broken");
         let body = assert_error(r, 502, "upstream_error").await;
         let text = body.to_string();
-        assert!(
-            !text.contains(UPSTREAM_KEY) && !text.contains("shard-7"),
-            "{text}"
-        );
+        assert!(!text.contains(UPSTREAM_KEY) && !text.contains("shard-7"), "{text}");
     }
     let rows = gw.ledger().await;
     assert_eq!(rows.len(), 2);
@@ -341,21 +300,12 @@ async fn upstream_500_is_a_502_that_leaks_nothing() {
 async fn upstream_timeout_is_a_504() {
     let gw = gateway().await;
     let started = std::time::Instant::now();
-    let body = assert_error(
-        gw.post_chat(&user("fake-slow", "hi")).await,
-        504,
-        "upstream_timeout",
-    )
-    .await;
+    let body = assert_error(gw.post_chat(&user("fake-slow", "hi")).await, 504, "upstream_timeout").await;
     assert!(
         started.elapsed() < Duration::from_secs(8),
         "the tier's 0.5 s timeout applies"
     );
-    assert!(
-        body["error"]["message"]
-            .as_str()
-            .is_some_and(|m| m.contains("slow"))
-    );
+    assert!(body["error"]["message"].as_str().is_some_and(|m| m.contains("slow")));
     assert_eq!(gw.ledger().await[0].outcome, "upstream_timeout");
 }
 
@@ -377,15 +327,7 @@ async fn no_secret_reaches_the_ledger() {
 #[tokio::test]
 async fn models_lists_aliases_and_tier_models() {
     let gw = gateway().await;
-    let body: Value = gw
-        .client()
-        .get(format!("{}/v1/models", gw.url))
-        .send()
-        .await
-        .expect("send")
-        .json()
-        .await
-        .expect("json");
+    let body = gw.get_json("/v1/models").await;
     let ids: Vec<&str> = body["data"]
         .as_array()
         .expect("data")
@@ -409,10 +351,7 @@ async fn readyz_reports_the_onnxruntime_version() {
         .expect("send");
     assert_eq!(r.status(), 200);
     let body: Value = r.json().await.expect("json");
-    assert_eq!(
-        body["onnxruntime"]["version"],
-        tiergate::onnx::PINNED_VERSION
-    );
+    assert_eq!(body["onnxruntime"]["version"], tiergate::onnx::PINNED_VERSION);
     assert_eq!(body["ledger"]["writer_alive"], true);
     assert_eq!(body["policy"], "test");
     let health = gw

@@ -46,9 +46,7 @@ pub async fn start_fake() -> (SocketAddr, Arc<Fake>) {
     let app = axum::Router::new()
         .route("/v1/chat/completions", post(fake_chat))
         .with_state(fake.clone());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind fake");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind fake");
     let addr = listener.local_addr().expect("addr");
     tokio::spawn(async move { axum::serve(listener, app).await.expect("fake upstream") });
     (addr, fake)
@@ -70,19 +68,12 @@ fn usage_chunk(model: &str) -> String {
     format!("data: {c}\n\n")
 }
 
-async fn fake_chat(
-    State(fake): State<Arc<Fake>>,
-    headers: HeaderMap,
-    Json(body): Json<Value>,
-) -> Response {
+async fn fake_chat(State(fake): State<Arc<Fake>>, headers: HeaderMap, Json(body): Json<Value>) -> Response {
     let auth = headers
         .get("authorization")
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
-    fake.requests
-        .lock()
-        .expect("lock")
-        .push((auth, body.clone()));
+    fake.requests.lock().expect("lock").push((auth, body.clone()));
     let model = body["model"].as_str().unwrap_or_default().to_owned();
     let stream = body["stream"].as_bool().unwrap_or(false);
     let include_usage = body
@@ -172,6 +163,8 @@ pub struct Setup {
     pub extra: String,
     /// The policy file's text, instead of `policies/test.toml`.
     pub policy: Option<String>,
+    /// TOML appended to the `[routing]` table (e.g. another scorer).
+    pub routing: String,
 }
 
 pub async fn gateway_with(setup: &Setup) -> Gateway {
@@ -190,10 +183,12 @@ input_usd_per_mtok = 2.5
 output_usd_per_mtok = 10.0
 [routing]
 policy = "{policy}"
+{routing_extra}
 [routing.length_scorer]
 half_tokens = 16
 "#,
         ledger = ledger_path.display(),
+        routing_extra = setup.routing,
         policy = match &setup.policy {
             Some(text) => {
                 let p = dir.path().join("policy.toml");
@@ -205,11 +200,7 @@ half_tokens = 16
         .display(),
     );
     for (name, model) in TIERS {
-        let (price_in, price_out) = if *name == "small" {
-            (0.1, 0.2)
-        } else {
-            (2.5, 10.0)
-        };
+        let (price_in, price_out) = if *name == "small" { (0.1, 0.2) } else { (2.5, 10.0) };
         let timeout = if *name == "slow" { 0.5 } else { 30.0 };
         cfg.push_str(&format!(
             r#"
@@ -228,8 +219,7 @@ timeout_secs = {timeout}
     let cfg_path = dir.path().join("tiergate.toml");
     std::fs::write(&cfg_path, cfg).expect("write config");
     let config = tiergate::Config::load(&cfg_path).expect("test config is valid");
-    let state = tiergate::AppState::start(config)
-        .expect("gateway starts (run `python3 scripts/provision.py` first)");
+    let state = tiergate::AppState::start(config).expect("gateway starts (run `python3 scripts/provision.py` first)");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind gateway");
@@ -264,6 +254,28 @@ impl Gateway {
             .expect("gateway answers")
     }
 
+    /// POSTs `body` to `path` and returns the JSON answer.
+    pub async fn post_json(&self, path: &str, body: &Value) -> Value {
+        let r = self
+            .client()
+            .post(format!("{}{path}", self.url))
+            .json(body)
+            .send()
+            .await
+            .expect("send");
+        r.json().await.expect("JSON answer")
+    }
+
+    pub async fn get_json(&self, path: &str) -> Value {
+        let r = self
+            .client()
+            .get(format!("{}{path}", self.url))
+            .send()
+            .await
+            .expect("send");
+        r.json().await.expect("JSON answer")
+    }
+
     /// All ledger rows, after everything queued so far is committed.
     pub async fn ledger(&self) -> Vec<tiergate::ledger::Record> {
         self.state.ledger.flush().await;
@@ -285,10 +297,7 @@ impl Gateway {
 
 /// A response header's value, or "" when it is absent.
 pub fn header<'a>(r: &'a reqwest::Response, name: &str) -> &'a str {
-    r.headers()
-        .get(name)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
+    r.headers().get(name).and_then(|v| v.to_str().ok()).unwrap_or("")
 }
 
 pub fn user(model: &str, text: &str) -> Value {
@@ -298,10 +307,6 @@ pub fn user(model: &str, text: &str) -> Value {
 /// Parses an SSE body into its `data:` payloads.
 pub fn sse_payloads(body: &str) -> Vec<String> {
     body.split("\n\n")
-        .filter_map(|ev| {
-            ev.lines()
-                .find_map(|l| l.strip_prefix("data: "))
-                .map(str::to_owned)
-        })
+        .filter_map(|ev| ev.lines().find_map(|l| l.strip_prefix("data: ")).map(str::to_owned))
         .collect()
 }

@@ -39,8 +39,7 @@ pub fn settings() -> LocalSettings {
 fn backend() -> &'static LocalBackend {
     static B: OnceLock<LocalBackend> = OnceLock::new();
     B.get_or_init(|| {
-        tiergate::onnx::init(None)
-            .expect("ONNX Runtime loads (run `python3 scripts/provision.py`)");
+        tiergate::onnx::init(None).expect("ONNX Runtime loads (run `python3 scripts/provision.py`)");
         LocalBackend::start("local", TEST_MODEL, &settings()).expect("test model loads")
     })
 }
@@ -92,8 +91,7 @@ struct Reference {
 /// on the same model file.
 fn reference() -> Reference {
     let path = model_dir().join("reference_greedy.json");
-    serde_json::from_str(&std::fs::read_to_string(&path).expect("reference_greedy.json"))
-        .expect("reference parses")
+    serde_json::from_str(&std::fs::read_to_string(&path).expect("reference_greedy.json")).expect("reference parses")
 }
 
 /// Every case of `reference`, generated greedily by `backend`, must equal Python's ids.
@@ -106,8 +104,7 @@ async fn check_reference(b: &LocalBackend, model: &str, main: &Reference) {
             messages.push(json!({"role": "system", "content": s}));
         }
         messages.push(json!({"role": "user", "content": r.prompt}));
-        let req =
-            request(json!({"model": model, "messages": messages, "max_tokens": r.max_new_tokens}));
+        let req = request(json!({"model": model, "messages": messages, "max_tokens": r.max_new_tokens}));
         let job = b.prepare(&req).expect("job");
         assert_eq!(
             job.prompt, r.prompt_ids,
@@ -143,20 +140,15 @@ async fn default_model_greedy_output_matches_the_python_reference() {
         },
     )
     .expect("default model loads");
-    let r: Reference = serde_json::from_str(
-        &std::fs::read_to_string(dir.join("reference_greedy.json")).expect("reference"),
-    )
-    .expect("parses");
+    let r: Reference =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("reference_greedy.json")).expect("reference"))
+            .expect("parses");
     check_reference(&b, model, &r).await;
 }
 
 #[tokio::test]
 async fn max_tokens_ends_the_answer_with_finish_reason_length() {
-    let (_, f) = generate(ask(
-        &reference().prompt,
-        json!({"max_completion_tokens": 3}),
-    ))
-    .await;
+    let (_, f) = generate(ask(&reference().prompt, json!({"max_completion_tokens": 3}))).await;
     assert_eq!(f.reason.as_str(), "length");
     assert_eq!(f.completion_tokens, 3);
     assert_eq!(f.output_ids, reference().output_ids[..3]);
@@ -224,15 +216,8 @@ async fn empty_and_oversized_prompts_are_rejected_before_generation() {
     assert_eq!((e.status_code().as_u16(), e.code()), (400, "empty_prompt"));
     let long = "hello ".repeat(9000);
     let e = b.prepare(&ask(&long, json!({}))).expect_err("too long");
-    assert_eq!(
-        (e.status_code().as_u16(), e.code()),
-        (400, "context_length_exceeded")
-    );
-    assert!(
-        e.to_string()
-            .contains("maximum context length is 8192 tokens"),
-        "{e}"
-    );
+    assert_eq!((e.status_code().as_u16(), e.code()), (400, "context_length_exceeded"));
+    assert!(e.to_string().contains("maximum context length is 8192 tokens"), "{e}");
     let e = b
         .prepare(&ask("hi", json!({"max_tokens": 9000})))
         .expect_err("completion too long");

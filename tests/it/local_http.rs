@@ -27,14 +27,11 @@ output_usd_per_mtok = 0.1
 }
 
 /// A gateway with a local tier beside the fake upstream's tiers.
-async fn local_gateway(
-    max_concurrent: usize,
-    queue_capacity: usize,
-    policy: Option<String>,
-) -> Gateway {
+async fn local_gateway(max_concurrent: usize, queue_capacity: usize, policy: Option<String>) -> Gateway {
     gateway_with(&Setup {
         extra: local_tier(max_concurrent, queue_capacity),
         policy,
+        ..Setup::default()
     })
     .await
 }
@@ -55,15 +52,11 @@ async fn answers_with_the_clouds_shapes_and_exact_usage() {
     assert_eq!(r.status(), 200);
     assert_eq!(header(&r, "x-tiergate-tier"), "local");
     assert_eq!(header(&r, "content-type"), "application/json");
-    let confidence: f64 = header(&r, "x-tiergate-confidence")
-        .parse()
-        .expect("confidence header");
+    let confidence: f64 = header(&r, "x-tiergate-confidence").parse().expect("confidence header");
     assert!((0.0..=1.0).contains(&confidence));
     let body: Value = r.json().await.expect("json");
     assert!(
-        body["id"]
-            .as_str()
-            .is_some_and(|id| id.starts_with("chatcmpl-")),
+        body["id"].as_str().is_some_and(|id| id.starts_with("chatcmpl-")),
         "{body}"
     );
     assert_eq!(body["object"], "chat.completion");
@@ -88,9 +81,7 @@ async fn answers_with_the_clouds_shapes_and_exact_usage() {
     assert!(row.attempts.is_empty(), "one call, no attempts list");
 
     // Over the model's context window: OpenAI's 400, in its envelope.
-    let r = gw
-        .post_chat(&user(TEST_MODEL, &"hello ".repeat(9000)))
-        .await;
+    let r = gw.post_chat(&user(TEST_MODEL, &"hello ".repeat(9000))).await;
     assert_eq!(r.status(), 400);
     let e: Value = r.json().await.expect("json");
     assert_eq!(e["error"]["code"], "context_length_exceeded");
@@ -128,10 +119,7 @@ async fn streams_chunks_shaped_like_openais() {
     assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
     // Every chunk but the last carries `usage: null`, as OpenAI's do when usage is asked for.
     let (usage_chunk, rest) = chunks.split_last().expect("chunks");
-    assert!(
-        rest.iter()
-            .all(|c| c["usage"].is_null() && c.get("usage").is_some())
-    );
+    assert!(rest.iter().all(|c| c["usage"].is_null() && c.get("usage").is_some()));
     assert_eq!(usage_chunk["choices"], json!([]));
     assert_eq!(
         usage_chunk["usage"],
@@ -199,10 +187,7 @@ async fn saturation_is_a_429_or_a_spill_as_the_policy_says() {
     let rows = gw.ledger_rows(2).await;
     let rejected = rows.iter().find(|r| r.http_status == 429).expect("429 row");
     assert_eq!(rejected.outcome, "tier_saturated");
-    let spilled = rows
-        .iter()
-        .find(|r| r.http_status == 200)
-        .expect("spill row");
+    let spilled = rows.iter().find(|r| r.http_status == 200).expect("spill row");
     assert!(spilled.fallback && !spilled.escalated);
     assert_eq!(spilled.tier.as_deref(), Some("cloud"));
     let outcomes: Vec<(&str, &str)> = spilled
@@ -230,12 +215,7 @@ async fn saturation_is_a_429_or_a_spill_as_the_policy_says() {
 #[tokio::test]
 async fn a_weak_local_answer_is_escalated_and_both_attempts_are_accounted() {
     // A threshold no answer reaches, so the local answer is always judged weak.
-    let gw = local_gateway(
-        2,
-        4,
-        Some(policy("min_confidence = 1.0\nescalate_to = \"cloud\"")),
-    )
-    .await;
+    let gw = local_gateway(2, 4, Some(policy("min_confidence = 1.0\nescalate_to = \"cloud\""))).await;
     let r = gw.post_chat(&user("tiergate-auto", PROMPT)).await;
     assert_eq!(r.status(), 200);
     assert_eq!(header(&r, "x-tiergate-tier"), "cloud");
@@ -257,10 +237,7 @@ async fn a_weak_local_answer_is_escalated_and_both_attempts_are_accounted() {
     let c = local.confidence.expect("local confidence recorded");
     assert!((0.0..1.0).contains(&c), "{c}");
     assert!((local.cost_usd - (37.0 * 0.05 + 8.0 * 0.1) / 1e6).abs() < 1e-15);
-    assert_eq!(
-        (cloud.tier.as_str(), cloud.outcome.as_str()),
-        ("cloud", "ok")
-    );
+    assert_eq!((cloud.tier.as_str(), cloud.outcome.as_str()), ("cloud", "ok"));
     assert!((cloud.cost_usd - (11.0 * 2.5 + 4.0 * 10.0) / 1e6).abs() < 1e-15);
     assert!((row.cost_usd - (local.cost_usd + cloud.cost_usd)).abs() < 1e-15);
     // The cloud was asked the client's request, not the local tier's model name.

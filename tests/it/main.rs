@@ -2,7 +2,12 @@
 //! OpenAI-compatible upstreams (`common`), driven over HTTP.
 
 mod chat;
+mod classifier;
 mod common;
 mod local;
 mod local_http;
+mod metrics;
+mod otel;
 mod python_sdk;
+mod replay;
+mod report;

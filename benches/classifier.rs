@@ -1,0 +1,112 @@
+//! Classifier serving cost: one prompt of ≤128 tokens scored end to end (tokenization,
+//! encoder, pooling, head), directly and through the gateway's queue + worker path.
+//!
+//! `cargo bench --bench classifier` (after `python3 scripts/provision.py`). Besides
+//! criterion's estimates it prints p50/p90/p99 over 2,000 single-prompt calls per path,
+//! the figures BENCHMARKS.md quotes.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use criterion::{Criterion, criterion_group};
+use tiergate::classifier::{Classifier, ClassifierConfig, Featurizer, Spec};
+use tiergate::routing::{LengthScorer, Scorer};
+
+const PROMPTS: &[&str] = &[
+    "What is the capital of France?",
+    "Translate into German: the meeting has been moved to Thursday afternoon, please confirm.",
+    "You are a support assistant for Acme. Plans: Free (1 user), Team ($8/user), Business ($20/user, SSO). \
+     Question: can I get SSO on the Team plan, and what would it cost for 12 people?",
+    "Prove that for every integer n >= 1 the sum of the first n odd numbers is n squared, then generalise \
+     the argument to sums of arithmetic progressions and explain each step carefully for a student who has \
+     just learned induction. Finally give a counterexample showing why the base case matters, and discuss \
+     strong induction versus ordinary induction with a worked example on the Fibonacci numbers.",
+];
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn featurizer() -> Featurizer {
+    tiergate::onnx::init(None).expect("run `python3 scripts/provision.py` first");
+    let spec = Spec::load(&repo().join("router-model/head.json")).expect("spec");
+    let encoder = tiergate::cache::cache_dir().join("models/all-minilm-l6-v2-int8");
+    Featurizer::load(&encoder, &repo().join("router-model/head.onnx"), spec, 2).expect("router model")
+}
+
+fn classifier() -> Classifier {
+    let cfg = ClassifierConfig {
+        encoder_dir: tiergate::cache::cache_dir().join("models/all-minilm-l6-v2-int8"),
+        head: repo().join("router-model/head.onnx"),
+        spec: repo().join("router-model/head.json"),
+        workers: 1,
+        threads_per_worker: 2,
+        max_batch: 8,
+        queue_capacity: 64,
+        // No cache hits: every call is a model pass.
+        cache_capacity: 0,
+        timeout: Duration::from_secs(10),
+    };
+    Classifier::start(&cfg, LengthScorer { half_tokens: 128.0 }).expect("classifier")
+}
+
+fn bench(c: &mut Criterion) {
+    let mut f = featurizer();
+    for (i, p) in PROMPTS.iter().enumerate() {
+        let tokens = f.encode(p).expect("encode").len();
+        c.bench_function(&format!("featurizer/prompt{i}_{tokens}tok"), |b| {
+            b.iter(|| f.score(&[p]).expect("score"))
+        });
+    }
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let cl = classifier();
+    c.bench_function("scorer_path/prompt3", |b| {
+        b.to_async(&rt).iter(|| cl.score(PROMPTS[3], 100));
+    });
+}
+
+fn percentiles(name: &str, mut samples: Vec<Duration>) {
+    samples.sort();
+    let at = |q: f64| samples[((samples.len() - 1) as f64 * q).round() as usize].as_secs_f64() * 1000.0;
+    println!(
+        "{name:<32} n={} p50={:.2}ms p90={:.2}ms p99={:.2}ms",
+        samples.len(),
+        at(0.5),
+        at(0.9),
+        at(0.99)
+    );
+}
+
+fn latency_report() {
+    let mut f = featurizer();
+    let mut direct = Vec::new();
+    for i in 0..2000 {
+        let p = PROMPTS[i % PROMPTS.len()];
+        let t = Instant::now();
+        f.score(&[p]).expect("score");
+        direct.push(t.elapsed());
+    }
+    percentiles("featurizer (tokenize+encode+head)", direct);
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let cl = Arc::new(classifier());
+    let through_queue = rt.block_on(async {
+        let mut out = Vec::new();
+        for i in 0..2000 {
+            let t = Instant::now();
+            let s = cl.score(PROMPTS[i % PROMPTS.len()], 100).await;
+            assert_eq!(s.scorer, "classifier");
+            out.push(t.elapsed());
+        }
+        out
+    });
+    percentiles("scorer path (queue+worker)", through_queue);
+}
+
+criterion_group!(benches, bench);
+
+fn main() {
+    benches();
+    Criterion::default().configure_from_args().final_summary();
+    latency_report();
+}

@@ -1,0 +1,265 @@
+//! The feature recipe of `router-model/FEATURES.md`, in Rust: scored text → token ids
+//! (character window, WordPiece, head+tail cut) → encoder → pooled states + hand features,
+//! concatenated in the order the head expects. Must agree with `router-model/features.py`.
+
+use std::path::Path;
+
+use ort::session::Session;
+use ort::session::builder::GraphOptimizationLevel;
+use ort::value::TensorRef;
+use serde::Deserialize;
+
+/// `router-model/head.json`: how the committed head was trained.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Spec {
+    pub max_tokens: usize,
+    pub head_tokens: usize,
+    pub char_head: usize,
+    pub char_tail: usize,
+    pub cls_id: u32,
+    pub sep_id: u32,
+    /// Feature blocks in head input order: `mean`, `mean_l2` (mean then L2-normalised),
+    /// `max`, `cls` (pooled encoder states over real tokens incl. `[CLS]`/`[SEP]`) and hand
+    /// features: `log1p_chars` = ln(1 + Unicode scalar values of the whole scored text).
+    pub features: Vec<String>,
+    #[serde(default)]
+    pub encoder_sha256: Option<String>,
+}
+
+impl Spec {
+    pub fn load(path: &Path) -> Result<Spec, String> {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read `{}`: {e}", path.display()))?;
+        let spec: Spec = serde_json::from_str(&text).map_err(|e| format!("`{}`: {e}", path.display()))?;
+        for f in &spec.features {
+            if !matches!(f.as_str(), "mean" | "mean_l2" | "max" | "cls" | "log1p_chars") {
+                return Err(format!("`{}`: unknown feature `{f}`", path.display()));
+            }
+        }
+        if spec.max_tokens < 3 || spec.head_tokens > spec.max_tokens - 2 {
+            return Err(format!(
+                "`{}`: need max_tokens >= 3 and head_tokens <= max_tokens - 2",
+                path.display()
+            ));
+        }
+        Ok(spec)
+    }
+}
+
+/// Cuts a long text to its first `head` and last `tail` characters joined by a newline,
+/// so tokenization cost is bounded however long the prompt.
+pub fn char_window(text: &str, head: usize, tail: usize) -> std::borrow::Cow<'_, str> {
+    let n = text.chars().count();
+    if n <= head + tail {
+        return text.into();
+    }
+    let head_end = text.char_indices().nth(head).map_or(text.len(), |(i, _)| i);
+    let tail_start = text.char_indices().nth(n - tail).map_or(text.len(), |(i, _)| i);
+    format!("{}\n{}", &text[..head_end], &text[tail_start..]).into()
+}
+
+/// Content ids → `[CLS] head … tail [SEP]`, at most `max_tokens` long.
+pub fn truncate_ids(content: &[u32], spec: &Spec) -> Vec<i64> {
+    let budget = spec.max_tokens - 2;
+    let mut out = Vec::with_capacity(spec.max_tokens);
+    out.push(i64::from(spec.cls_id));
+    if content.len() > budget {
+        let tail = budget - spec.head_tokens;
+        out.extend(content[..spec.head_tokens].iter().map(|&i| i64::from(i)));
+        out.extend(content[content.len() - tail..].iter().map(|&i| i64::from(i)));
+    } else {
+        out.extend(content.iter().map(|&i| i64::from(i)));
+    }
+    out.push(i64::from(spec.sep_id));
+    out
+}
+
+/// Tokenizer, encoder and head of one worker. Not shared: ort sessions run with `&mut`.
+pub struct Featurizer {
+    tokenizer: tokenizers::Tokenizer,
+    encoder: Session,
+    head: Session,
+    spec: Spec,
+    hidden: usize,
+}
+
+fn session(path: &Path, threads: usize) -> Result<Session, String> {
+    let err = |e: ort::Error| format!("cannot load `{}`: {e}", path.display());
+    Session::builder(crate::onnx::environment().ok_or("ONNX Runtime is not loaded")?)
+        .map_err(err)?
+        .with_optimization_level(GraphOptimizationLevel::Level3)
+        .map_err(|e| err(e.into()))?
+        .with_intra_threads(threads)
+        .map_err(|e| err(e.into()))?
+        .with_inter_threads(1)
+        .map_err(|e| err(e.into()))?
+        .commit_from_file(path)
+        .map_err(err)
+}
+
+impl Featurizer {
+    pub fn load(encoder_dir: &Path, head: &Path, spec: Spec, threads: usize) -> Result<Featurizer, String> {
+        let tok_path = encoder_dir.join("tokenizer.json");
+        let mut tokenizer = tokenizers::Tokenizer::from_file(&tok_path)
+            .map_err(|e| format!("cannot load `{}`: {e}", tok_path.display()))?;
+        // The shipped tokenizer.json pads and truncates to 128; the recipe does its own cut.
+        tokenizer.with_padding(None);
+        tokenizer.with_truncation(None).map_err(|e| format!("tokenizer: {e}"))?;
+        let encoder = session(&encoder_dir.join("model.onnx"), threads)?;
+        let head = session(head, 1)?;
+        Ok(Featurizer {
+            tokenizer,
+            encoder,
+            head,
+            spec,
+            hidden: 384,
+        })
+    }
+
+    pub fn spec(&self) -> &Spec {
+        &self.spec
+    }
+
+    pub fn encode(&self, text: &str) -> Result<Vec<i64>, String> {
+        let window = char_window(text, self.spec.char_head, self.spec.char_tail);
+        let enc = self
+            .tokenizer
+            .encode(window.as_ref(), false)
+            .map_err(|e| format!("tokenize: {e}"))?;
+        Ok(truncate_ids(enc.get_ids(), &self.spec))
+    }
+
+    /// Scores a batch; the caller groups texts of similar length (padding is to the longest).
+    pub fn score(&mut self, texts: &[&str]) -> Result<Vec<f32>, String> {
+        if texts.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ids: Vec<Vec<i64>> = texts.iter().map(|t| self.encode(t)).collect::<Result<_, _>>()?;
+        let b = ids.len();
+        let dim = self.feature_dim();
+        let t = ids.iter().map(Vec::len).max().unwrap_or(0);
+        let mut input = vec![0i64; b * t];
+        let mut mask = vec![0i64; b * t];
+        for (i, row) in ids.iter().enumerate() {
+            input[i * t..i * t + row.len()].copy_from_slice(row);
+            mask[i * t..i * t + row.len()].fill(1);
+        }
+        let types = vec![0i64; b * t];
+        let run_err = |e: ort::Error| format!("encoder: {e}");
+        let outputs = self
+            .encoder
+            .run(ort::inputs![
+                "input_ids" => TensorRef::from_array_view(([b, t], &*input)).map_err(run_err)?,
+                "attention_mask" => TensorRef::from_array_view(([b, t], &*mask)).map_err(run_err)?,
+                "token_type_ids" => TensorRef::from_array_view(([b, t], &*types)).map_err(run_err)?,
+            ])
+            .map_err(run_err)?;
+        let (shape, hidden) = outputs["last_hidden_state"]
+            .try_extract_tensor::<f32>()
+            .map_err(run_err)?;
+        let h = self.hidden;
+        if shape.len() != 3 || shape[2] as usize != h {
+            return Err(format!("encoder output shape {shape:?}, expected [b, t, {h}]"));
+        }
+        let mut feats = vec![0f32; b * dim];
+        for (i, row) in ids.iter().enumerate() {
+            let states = &hidden[i * t * h..(i + 1) * t * h];
+            let n = row.len();
+            let out = &mut feats[i * dim..(i + 1) * dim];
+            let mut at = 0;
+            for f in &self.spec.features {
+                match f.as_str() {
+                    "mean" | "mean_l2" => {
+                        let o = &mut out[at..at + h];
+                        for tok in 0..n {
+                            for (k, v) in o.iter_mut().enumerate() {
+                                *v += states[tok * h + k];
+                            }
+                        }
+                        o.iter_mut().for_each(|v| *v /= n as f32);
+                        if f == "mean_l2" {
+                            let norm = o.iter().map(|v| v * v).sum::<f32>().sqrt();
+                            if norm > 0.0 {
+                                o.iter_mut().for_each(|v| *v /= norm);
+                            }
+                        }
+                        at += h;
+                    }
+                    "max" => {
+                        let o = &mut out[at..at + h];
+                        o.fill(f32::NEG_INFINITY);
+                        for tok in 0..n {
+                            for (k, v) in o.iter_mut().enumerate() {
+                                *v = v.max(states[tok * h + k]);
+                            }
+                        }
+                        at += h;
+                    }
+                    "cls" => {
+                        out[at..at + h].copy_from_slice(&states[..h]);
+                        at += h;
+                    }
+                    "log1p_chars" => {
+                        out[at] = (texts[i].chars().count() as f64).ln_1p() as f32;
+                        at += 1;
+                    }
+                    other => return Err(format!("unknown feature `{other}`")),
+                }
+            }
+        }
+        drop(outputs);
+        let head_err = |e: ort::Error| format!("head: {e}");
+        let out = self
+            .head
+            .run(ort::inputs![
+                TensorRef::from_array_view(([b, dim], &*feats)).map_err(head_err)?
+            ])
+            .map_err(head_err)?;
+        let (_, scores) = out[0].try_extract_tensor::<f32>().map_err(head_err)?;
+        if scores.len() != b {
+            return Err(format!("head returned {} scores for {b} texts", scores.len()));
+        }
+        Ok(scores.to_vec())
+    }
+
+    fn feature_dim(&self) -> usize {
+        self.spec
+            .features
+            .iter()
+            .map(|f| {
+                if matches!(f.as_str(), "mean" | "mean_l2" | "max" | "cls") {
+                    self.hidden
+                } else {
+                    1
+                }
+            })
+            .sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> Spec {
+        Spec {
+            max_tokens: 6,
+            head_tokens: 1,
+            char_head: 3,
+            char_tail: 2,
+            cls_id: 101,
+            sep_id: 102,
+            features: vec!["mean".into()],
+            encoder_sha256: None,
+        }
+    }
+
+    #[test]
+    fn long_texts_keep_head_and_tail() {
+        assert_eq!(char_window("abcdef", 3, 2), "abc\nef");
+        assert_eq!(char_window("abcde", 3, 2), "abcde");
+        assert_eq!(char_window("日本語テキスト", 3, 2), "日本語\nスト");
+        assert_eq!(truncate_ids(&[1, 2, 3, 4, 5, 6], &spec()), vec![101, 1, 4, 5, 6, 102]);
+        assert_eq!(truncate_ids(&[1, 2], &spec()), vec![101, 1, 2, 102]);
+    }
+}

@@ -1,0 +1,192 @@
+//! The learned difficulty scorer: a sentence encoder and a small head through ONNX Runtime
+//! on dedicated threads, fed by a bounded queue, with micro-batching and a cache of recent
+//! scores. When the queue is full or the model is late, it answers with the length scorer
+//! and says so (`scorer = "length-fallback"`), so scoring never stalls a request.
+
+pub mod features;
+
+use std::hash::{Hash, Hasher};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use tokio::sync::{mpsc, oneshot};
+
+pub use self::features::{Featurizer, Spec};
+use crate::routing::{LengthScorer, Score, Scorer};
+
+#[derive(Debug, Clone)]
+pub struct ClassifierConfig {
+    /// Directory with the encoder's `model.onnx` and `tokenizer.json`.
+    pub encoder_dir: PathBuf,
+    /// The trained head (`router-model/head.onnx`) and its spec (`head.json`).
+    pub head: PathBuf,
+    pub spec: PathBuf,
+    pub workers: usize,
+    pub threads_per_worker: usize,
+    pub max_batch: usize,
+    pub queue_capacity: usize,
+    pub cache_capacity: u64,
+    /// How long a request waits for its score before falling back to the length scorer.
+    pub timeout: Duration,
+}
+
+struct Job {
+    text: String,
+    reply: oneshot::Sender<Result<f32, String>>,
+}
+
+/// Counters for `/readyz` and metrics.
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub scored: AtomicU64,
+    pub cache_hits: AtomicU64,
+    pub shed: AtomicU64,
+    pub timeouts: AtomicU64,
+    pub errors: AtomicU64,
+}
+
+pub struct Classifier {
+    tx: mpsc::Sender<Job>,
+    cache: moka::sync::Cache<u64, f32>,
+    fallback: LengthScorer,
+    timeout: Duration,
+    pub stats: Arc<Stats>,
+}
+
+impl Classifier {
+    /// Loads one featurizer per worker (failing fast if the files are missing or broken)
+    /// and starts the workers.
+    pub fn start(cfg: &ClassifierConfig, fallback: LengthScorer) -> Result<Classifier, String> {
+        let spec = Spec::load(&cfg.spec)?;
+        let (tx, rx) = mpsc::channel::<Job>(cfg.queue_capacity.max(1));
+        let rx = Arc::new(Mutex::new(rx));
+        for i in 0..cfg.workers.max(1) {
+            let f = Featurizer::load(&cfg.encoder_dir, &cfg.head, spec.clone(), cfg.threads_per_worker.max(1))?;
+            let rx = rx.clone();
+            let max_batch = cfg.max_batch.max(1);
+            std::thread::Builder::new()
+                .name(format!("tiergate-classifier-{i}"))
+                .spawn(move || worker(f, &rx, max_batch))
+                .map_err(|e| format!("cannot start classifier worker: {e}"))?;
+        }
+        Ok(Classifier {
+            tx,
+            cache: moka::sync::Cache::new(cfg.cache_capacity),
+            fallback,
+            timeout: cfg.timeout,
+            stats: Arc::new(Stats::default()),
+        })
+    }
+
+    /// Scores through the model, bypassing cache and time-out: for evaluation, where every
+    /// text must be scored by the model.
+    pub async fn score_exact(&self, text: String) -> Result<f32, String> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Job { text, reply })
+            .await
+            .map_err(|_| "classifier stopped".to_owned())?;
+        rx.await.map_err(|_| "classifier stopped".to_owned())?
+    }
+}
+
+fn cache_key(text: &str) -> u64 {
+    // SipHash with fixed keys: stable within the process, which is all the cache needs.
+    let mut h = std::hash::DefaultHasher::new();
+    text.hash(&mut h);
+    h.finish()
+}
+
+impl Scorer for Classifier {
+    fn score<'a>(&'a self, text: &'a str, prompt_tokens: u64) -> BoxFuture<'a, Score> {
+        Box::pin(async move {
+            let fallback = || Score {
+                value: self.fallback.score_tokens(prompt_tokens),
+                scorer: "length-fallback",
+            };
+            let key = cache_key(text);
+            if let Some(v) = self.cache.get(&key) {
+                self.stats.cache_hits.fetch_add(1, Ordering::Relaxed);
+                return Score {
+                    value: f64::from(v),
+                    scorer: "classifier",
+                };
+            }
+            let (reply, rx) = oneshot::channel();
+            if self
+                .tx
+                .try_send(Job {
+                    text: text.to_owned(),
+                    reply,
+                })
+                .is_err()
+            {
+                self.stats.shed.fetch_add(1, Ordering::Relaxed);
+                return fallback();
+            }
+            match tokio::time::timeout(self.timeout, rx).await {
+                Ok(Ok(Ok(v))) => {
+                    self.stats.scored.fetch_add(1, Ordering::Relaxed);
+                    self.cache.insert(key, v);
+                    Score {
+                        value: f64::from(v),
+                        scorer: "classifier",
+                    }
+                }
+                Ok(Ok(Err(e))) => {
+                    self.stats.errors.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(error = %e, "classifier failed; using the length scorer");
+                    fallback()
+                }
+                Ok(Err(_)) => {
+                    self.stats.errors.fetch_add(1, Ordering::Relaxed);
+                    fallback()
+                }
+                Err(_) => {
+                    self.stats.timeouts.fetch_add(1, Ordering::Relaxed);
+                    fallback()
+                }
+            }
+        })
+    }
+}
+
+fn worker(mut f: Featurizer, rx: &Mutex<mpsc::Receiver<Job>>, max_batch: usize) {
+    loop {
+        let mut jobs = Vec::with_capacity(max_batch);
+        {
+            let Ok(mut rx) = rx.lock() else { return };
+            let Some(first) = rx.blocking_recv() else {
+                return;
+            };
+            jobs.push(first);
+            while jobs.len() < max_batch {
+                match rx.try_recv() {
+                    Ok(j) => jobs.push(j),
+                    Err(_) => break,
+                }
+            }
+        }
+        // Requests whose caller already gave up are not worth a model pass.
+        jobs.retain(|j| !j.reply.is_closed());
+        if jobs.is_empty() {
+            continue;
+        }
+        let texts: Vec<&str> = jobs.iter().map(|j| j.text.as_str()).collect();
+        match f.score(&texts) {
+            Ok(scores) => {
+                for (j, s) in jobs.into_iter().zip(scores) {
+                    let _ = j.reply.send(Ok(s));
+                }
+            }
+            Err(e) => {
+                for j in jobs {
+                    let _ = j.reply.send(Err(e.clone()));
+                }
+            }
+        }
+    }
+}

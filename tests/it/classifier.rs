@@ -1,0 +1,109 @@
+//! The learned router through the Rust path: parity with the Python reference
+//! (`router-model/results/parity.jsonl`), and the gateway scoring with it.
+
+use serde_json::{Value, json};
+use tiergate::classifier::{Featurizer, Spec};
+
+use crate::common::{gateway_with, repo};
+
+fn featurizer() -> Featurizer {
+    tiergate::onnx::init(None).expect("ONNX Runtime provisioned");
+    let encoder = tiergate::cache::cache_dir().join("models/all-minilm-l6-v2-int8");
+    let spec = Spec::load(&repo().join("router-model/head.json")).expect("spec");
+    Featurizer::load(&encoder, &repo().join("router-model/head.onnx"), spec, 2).expect("router model provisioned")
+}
+
+#[test]
+fn rust_scores_match_the_python_reference() {
+    let mut f = featurizer();
+    let text = std::fs::read_to_string(repo().join("router-model/results/parity.jsonl")).expect("parity vectors");
+    let mut n = 0;
+    for line in text.lines().filter(|l| !l.trim().is_empty()) {
+        let v: Value = serde_json::from_str(line).expect("json");
+        let body = json!({"model": "m", "messages": v["messages"]}).to_string();
+        // A request without messages never reaches the scorer; its vector checks the empty text.
+        let scored = match tiergate::openai::ChatRequest::parse(body.as_bytes()) {
+            Ok(req) => req.scored_text(),
+            Err(_) => String::new(),
+        };
+        assert_eq!(scored, v["scored_text"].as_str().expect("scored_text"), "scored text");
+        let ids: Vec<i64> = v["input_ids"]
+            .as_array()
+            .expect("ids")
+            .iter()
+            .filter_map(Value::as_i64)
+            .collect();
+        assert_eq!(f.encode(&scored).expect("encode"), ids, "input ids for {scored:.60}");
+        let want = v["score"].as_f64().expect("score");
+        let got = f64::from(f.score(&[&scored]).expect("score")[0]);
+        assert!(
+            (got - want).abs() < 1e-4,
+            "score {got} vs python {want} for {scored:.60}"
+        );
+        n += 1;
+    }
+    assert!(n >= 10, "parity file has {n} vectors");
+}
+
+#[test]
+fn batched_scores_equal_single_scores() {
+    let mut f = featurizer();
+    let texts = [
+        "hi",
+        "Prove that the square root of two is irrational, step by step.",
+        "Translate 'good morning' to French",
+    ];
+    let batch = f.score(&texts).expect("batch");
+    for (t, b) in texts.iter().zip(&batch) {
+        let single = f.score(&[t]).expect("single")[0];
+        assert!((single - b).abs() < 1e-5, "{t}: {single} vs {b}");
+    }
+}
+
+#[tokio::test]
+async fn the_gateway_routes_with_the_classifier_and_explains() {
+    let routing = format!(
+        "scorer = \"classifier\"\n[routing.classifier]\ntimeout_ms = 10000\nhead = \"{}\"\n",
+        repo().join("router-model/head.onnx").display()
+    );
+    let gw = gateway_with(&crate::common::Setup {
+        routing,
+        ..Default::default()
+    })
+    .await;
+    let r = gw
+        .post_chat(&crate::common::user("tiergate-auto", "What is 2 + 2?"))
+        .await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        r.headers()["x-tiergate-scorer"],
+        "classifier",
+        "{:?}",
+        gw.state.runtime.load().scorer_name
+    );
+    let score: f64 = r.headers()["x-tiergate-score"]
+        .to_str()
+        .expect("ascii")
+        .parse()
+        .expect("number");
+    assert!((0.0..=1.0).contains(&score));
+
+    let route = gw
+        .post_json("/v1/route", &crate::common::user("tiergate-auto", "What is 2 + 2?"))
+        .await;
+    assert_eq!(route["scorer"], "classifier");
+    assert!(
+        (route["score"].as_f64().expect("score") - score).abs() < 1e-4,
+        "{route}"
+    );
+    let trace = route["trace"].as_array().expect("trace");
+    assert!(
+        trace
+            .last()
+            .is_some_and(|t| t["matched"] == true && t["tier"] == route["tier"]),
+        "{route}"
+    );
+    assert!(route["baseline_cost_usd"].as_f64().expect("cost") > 0.0);
+    // /v1/route calls no model.
+    assert_eq!(gw.fake.requests.lock().expect("lock").len(), 1);
+}
