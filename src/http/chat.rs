@@ -164,11 +164,14 @@ async fn escalate(
         Ok(done) => done,
         Err(e) => {
             tracing::warn!(request_id = %acct.rec.request_id, code = e.code(), "escalation failed; answering with the first tier's answer");
-            // The first attempt becomes the answering one again: `finish` records it last,
-            // so take it out of the failed list rather than count its cost twice.
-            let first_attempt = acct.rec.attempts.pop();
+            // The first attempt gives the answer after all: it is already recorded (so
+            // `finish` adds no final attempt), in the order the calls were made.
+            if let Some(a) = acct.rec.attempts.last_mut() {
+                a.outcome = "ok".to_owned();
+            }
             acct.attempt_failed(e.code(), Usage::default(), None);
-            acct.restore_tier(first_tier, first_attempt.map(|a| a.latency_ms));
+            acct.restore_tier(first_tier);
+            acct.answer_recorded = true;
             first
         }
     }
@@ -264,6 +267,8 @@ struct Accounting {
     confidence: Option<f64>,
     /// When the current tier was called (for per-attempt latency).
     attempt_start: Option<Instant>,
+    /// The answering call is already in `rec.attempts` (an escalation that failed).
+    answer_recorded: bool,
     done: bool,
     metrics: Option<Arc<crate::telemetry::Metrics>>,
     /// The request's span: it ends when the request does (for a stream, with the stream).
@@ -339,13 +344,10 @@ impl Accounting {
         }
     }
 
-    fn restore_tier(&mut self, t: TierRef, latency_ms: Option<f64>) {
+    fn restore_tier(&mut self, t: TierRef) {
         self.rec.tier = t.tier;
         self.rec.backend_model = t.backend_model;
         self.price = t.price;
-        // Its latency stays what it was, not the time since the escalation started.
-        self.attempt_start =
-            latency_ms.and_then(|ms| Instant::now().checked_sub(std::time::Duration::from_secs_f64(ms / 1000.0)));
     }
 
     /// The request moves on to another tier (spill or escalation).
@@ -454,7 +456,7 @@ impl Accounting {
             .unwrap_or(0.0);
         // Several tiers were called: the row's tokens are the final answer's, its cost is
         // what every call cost together.
-        if !r.attempts.is_empty() {
+        if !r.attempts.is_empty() && !self.answer_recorded {
             let final_usage = Usage {
                 prompt_tokens: r.prompt_tokens,
                 completion_tokens: r.completion_tokens,
@@ -463,7 +465,9 @@ impl Accounting {
             let last = self.attempt(&outcome, final_usage, self.confidence);
             let r = &mut self.rec;
             r.attempts.push(last);
-            r.cost_usd = r.attempts.iter().map(|a| a.cost_usd).sum();
+        }
+        if !self.rec.attempts.is_empty() {
+            self.rec.cost_usd = self.rec.attempts.iter().map(|a| a.cost_usd).sum();
         }
         let r = &mut self.rec;
         r.baseline_cost_usd = self

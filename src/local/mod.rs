@@ -118,16 +118,14 @@ impl LocalBackend {
 
     /// Validates the request, renders and tokenizes the prompt (off the async workers: it
     /// is CPU work), and admits it to the engine.
-    async fn admit(&self, req: ChatRequest) -> Result<(UnboundedReceiver<Event>, usize), Error> {
+    async fn admit(&self, req: ChatRequest) -> Result<UnboundedReceiver<Event>, Error> {
         let shared = self.shared.clone();
         let job = tokio::task::spawn_blocking(move || prepare(&shared, &req))
             .await
             .map_err(|e| self.engine_error(format!("request preparation failed: {e}")))??;
-        let prompt_tokens = job.prompt.len();
-        let rx = self.shared.engine.submit(job).map_err(|_| Error::LocalSaturated {
+        self.shared.engine.submit(job).map_err(|_| Error::LocalSaturated {
             tier: self.tier.clone(),
-        })?;
-        Ok((rx, prompt_tokens))
+        })
     }
 
     fn engine_error(&self, detail: String) -> Error {
@@ -382,7 +380,7 @@ fn usage_of(f: &Finish) -> Usage {
 impl Backend for LocalBackend {
     fn complete(&self, req: ChatRequest) -> BoxFuture<'_, Result<Completion, Error>> {
         async move {
-            let (mut rx, _) = self.admit(req).await?;
+            let mut rx = self.admit(req).await?;
             let mut content = String::new();
             let finish = loop {
                 match rx.recv().await {
@@ -425,7 +423,7 @@ impl Backend for LocalBackend {
                 .as_ref()
                 .and_then(|o| o.include_usage)
                 .unwrap_or(false);
-            let (mut rx, _) = self.admit(req).await?;
+            let mut rx = self.admit(req).await?;
             let id = completion_id();
             let created = now_secs();
             let model = self.model.clone();

@@ -266,3 +266,30 @@ async fn a_weak_local_answer_is_escalated_and_both_attempts_are_accounted() {
     let text = r.text().await.expect("body");
     assert!(text.ends_with("data: [DONE]\n\n"));
 }
+
+#[tokio::test]
+async fn when_escalation_fails_the_local_answer_is_returned_and_both_calls_are_accounted() {
+    let gw = local_gateway(2, 4, Some(policy("min_confidence = 1.0\nescalate_to = \"broken\""))).await;
+    let r = gw.post_chat(&user("tiergate-auto", PROMPT)).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(header(&r, "x-tiergate-tier"), "local");
+    assert!(!header(&r, "x-tiergate-confidence").is_empty());
+    let body: Value = r.json().await.expect("json");
+    assert_eq!(body["choices"][0]["message"]["content"], ANSWER);
+
+    let rows = gw.ledger().await;
+    let row = &rows[0];
+    assert!(row.escalated);
+    assert_eq!((row.tier.as_deref(), row.outcome.as_str()), (Some("local"), "ok"));
+    let calls: Vec<(&str, &str)> = row
+        .attempts
+        .iter()
+        .map(|a| (a.tier.as_str(), a.outcome.as_str()))
+        .collect();
+    assert_eq!(calls, [("local", "ok"), ("broken", "upstream_error")]);
+    assert_eq!((row.prompt_tokens, row.completion_tokens), (37, 8));
+    assert!(
+        (row.cost_usd - (37.0 * 0.05 + 8.0 * 0.1) / 1e6).abs() < 1e-15,
+        "the failed call cost nothing"
+    );
+}
