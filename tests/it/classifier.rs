@@ -104,15 +104,7 @@ async fn the_gateway_routes_with_the_classifier_and_explains() {
         "{route}"
     );
     assert!(route["baseline_cost_usd"].as_f64().expect("cost") > 0.0);
-    let metrics = gw
-        .client()
-        .get(format!("{}/metrics", gw.url))
-        .send()
-        .await
-        .expect("send")
-        .text()
-        .await
-        .expect("text");
+    let metrics = gw.get_text("/metrics").await;
     assert!(metrics.contains("tiergate_classifier_scored_total 1"), "{metrics}");
     // The route call above scored the same text: a cache hit.
     assert!(metrics.contains("tiergate_classifier_cache_hits_total 1"), "{metrics}");

@@ -266,6 +266,16 @@ impl Gateway {
         r.json().await.expect("JSON answer")
     }
 
+    pub async fn get_text(&self, path: &str) -> String {
+        let r = self
+            .client()
+            .get(format!("{}{path}", self.url))
+            .send()
+            .await
+            .expect("send");
+        r.text().await.expect("text answer")
+    }
+
     pub async fn get_json(&self, path: &str) -> Value {
         let r = self
             .client()

@@ -55,15 +55,7 @@ async fn answers_with_the_clouds_shapes_and_exact_usage() {
     let confidence: f64 = header(&r, "x-tiergate-confidence").parse().expect("confidence header");
     assert!((0.0..=1.0).contains(&confidence));
     let body: Value = r.json().await.expect("json");
-    let metrics = gw
-        .client()
-        .get(format!("{}/metrics", gw.url))
-        .send()
-        .await
-        .expect("send")
-        .text()
-        .await
-        .expect("text");
+    let metrics = gw.get_text("/metrics").await;
     // The engine may still be retiring the finished sequence: 0 or 1, never more.
     let depth = metrics
         .lines()
