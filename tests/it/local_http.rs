@@ -220,8 +220,13 @@ async fn saturation_is_a_429_or_a_spill_as_the_policy_says() {
 
 #[tokio::test]
 async fn a_weak_local_answer_is_escalated_and_both_attempts_are_accounted() {
-    // A threshold no answer reaches, so the local answer is always judged weak.
-    let gw = local_gateway(2, 4, Some(policy("min_confidence = 1.0\nescalate_to = \"cloud\""))).await;
+    // A threshold no answer reaches, so the local answer is always judged weak. Without
+    // stickiness, so that the second request (same conversation) tries the local tier again.
+    let p = format!(
+        "stickiness = false\n{}",
+        policy("min_confidence = 1.0\nescalate_to = \"cloud\"")
+    );
+    let gw = local_gateway(2, 4, Some(p)).await;
     let r = gw.post_chat(&user("tiergate-auto", PROMPT)).await;
     assert_eq!(r.status(), 200);
     assert_eq!(header(&r, "x-tiergate-tier"), "cloud");
