@@ -453,3 +453,47 @@ fn calibrate_finds_and_writes_the_threshold_for_a_cloud_share() {
     let (t50, n50, _) = parse_calibrated(&calibrate(&policy, "0.5", false));
     assert!(t50 < t && n50 > n, "{t50} {n50} vs {t} {n}");
 }
+
+#[tokio::test]
+async fn reload_reuses_the_loaded_classifier_unless_its_settings_change() {
+    let routing = format!(
+        "scorer = \"classifier\"\n[routing.classifier]\ntimeout_ms = 10000\nhead = \"{}\"\n",
+        repo().join("router-model/head.onnx").display()
+    );
+    let gw = gateway_with(&Setup {
+        routing,
+        policy: Some(TEST_POLICY.to_owned()),
+        ..Setup::default()
+    })
+    .await;
+    let same = |a: &tiergate::Runtime, b: &tiergate::Runtime| {
+        let classifier = match (&a.classifier, &b.classifier) {
+            (Some(x), Some(y)) => std::sync::Arc::ptr_eq(x, y),
+            _ => panic!("both runtimes score with the classifier"),
+        };
+        let sticky = match (&a.stickiness, &b.stickiness) {
+            (Some(x), Some(y)) => std::sync::Arc::ptr_eq(x, y),
+            _ => panic!("stickiness is on by default"),
+        };
+        (classifier, sticky)
+    };
+    let first = gw.state.runtime.load_full();
+    std::fs::write(policy_file(&gw), TEST_POLICY.replace("0.5", "0.4")).expect("write");
+    tiergate::reload::reload(&gw.state).expect("reload");
+    let second = gw.state.runtime.load_full();
+    assert_eq!(second.config.policy.rules[0].when.score_below, Some(0.4));
+    assert_eq!(same(&first, &second), (true, true), "a policy edit loads no model");
+
+    let cfg = second.config.file.clone();
+    let text = std::fs::read_to_string(&cfg).expect("read config");
+    std::fs::write(&cfg, text.replace("timeout_ms = 10000", "timeout_ms = 9000")).expect("write");
+    tiergate::reload::reload(&gw.state).expect("reload");
+    let third = gw.state.runtime.load_full();
+    assert_eq!(
+        same(&second, &third),
+        (false, true),
+        "new classifier settings start a new classifier"
+    );
+    let r = gw.post_chat(&user("tiergate-auto", "What is 2 + 2?")).await;
+    assert_eq!(header(&r, "x-tiergate-scorer"), "classifier");
+}
