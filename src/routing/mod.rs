@@ -290,6 +290,8 @@ fn apply_caps(config: &Config, rule: &Rule, req: &ChatRequest, d: &mut RouteDeci
             ));
             d.tier = to.clone();
             d.then = Then::default();
+            // Stickiness would lift the request back over the cap.
+            d.sticky = false;
             d.max_output_tokens = clamp(to);
             Ok(())
         }

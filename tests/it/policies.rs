@@ -497,3 +497,49 @@ async fn reload_reuses_the_loaded_classifier_unless_its_settings_change() {
     let r = gw.post_chat(&user("tiergate-auto", "What is 2 + 2?")).await;
     assert_eq!(header(&r, "x-tiergate-scorer"), "classifier");
 }
+
+#[tokio::test]
+async fn tier_override_and_cost_cap_errors_are_openai_shaped_and_recorded() {
+    let gw = gateway_with(&Setup {
+        policy: Some(
+            "[[rules]]\nname = \"capped\"\nscore_at_least = 0.5\nmax_cost_usd = 0.001\ntier = \"cloud\"\n[[rules]]\nname = \"default\"\ntier = \"small\"\n"
+                .to_owned(),
+        ),
+        ..Setup::default()
+    })
+    .await;
+    let forced = gw
+        .client()
+        .post(format!("{}/v1/chat/completions", gw.url))
+        .header("x-tiergate-tier", "cloud")
+        .json(&user("tiergate-auto", "hi"))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(forced.status(), 400);
+    let body: Value = forced.json().await.expect("json");
+    assert_eq!(body["error"]["code"], "tier_override_not_allowed");
+    assert_eq!(body["error"]["type"], "invalid_request_error");
+
+    // 256 assumed output tokens at $10/Mtok is over $0.001; 50 is not.
+    let r = gw.post_chat(&user("tiergate-auto", LONG)).await;
+    assert_eq!(r.status(), 400);
+    let body: Value = r.json().await.expect("json");
+    assert_eq!(
+        (body["error"]["code"].as_str(), body["error"]["param"].as_str()),
+        (Some("cost_cap_exceeded"), Some("max_tokens"))
+    );
+    let msg = body["error"]["message"].as_str().expect("message");
+    assert!(
+        msg.contains("is over the $0.001 cap of rule `capped` in policy `policy`"),
+        "{msg}"
+    );
+    let mut cheap = user("tiergate-auto", LONG);
+    cheap["max_tokens"] = json!(50);
+    let r = gw.post_chat(&cheap).await;
+    assert_eq!((r.status().as_u16(), header(&r, "x-tiergate-tier")), (200, "cloud"));
+
+    let rows = gw.ledger().await;
+    let outcomes: Vec<&str> = rows.iter().map(|r| r.outcome.as_str()).collect();
+    assert_eq!(outcomes, ["tier_override_not_allowed", "cost_cap_exceeded", "ok"]);
+}
