@@ -167,6 +167,44 @@ impl When {
     fn is_empty(&self) -> bool {
         *self == When::default()
     }
+
+    /// Whether every request `other` matches is also matched by `self` (so a rule with
+    /// `other` placed after one with `self` never decides). Conservative: `false` when
+    /// unsure. `local_load_below` reads the rule's own tier, hence the tiers.
+    fn covers(&self, self_tier: &str, other: &When, other_tier: &str) -> bool {
+        // `self`'s bound is absent, or `other` has one at least as strict.
+        fn upper<T: PartialOrd>(a: Option<T>, b: Option<T>) -> bool {
+            a.is_none_or(|a| b.is_some_and(|b| b <= a))
+        }
+        fn lower<T: PartialOrd>(a: Option<T>, b: Option<T>) -> bool {
+            a.is_none_or(|a| b.is_some_and(|b| b >= a))
+        }
+        fn same<T: PartialEq>(a: &Option<T>, b: &Option<T>) -> bool {
+            a.is_none() || a == b
+        }
+        fn subset(a: &Option<Vec<String>>, b: &Option<Vec<String>>) -> bool {
+            a.as_ref()
+                .is_none_or(|a| b.as_ref().is_some_and(|b| b.iter().all(|x| a.contains(x))))
+        }
+        let load = self.local_load_below.is_none() || self_tier == other_tier;
+        upper(self.score_below, other.score_below)
+            && lower(self.score_at_least, other.score_at_least)
+            && upper(self.max_prompt_tokens, other.max_prompt_tokens)
+            && lower(self.min_prompt_tokens, other.min_prompt_tokens)
+            && subset(&self.models, &other.models)
+            && lower(self.min_turns, other.min_turns)
+            && upper(self.max_turns, other.max_turns)
+            && same(&self.tools, &other.tools)
+            && same(&self.json_mode, &other.json_mode)
+            && same(&self.images, &other.images)
+            && same(&self.regex, &other.regex)
+            && same(&self.keywords, &other.keywords)
+            && subset(&self.api_keys, &other.api_keys)
+            && subset(&self.teams, &other.teams)
+            && self.headers.iter().all(|(k, v)| other.headers.get(k) == Some(v))
+            && load
+            && upper(self.local_load_below, other.local_load_below)
+    }
 }
 
 impl Rule {
@@ -355,11 +393,12 @@ impl Policy {
                     prev.name
                 ));
             }
-            if let Some(prev) = out.iter().find(|r| r.when == rule.when) {
+            if let Some(prev) = out.iter().find(|r| r.when.covers(&r.tier, &rule.when, &rule.tier)) {
                 return Err(format!(
-                    "{}: rule `{}` is unreachable because rule `{}` before it has the same conditions; change its conditions or remove it",
+                    "{}: rule `{}` is unreachable because rule `{}` before it matches every request it would (its conditions are the same or looser); move it above `{}`, or change its conditions",
                     at("name"),
                     rule.name,
+                    prev.name,
                     prev.name
                 ));
             }

@@ -342,15 +342,50 @@ fn new_keys_are_validated_with_file_key_and_line() {
 }
 
 #[test]
-fn a_rule_shadowed_by_an_earlier_rule_with_the_same_conditions_is_unreachable() {
+fn a_rule_shadowed_by_an_earlier_looser_rule_is_unreachable() {
     let text = "[[rules]]\nname = \"a\"\ntier = \"small\"\nkeywords = [\"x\"]\n[[rules]]\nname = \"b\"\ntier = \"local\"\nkeywords = [\"X\"]\n[[rules]]\nname = \"rest\"\ntier = \"cloud\"\n";
     let e = parse(text).expect_err("shadowed");
     assert!(
         e.contains(
-            "rules[1].name (line 6): rule `b` is unreachable because rule `a` before it has the same conditions"
+            "rules[1].name (line 6): rule `b` is unreachable because rule `a` before it matches every request it would"
         ),
         "{e}"
     );
+    let two = |a: &str, b: &str| {
+        parse(&format!(
+            "[[rules]]\nname = \"a\"\ntier = \"small\"\n{a}\n[[rules]]\nname = \"b\"\ntier = \"local\"\n{b}\n[[rules]]\nname = \"rest\"\ntier = \"cloud\"\n"
+        ))
+    };
+    for (a, b, shadowed) in [
+        ("score_below = 0.5", "score_below = 0.3", true),
+        ("score_below = 0.3", "score_below = 0.5", false),
+        ("score_below = 0.5", "score_below = 0.5\nkeywords = [\"refund\"]", true),
+        ("score_below = 0.5\nkeywords = [\"refund\"]", "score_below = 0.5", false),
+        ("keywords = [\"refund\"]", "keywords = [\"invoice\"]", false),
+        ("min_turns = 2", "min_turns = 3\nmax_turns = 5", true),
+        (
+            "max_prompt_tokens = 100",
+            "min_prompt_tokens = 10\nmax_prompt_tokens = 100",
+            true,
+        ),
+        ("models = [\"x\", \"y\"]", "models = [\"y\"]", true),
+        ("models = [\"y\"]", "models = [\"x\", \"y\"]", false),
+        ("tools = true", "tools = false", false),
+        (
+            "headers = { \"x-a\" = \"1\" }",
+            "headers = { \"x-a\" = \"1\", \"x-b\" = \"2\" }",
+            true,
+        ),
+        ("regex = 'a'", "regex = 'b'", false),
+    ] {
+        let got = two(a, b);
+        assert_eq!(
+            got.as_ref()
+                .is_err_and(|e| e.contains("rule `b` is unreachable because rule `a`")),
+            shadowed,
+            "{a} / {b}: {got:?}"
+        );
+    }
 }
 
 #[test]

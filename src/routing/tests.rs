@@ -192,7 +192,10 @@ async fn caps_clamp_local_output_and_keep_cost_under_the_cap() {
         ("local", "r", Some(32))
     );
     assert!(d.notes[0].contains("sent to over_cost_tier `local`"), "{:?}", d.notes);
-    assert!(!d.sticky, "a capped request is neither lifted nor recorded by stickiness");
+    assert!(
+        !d.sticky,
+        "a capped request is neither lifted nor recorded by stickiness"
+    );
 }
 
 #[tokio::test]
