@@ -72,7 +72,13 @@ async fn handle(rt: &Arc<Runtime>, acct: &mut Accounting, headers: &HeaderMap, b
 
     let ctx = request_context(rt, headers);
     let mut decision = routing::route_with(&rt.config, &rt.scorer, &req, &ctx).await?;
-    let conversation = stick(rt, &mut decision, ctx.headers.get(HEADER_CONVERSATION), &req);
+    let conversation = sticky::apply(
+        rt.stickiness.as_deref(),
+        &rt.config.tiers,
+        &mut decision,
+        ctx.headers.get(HEADER_CONVERSATION).map(String::as_str),
+        &req,
+    );
     let (mut tier, mut backend) = tier_backend(rt, &decision.tier)?;
     acct.routed(&decision, &tier.model, tier.price, tokens::estimate(&req.all_text()));
     req.model = tier.model.clone();
@@ -135,31 +141,6 @@ async fn handle(rt: &Arc<Runtime>, acct: &mut Accounting, headers: &HeaderMap, b
         acct.finish("ok", 200);
         Ok(Reply::Whole(resp))
     }
-}
-
-/// Keeps a conversation on the strongest tier it reached: when the policy chose a weaker
-/// tier than the conversation's sticky one, the sticky one answers (rule `sticky`). Returns
-/// the conversation id when stickiness applies to this request.
-fn stick(rt: &Runtime, d: &mut RouteDecision, header: Option<&String>, req: &ChatRequest) -> Option<String> {
-    let store = rt.stickiness.as_ref()?;
-    if !d.sticky {
-        return None;
-    }
-    let id = sticky::conversation_id(header.map(String::as_str), req)?;
-    if let Some(held) = store.get(&id)
-        && let (Some(held_tier), Some(chosen)) = (rt.config.tiers.get(&held), rt.config.tiers.get(&d.tier))
-        && sticky::strength(held_tier) > sticky::strength(chosen)
-    {
-        d.notes.push(format!(
-            "conversation stays on `{held}` (rule `{}` chose `{}`)",
-            d.rule, d.tier
-        ));
-        d.tier = held;
-        d.rule = "sticky".to_owned();
-        d.then = Default::default();
-        d.max_output_tokens = None;
-    }
-    Some(id)
 }
 
 /// Records that `conversation` reached `tier` (kept only if stronger than what it had).

@@ -71,7 +71,7 @@ async fn route(
         let body = read_body(body, rt.config.max_body_bytes).await?;
         let req = crate::openai::ChatRequest::parse(&body)?;
         let ctx = chat::request_context(&rt, &headers);
-        crate::routing::explain_with(&rt.config, &rt.scorer, &req, &ctx).await
+        crate::routing::explain_with(&rt.config, &rt.scorer, &req, &ctx, rt.stickiness.as_deref()).await
     }
     .await;
     match result {

@@ -381,16 +381,22 @@ pub fn rule_trace(policy: &Policy, facts: &Facts) -> Vec<RuleTrace> {
 }
 
 pub async fn explain(config: &Config, scorer: &Arc<dyn Scorer>, req: &ChatRequest) -> Result<Explanation, Error> {
-    explain_with(config, scorer, req, &RequestContext::default()).await
+    explain_with(config, scorer, req, &RequestContext::default(), None).await
 }
 
+/// The explanation of a request with its context; with the gateway's stickiness store, a
+/// conversation held on a stronger tier is explained as the chat endpoint would route it
+/// (the store is only read).
 pub async fn explain_with(
     config: &Config,
     scorer: &Arc<dyn Scorer>,
     req: &ChatRequest,
     ctx: &RequestContext,
+    stickiness: Option<&sticky::Stickiness>,
 ) -> Result<Explanation, Error> {
-    let d = route_with(config, scorer, req, ctx).await?;
+    let mut d = route_with(config, scorer, req, ctx).await?;
+    let header = ctx.headers.get(sticky::HEADER_CONVERSATION).map(String::as_str);
+    sticky::apply(stickiness, &config.tiers, &mut d, header, req);
     let tier = config
         .tiers
         .get(&d.tier)

@@ -6,6 +6,9 @@ use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 
+use std::collections::BTreeMap;
+
+use super::RouteDecision;
 use crate::config::TierConfig;
 use crate::openai::ChatRequest;
 
@@ -55,6 +58,37 @@ impl Stickiness {
         let keep = stored.filter(|s| strength(s) > strength(tier)).unwrap_or(tier);
         self.cache.insert(conversation.to_owned(), keep.name.clone());
     }
+}
+
+/// Keeps a conversation on the strongest tier it reached: when the policy chose a weaker
+/// tier than the conversation's sticky one, `d` moves there (rule `sticky`). Reads the
+/// store only; returns the conversation id when stickiness applies to this request.
+pub fn apply(
+    store: Option<&Stickiness>,
+    tiers: &BTreeMap<String, TierConfig>,
+    d: &mut RouteDecision,
+    header: Option<&str>,
+    req: &ChatRequest,
+) -> Option<String> {
+    let store = store?;
+    if !d.sticky {
+        return None;
+    }
+    let id = conversation_id(header, req)?;
+    if let Some(held) = store.get(&id)
+        && let (Some(held_tier), Some(chosen)) = (tiers.get(&held), tiers.get(&d.tier))
+        && strength(held_tier) > strength(chosen)
+    {
+        d.notes.push(format!(
+            "conversation stays on `{held}` (rule `{}` chose `{}`)",
+            d.rule, d.tier
+        ));
+        d.tier = held;
+        d.rule = "sticky".to_owned();
+        d.then = Default::default();
+        d.max_output_tokens = None;
+    }
+    Some(id)
 }
 
 /// How strong (costly) a tier is: its USD per million input + output tokens, plus its

@@ -94,6 +94,18 @@ async fn a_conversation_that_reached_the_cloud_stays_there() {
         (header(&r, "x-tiergate-tier"), header(&r, "x-tiergate-rule")),
         ("cloud", "sticky")
     );
+    // `/v1/route` explains it the same way, without calling a model.
+    let e = gw.post_json("/v1/route", &conversation(&[LONG, "more"])).await;
+    assert_eq!(
+        (e["tier"].as_str(), e["rule"].as_str()),
+        (Some("cloud"), Some("sticky")),
+        "{e}"
+    );
+    assert_eq!(e["trace"][0]["rule"], "routine", "{e}");
+    assert_eq!(
+        e["notes"][0],
+        "conversation stays on `cloud` (rule `routine` chose `small`)"
+    );
     // Another conversation starting with a short message is not affected.
     let r = gw.post_chat(&conversation(&["hi", "thanks"])).await;
     assert_eq!(
