@@ -72,6 +72,8 @@ struct RoutingToml {
     /// More policies, selectable per request as `model: "tiergate:<name>"`.
     #[serde(default)]
     policies: Vec<PathBuf>,
+    /// A directory whose every `*.toml` is loaded like an entry of `policies`.
+    policies_dir: Option<PathBuf>,
     #[serde(default)]
     stickiness: StickinessToml,
     #[serde(default)]
@@ -171,6 +173,8 @@ pub struct Config {
     pub policy: Policy,
     /// Every loaded policy by name, the default included (`model: "tiergate:<name>"`).
     pub policies: BTreeMap<String, Policy>,
+    /// `routing.policies_dir`, resolved; watched so that a new file in it is loaded.
+    pub policies_dir: Option<PathBuf>,
     pub stickiness: StickinessConfig,
     /// How often the config and policy files are checked for changes; `None`: only on SIGHUP.
     pub reload_poll: Option<Duration>,
@@ -262,6 +266,7 @@ impl Config {
     pub fn files(&self) -> Vec<PathBuf> {
         let mut out = vec![self.file.clone()];
         out.extend(self.policies.values().map(|p| p.file.clone()));
+        out.extend(self.policies_dir.clone());
         out
     }
 
@@ -345,6 +350,7 @@ impl Config {
             aliases,
             policy,
             policies: extra_policies,
+            policies_dir,
             stickiness,
             scorer,
             length_scorer,
@@ -370,14 +376,40 @@ impl Config {
         let policy =
             Policy::load(&resolve(&policy), &out_tiers).map_err(|e| err(path, format!("routing.policy: {e}")))?;
         let mut policies = BTreeMap::from([(policy.name.clone(), policy.clone())]);
-        for (i, p) in extra_policies.iter().enumerate() {
-            let p =
-                Policy::load(&resolve(p), &out_tiers).map_err(|e| err(path, format!("routing.policies[{i}]: {e}")))?;
+        let mut extra: Vec<(String, PathBuf)> = extra_policies
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (format!("routing.policies[{i}]"), resolve(p)))
+            .collect();
+        let policies_dir = policies_dir.as_deref().map(resolve);
+        if let Some(dir) = &policies_dir {
+            let entries = std::fs::read_dir(dir).map_err(|e| {
+                err(
+                    path,
+                    format!("routing.policies_dir `{}`: cannot read: {e}", dir.display()),
+                )
+            })?;
+            let mut files: Vec<PathBuf> = entries
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+                .collect();
+            files.sort();
+            let same = |a: &Path, b: &Path| a.canonicalize().ok().is_some_and(|a| b.canonicalize().ok() == Some(a));
+            for f in files {
+                // The default policy (or a listed one) may live in the directory too.
+                if same(&f, &policy.file) || extra.iter().any(|(_, e)| same(&f, e)) {
+                    continue;
+                }
+                extra.push(("routing.policies_dir".to_owned(), f));
+            }
+        }
+        for (key, file) in extra {
+            let p = Policy::load(&file, &out_tiers).map_err(|e| err(path, format!("{key}: {e}")))?;
             if let Some(other) = policies.get(&p.name) {
                 return Err(err(
                     path,
                     format!(
-                        "routing.policies[{i}]: `{}` and `{}` are both named `{}`; give one another `name`",
+                        "{key}: `{}` and `{}` are both named `{}`; give one another `name`",
                         p.file.display(),
                         other.file.display(),
                         p.name
@@ -453,6 +485,7 @@ impl Config {
             aliases,
             policy,
             policies,
+            policies_dir,
             stickiness,
             reload_poll,
             length_half_tokens,

@@ -227,3 +227,34 @@ fn routing_policies_stickiness_and_reload_are_validated() {
     let c = parse(&example().replace("poll_secs = 1", "poll_secs = 0")).expect("sighup only");
     assert_eq!(c.reload_poll, None);
 }
+
+#[test]
+fn policies_dir_loads_every_policy_file_in_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rules = "[[rules]]\nname = \"all\"\ntier = \"small\"\n";
+    for (file, name) in [("a.toml", "alpha"), ("b.toml", "beta"), ("notes.txt", "ignored")] {
+        std::fs::write(dir.path().join(file), format!("name = \"{name}\"\n{rules}")).expect("write");
+    }
+    let with_dir = |d: &Path| {
+        example().replace(
+            "policies = [",
+            &format!("policies_dir = \"{}\"\npolicies = [", d.display()),
+        )
+    };
+    let c = parse(&with_dir(dir.path())).expect("valid");
+    assert_eq!(
+        c.policies.keys().map(String::as_str).collect::<Vec<_>>(),
+        ["alpha", "balanced", "beta", "cost-saver", "quality-first"]
+    );
+    // The shipped directory holds the default and listed policies too (skipped), and
+    // policies for other tiers (an error that names the file).
+    let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("policies");
+    let e = parse(&with_dir(&shipped)).expect_err("local-first needs a `local` tier");
+    assert!(
+        e.contains("routing.policies_dir: policy") && e.contains("local-first.toml`: rules[0].tier"),
+        "{e}"
+    );
+    std::fs::write(dir.path().join("c.toml"), format!("name = \"alpha\"\n{rules}")).expect("write");
+    let e = parse(&with_dir(dir.path())).expect_err("two alphas");
+    assert!(e.contains("are both named `alpha`"), "{e}");
+}

@@ -555,3 +555,32 @@ async fn tier_override_and_cost_cap_errors_are_openai_shaped_and_recorded() {
     let outcomes: Vec<&str> = rows.iter().map(|r| r.outcome.as_str()).collect();
     assert_eq!(outcomes, ["tier_override_not_allowed", "cost_cap_exceeded", "ok"]);
 }
+
+#[tokio::test]
+async fn a_policy_added_to_policies_dir_becomes_selectable() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let gw = gateway_with(&Setup {
+        routing: format!("policies_dir = \"{}\"", dir.path().display()),
+        ..Setup::default()
+    })
+    .await;
+    let r = gw.post_chat(&user("tiergate:all-cloud", "hi")).await;
+    assert_eq!(r.status(), 404);
+    std::fs::write(
+        dir.path().join("all-cloud.toml"),
+        "[[rules]]\nname = \"everything\"\ntier = \"cloud\"\n",
+    )
+    .expect("write");
+    // The watcher sees the directory change (polled every second); wait for it, bounded.
+    let mut status = 404;
+    for _ in 0..100 {
+        let r = gw.post_chat(&user("tiergate:all-cloud", "hi")).await;
+        status = r.status().as_u16();
+        if status == 200 {
+            assert_eq!(header(&r, "x-tiergate-tier"), "cloud");
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(status, 200);
+}
