@@ -55,6 +55,7 @@ fn bench(c: &mut Criterion) {
     let facts = Facts {
         score: 0.7,
         prompt_tokens: 300,
+        ..Facts::default()
     };
     let mut g = c.benchmark_group("policy_decide");
     g.bench_function("balanced", |b| {

@@ -19,7 +19,8 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Run the gateway.
+    /// Run the gateway. The config and policy files are reloaded when they change
+    /// (`reload.poll_secs`) and on SIGHUP, if the new version validates.
     Serve {
         /// Gateway configuration (TOML).
         #[arg(long, short, env = "TIERGATE_CONFIG", default_value = "examples/tiergate.toml")]
@@ -28,7 +29,7 @@ pub enum Command {
         #[arg(long)]
         listen: Option<std::net::SocketAddr>,
     },
-    /// Validate a configuration and its policy without starting the gateway.
+    /// Validate a configuration and its policies without starting the gateway.
     Check {
         #[arg(long, short, env = "TIERGATE_CONFIG", default_value = "examples/tiergate.toml")]
         config: PathBuf,
@@ -38,9 +39,13 @@ pub enum Command {
     Explain {
         #[arg(long, short, env = "TIERGATE_CONFIG", default_value = "examples/tiergate.toml")]
         config: PathBuf,
-        /// Model to request (a routing alias or a tier's model); default: the first alias.
+        /// Model to request (a routing alias, `tiergate:<policy>` or a tier's model);
+        /// default: the first alias.
         #[arg(long)]
         model: Option<String>,
+        /// Route with this policy file instead of the config's default policy.
+        #[arg(long, value_name = "FILE")]
+        policy: Option<PathBuf>,
         /// A system prompt to send with the text.
         #[arg(long)]
         system: Option<String>,
@@ -76,6 +81,11 @@ pub enum Command {
         #[arg(long, value_enum, default_value = "table")]
         format: crate::report::render::Format,
     },
+    /// Validate and calibrate routing policy files.
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCommand,
+    },
     /// Send a recorded workload (one chat request body per line) through a running gateway,
     /// then print the report for exactly those requests.
     Replay {
@@ -84,6 +94,44 @@ pub enum Command {
         /// Format of the report printed at the end.
         #[arg(long, value_enum, default_value = "table")]
         format: crate::report::render::Format,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PolicyCommand {
+    /// Validate policy files without starting the gateway: prints `ok FILE` for each valid
+    /// one; otherwise the errors (file, key path, line, what to do) and exit status 1.
+    Check {
+        /// Configuration whose tiers the policies may name.
+        #[arg(long, short, env = "TIERGATE_CONFIG", default_value = "examples/tiergate.toml")]
+        config: PathBuf,
+        #[arg(required = true, value_name = "FILE")]
+        files: Vec<PathBuf>,
+    },
+    /// Pick the score threshold that sends a target share of a sample workload to the cloud
+    /// tier, scoring it with the configured scorer; `--write` puts it in the policy file.
+    Calibrate {
+        #[arg(long, short, env = "TIERGATE_CONFIG", default_value = "examples/tiergate.toml")]
+        config: PathBuf,
+        /// Share of the sample to send to the cloud tier, in 0..=1.
+        #[arg(long)]
+        target_cloud_share: f64,
+        /// JSONL workload, one chat request body per line (as `tiergate replay` reads).
+        #[arg(long, value_name = "FILE")]
+        sample: PathBuf,
+        /// Policy file to calibrate; default: the config's `routing.policy`.
+        #[arg(long, value_name = "FILE")]
+        policy: Option<PathBuf>,
+        /// Rule whose threshold is set; default: the first rule with `score_below` or
+        /// `score_at_least`.
+        #[arg(long)]
+        rule: Option<String>,
+        /// The cloud tier; default: the costliest configured tier.
+        #[arg(long)]
+        cloud_tier: Option<String>,
+        /// Rewrite the threshold in the policy file (comments and layout are kept).
+        #[arg(long)]
+        write: bool,
     },
 }
 
@@ -143,11 +191,17 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Explain {
             config,
             model,
+            policy,
             system,
             json,
             text,
         } => {
-            let config = Config::load(&config)?;
+            let mut config = Config::load(&config)?;
+            if let Some(p) = policy {
+                let p = crate::policy::Policy::load(&p, &config.tiers).map_err(anyhow::Error::msg)?;
+                config.policies.insert(p.name.clone(), p.clone());
+                config.policy = p;
+            }
             crate::onnx::init(config.onnxruntime_library.as_deref()).map_err(anyhow::Error::msg)?;
             let model = model.unwrap_or_else(|| config.aliases[0].clone());
             let rt = crate::Runtime::build(config).map_err(anyhow::Error::msg)?;
@@ -178,14 +232,16 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let _tracing = crate::telemetry::init(None)?;
             let c = Config::load(&config)?;
             println!(
-                "`{}` is valid: {} tiers, policy `{}` with {} rules",
+                "`{}` is valid: {} tiers, default policy `{}` with {} rules; policies: {}",
                 config.display(),
                 c.tiers.len(),
                 c.policy.name,
-                c.policy.rules.len()
+                c.policy.rules.len(),
+                c.policies.keys().map(String::as_str).collect::<Vec<_>>().join(", ")
             );
             Ok(())
         }
+        Command::Policy { command } => policy_command(command).await,
         Command::Report { source, filter, format } => {
             let _tracing = crate::telemetry::init(None)?;
             let paths = source.paths()?;
@@ -214,12 +270,16 @@ fn print_explanation(e: &crate::routing::Explanation) {
         println!("policy    {p}");
         for t in &e.trace {
             println!(
-                "  rule {:<20} -> {:<10} {}",
+                "  rule {:<20} -> {:<10} {:<5} {}",
                 t.rule,
                 t.tier,
-                if t.matched { "MATCH" } else { "no" }
+                if t.matched { "MATCH" } else { "no" },
+                t.why
             );
         }
+    }
+    for n in &e.notes {
+        println!("note      {n}");
     }
     println!("rule      {}", e.rule);
     println!("tier      {} (model `{}`)", e.tier, e.backend_model);
@@ -227,6 +287,152 @@ fn print_explanation(e: &crate::routing::Explanation) {
         "cost      ${:.6} estimated for {} prompt + {} output tokens; ${:.6} on the baseline",
         e.estimated_cost_usd, e.prompt_tokens, e.output_tokens_assumed, e.baseline_cost_usd
     );
+}
+
+async fn policy_command(command: PolicyCommand) -> anyhow::Result<()> {
+    match command {
+        PolicyCommand::Check { config, files } => {
+            let c = Config::load(&config)?;
+            let mut failed = 0;
+            for f in &files {
+                match crate::policy::Policy::load(f, &c.tiers) {
+                    Ok(_) => println!("ok {}", f.display()),
+                    Err(e) => {
+                        failed += 1;
+                        eprintln!("error: {e}");
+                    }
+                }
+            }
+            if failed > 0 {
+                anyhow::bail!(
+                    "{failed} of {} policy files are invalid (checked against the tiers of `{}`)",
+                    files.len(),
+                    config.display()
+                );
+            }
+            Ok(())
+        }
+        PolicyCommand::Calibrate {
+            config,
+            target_cloud_share,
+            sample,
+            policy,
+            rule,
+            cloud_tier,
+            write,
+        } => {
+            let _tracing = crate::telemetry::init(None)?;
+            if !(0.0..=1.0).contains(&target_cloud_share) {
+                anyhow::bail!("`--target-cloud-share` = {target_cloud_share} must be in 0..=1, e.g. 0.25");
+            }
+            let c = Config::load(&config)?;
+            let path = policy.unwrap_or_else(|| c.policy.file.clone());
+            let p = crate::policy::Policy::load(&path, &c.tiers).map_err(anyhow::Error::msg)?;
+            let tier = match cloud_tier {
+                Some(t) if c.tiers.contains_key(&t) => t,
+                Some(t) => anyhow::bail!("`--cloud-tier {t}` is not a tier of `{}`", config.display()),
+                None => c
+                    .tiers
+                    .values()
+                    .max_by(|a, b| crate::routing::sticky::strength(a).total_cmp(&crate::routing::sticky::strength(b)))
+                    .map(|t| t.name.clone())
+                    .unwrap_or_default(),
+            };
+            let (idx, key) = crate::policy::calibrate::pick_rule(&p, rule.as_deref()).map_err(anyhow::Error::msg)?;
+            let facts = sample_facts(&c, &sample).await?;
+            let cal = crate::policy::calibrate::calibrate(&p, idx, key, &facts, &tier, target_cloud_share)
+                .map_err(anyhow::Error::msg)?;
+            if let Some((now, n)) = cal.current {
+                println!(
+                    "now:        {} = {now} sends {:.1}% ({n} of {}) to `{tier}`",
+                    key.name(),
+                    100.0 * n as f64 / cal.total.max(1) as f64,
+                    cal.total
+                );
+            }
+            println!(
+                "calibrated: rule `{}` {} = {} sends {:.1}% ({} of {}) of `{}` to `{tier}` (target {:.1}%)",
+                cal.rule,
+                key.name(),
+                cal.threshold,
+                100.0 * cal.share(),
+                cal.to_tier,
+                cal.total,
+                sample.display(),
+                100.0 * target_cloud_share
+            );
+            if write {
+                let text = std::fs::read_to_string(&path)?;
+                let new = crate::policy::calibrate::rewrite(&text, &cal.rule, key, cal.threshold)
+                    .map_err(|e| anyhow::anyhow!("`{}`: {e}", path.display()))?;
+                crate::policy::Policy::parse(&new, &path, &c.tiers).map_err(anyhow::Error::msg)?;
+                std::fs::write(&path, new)?;
+                println!("wrote {} = {} to `{}`", key.name(), cal.threshold, path.display());
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Scores every request of a JSONL workload with the configured scorer (the classifier
+/// without its length fallback, so no sample is judged by a shed score) and returns what
+/// the rules would see.
+async fn sample_facts(config: &Config, sample: &std::path::Path) -> anyhow::Result<Vec<crate::policy::Facts>> {
+    use crate::routing::Scorer;
+    let lines = crate::replay::read_workload(sample)?;
+    let mut reqs = Vec::with_capacity(lines.len());
+    for (i, line) in lines.iter().enumerate() {
+        let r = crate::openai::ChatRequest::parse(line.as_bytes())
+            .map_err(|e| anyhow::anyhow!("`{}` request {}: {e}", sample.display(), i + 1))?;
+        reqs.push(r);
+    }
+    let length = crate::routing::LengthScorer {
+        half_tokens: config.length_half_tokens,
+    };
+    let classifier = match &config.classifier {
+        Some(cc) => {
+            crate::onnx::init(config.onnxruntime_library.as_deref()).map_err(anyhow::Error::msg)?;
+            Some(std::sync::Arc::new(
+                crate::classifier::Classifier::start(
+                    cc,
+                    crate::routing::LengthScorer {
+                        half_tokens: config.length_half_tokens,
+                    },
+                )
+                .map_err(anyhow::Error::msg)?,
+            ))
+        }
+        None => None,
+    };
+    let mut pending = Vec::with_capacity(reqs.len());
+    for r in &reqs {
+        let text = r.scored_text();
+        let tokens = crate::tokens::estimate(&text);
+        let job = match &classifier {
+            Some(c) => {
+                let c = c.clone();
+                let t = text.clone();
+                tokio::spawn(async move { c.score_exact(t).await.map(f64::from) })
+            }
+            None => {
+                let s = length.score(&text, tokens).await.value;
+                tokio::spawn(async move { Ok(s) })
+            }
+        };
+        pending.push((text, tokens, job));
+    }
+    let mut out = Vec::with_capacity(reqs.len());
+    for (r, (text, tokens, job)) in reqs.iter().zip(pending) {
+        let score = job.await?.map_err(anyhow::Error::msg)?;
+        out.push(crate::routing::facts(
+            r,
+            text,
+            score,
+            tokens,
+            &crate::routing::RequestContext::default(),
+        ));
+    }
+    Ok(out)
 }
 
 async fn score_file(

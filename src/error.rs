@@ -18,6 +18,9 @@ pub enum Error {
     BodyTooLarge { limit: usize },
     #[error("The model `{0}` does not exist or you do not have access to it.")]
     ModelNotFound(String),
+    /// `tiergate:<name>` names no loaded policy.
+    #[error("The model `{model}` names no loaded policy; use one of: {}", available.join(", "))]
+    PolicyNotFound { model: String, available: Vec<String> },
     #[error("tier `{tier}` did not answer within {secs:.1}s")]
     UpstreamTimeout { tier: String, secs: f64 },
     #[error("tier `{tier}` failed: {detail}")]
@@ -51,7 +54,7 @@ impl Error {
         match self {
             Error::InvalidRequest { .. } => StatusCode::BAD_REQUEST,
             Error::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            Error::ModelNotFound(_) => StatusCode::NOT_FOUND,
+            Error::ModelNotFound(_) | Error::PolicyNotFound { .. } => StatusCode::NOT_FOUND,
             Error::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             Error::Upstream { .. } => StatusCode::BAD_GATEWAY,
             Error::UpstreamRateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
@@ -69,7 +72,7 @@ impl Error {
             Error::InvalidRequest { .. } | Error::BodyTooLarge { .. } | Error::UpstreamRejected { .. } => {
                 "invalid_request_error"
             }
-            Error::ModelNotFound(_) => "invalid_request_error",
+            Error::ModelNotFound(_) | Error::PolicyNotFound { .. } => "invalid_request_error",
             Error::UpstreamRateLimited { .. } | Error::LocalSaturated { .. } => "rate_limit_error",
             Error::UpstreamTimeout { .. }
             | Error::Upstream { .. }
@@ -84,7 +87,7 @@ impl Error {
         match self {
             Error::InvalidRequest { code, .. } => code,
             Error::BodyTooLarge { .. } => "body_too_large",
-            Error::ModelNotFound(_) => "model_not_found",
+            Error::ModelNotFound(_) | Error::PolicyNotFound { .. } => "model_not_found",
             Error::UpstreamTimeout { .. } => "upstream_timeout",
             Error::Upstream { .. } => "upstream_error",
             Error::UpstreamRateLimited { .. } => "upstream_rate_limited",
@@ -99,7 +102,7 @@ impl Error {
     fn param(&self) -> Option<&str> {
         match self {
             Error::InvalidRequest { param, .. } => param.as_deref(),
-            Error::ModelNotFound(_) => Some("model"),
+            Error::ModelNotFound(_) | Error::PolicyNotFound { .. } => Some("model"),
             Error::BodyTooLarge { .. }
             | Error::UpstreamTimeout { .. }
             | Error::Upstream { .. }

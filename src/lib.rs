@@ -12,6 +12,7 @@ pub mod local;
 pub mod onnx;
 pub mod openai;
 pub mod policy;
+pub mod reload;
 pub mod replay;
 pub mod report;
 pub mod routing;
@@ -45,10 +46,19 @@ pub struct Runtime {
     /// each local tier's queue.
     pub classifier: Option<Arc<classifier::Classifier>>,
     pub local_tiers: BTreeMap<String, Arc<LocalBackend>>,
+    /// Conversations' sticky tiers; `None` when `routing.stickiness.enabled = false`.
+    pub stickiness: Option<Arc<routing::sticky::Stickiness>>,
 }
 
 impl Runtime {
     pub fn build(config: Config) -> Result<Runtime, String> {
+        Self::rebuild(config, None)
+    }
+
+    /// Builds a runtime for `config`, taking over from `old` whatever did not change: the
+    /// classifier (its ONNX sessions), local tiers' engines (their loaded models) and the
+    /// stickiness store, so a reload that only touches a policy loads no model.
+    pub fn rebuild(config: Config, old: Option<&Runtime>) -> Result<Runtime, String> {
         let mut backends: HashMap<String, Arc<dyn Backend>> = HashMap::new();
         let mut tier_problems = BTreeMap::new();
         let mut local_tiers = BTreeMap::new();
@@ -67,7 +77,13 @@ impl Runtime {
                     backends.insert(t.name.clone(), Arc::new(b));
                 }
                 config::BackendConfig::Local(settings) => {
-                    let b = Arc::new(LocalBackend::start(&t.name, &t.model, settings)?);
+                    let reused = old
+                        .filter(|o| o.config.tiers.get(&t.name) == Some(t))
+                        .and_then(|o| o.local_tiers.get(&t.name).cloned());
+                    let b = match reused {
+                        Some(b) => b,
+                        None => Arc::new(LocalBackend::start(&t.name, &t.model, settings)?),
+                    };
                     local_tiers.insert(t.name.clone(), b.clone());
                     backends.insert(t.name.clone(), b);
                 }
@@ -76,7 +92,13 @@ impl Runtime {
         let length = LengthScorer {
             half_tokens: config.length_half_tokens,
         };
+        let old_classifier = old
+            .filter(|o| {
+                o.config.classifier == config.classifier && o.config.length_half_tokens == config.length_half_tokens
+            })
+            .and_then(|o| o.classifier.clone());
         let classifier = match &config.classifier {
+            Some(_) if old_classifier.is_some() => old_classifier,
             Some(c) => Some(Arc::new(classifier::Classifier::start(
                 c,
                 LengthScorer {
@@ -89,6 +111,11 @@ impl Runtime {
             Some(c) => (c.clone(), "classifier"),
             None => (Arc::new(length), "length"),
         };
+        let stickiness = match old {
+            Some(o) if o.config.stickiness == config.stickiness => o.stickiness.clone(),
+            _ if config.stickiness.enabled => Some(Arc::new(routing::sticky::Stickiness::new(&config.stickiness))),
+            _ => None,
+        };
         Ok(Runtime {
             config,
             backends,
@@ -97,6 +124,7 @@ impl Runtime {
             tier_problems,
             classifier,
             local_tiers,
+            stickiness,
         })
     }
 }
@@ -107,6 +135,8 @@ pub struct AppState {
     pub ledger: Ledger,
     pub onnxruntime_version: String,
     pub metrics: Arc<telemetry::Metrics>,
+    /// The last reload's outcome, for `/readyz` and `/metrics`.
+    pub reload: reload::ReloadState,
 }
 
 impl AppState {
@@ -125,12 +155,14 @@ impl AppState {
             ledger,
             onnxruntime_version,
             metrics,
+            reload: reload::ReloadState::default(),
         }))
     }
 }
 
 /// Serves until `shutdown` resolves, then lets in-flight requests finish and flushes the
-/// ledger.
+/// ledger. Meanwhile the config and policy files are watched and reloaded when they change
+/// (and on SIGHUP, see [`reload::watch`]).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: Arc<AppState>,
@@ -144,9 +176,13 @@ pub async fn serve(
             tracing::warn!("cannot set TCP_NODELAY on an accepted connection: {e}");
         }
     });
+    let stop = tokio_util::sync::CancellationToken::new();
+    let watcher = tokio::spawn(reload::watch(state.clone(), stop.clone()));
     let result = axum::serve(listener, app(state.clone()))
         .with_graceful_shutdown(shutdown)
         .await;
+    stop.cancel();
+    let _ = watcher.await;
     state.ledger.flush().await;
     result
 }

@@ -17,7 +17,7 @@ use tokio::sync::{mpsc, oneshot};
 pub use self::features::{Featurizer, Spec};
 use crate::routing::{LengthScorer, Score, Scorer};
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ClassifierConfig {
     /// Directory with the encoder's `model.onnx` and `tokenizer.json`.
     pub encoder_dir: PathBuf,

@@ -11,6 +11,7 @@ use serde::Deserialize;
 use crate::classifier::ClassifierConfig;
 use crate::local::LocalSettings;
 use crate::policy::Policy;
+use crate::routing::sticky::StickinessConfig;
 
 /// A configuration that failed to load; the message names the file and the key path.
 #[derive(Debug, thiserror::Error)]
@@ -36,6 +37,8 @@ struct ConfigToml {
     limits: LimitsToml,
     #[serde(default)]
     telemetry: TelemetryToml,
+    #[serde(default)]
+    reload: ReloadToml,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -66,12 +69,33 @@ struct RoutingToml {
     #[serde(default = "default_aliases")]
     aliases: Vec<String>,
     policy: PathBuf,
+    /// More policies, selectable per request as `model: "tiergate:<name>"`.
+    #[serde(default)]
+    policies: Vec<PathBuf>,
+    /// A directory whose every `*.toml` is loaded like an entry of `policies`.
+    policies_dir: Option<PathBuf>,
+    #[serde(default)]
+    stickiness: StickinessToml,
     #[serde(default)]
     scorer: Option<String>,
     #[serde(default)]
     length_scorer: LengthScorerToml,
     #[serde(default)]
     classifier: ClassifierToml,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StickinessToml {
+    enabled: Option<bool>,
+    ttl_secs: Option<f64>,
+    capacity: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReloadToml {
+    poll_secs: Option<f64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -145,7 +169,15 @@ pub struct Config {
     pub baseline: Price,
     pub baseline_model: String,
     pub aliases: Vec<String>,
+    /// The default policy: what the aliases (`tiergate-auto`) route with.
     pub policy: Policy,
+    /// Every loaded policy by name, the default included (`model: "tiergate:<name>"`).
+    pub policies: BTreeMap<String, Policy>,
+    /// `routing.policies_dir`, resolved; watched so that a new file in it is loaded.
+    pub policies_dir: Option<PathBuf>,
+    pub stickiness: StickinessConfig,
+    /// How often the config and policy files are checked for changes; `None`: only on SIGHUP.
+    pub reload_poll: Option<Duration>,
     pub length_half_tokens: f64,
     /// `None`: the length scorer alone.
     pub classifier: Option<ClassifierConfig>,
@@ -199,7 +231,7 @@ impl Price {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct TierConfig {
     pub name: String,
     pub model: String,
@@ -207,7 +239,7 @@ pub struct TierConfig {
     pub backend: BackendConfig,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum BackendConfig {
     /// Any OpenAI-compatible HTTP server (OpenAI, vLLM, Ollama, llama.cpp server…).
     OpenAi {
@@ -230,6 +262,14 @@ impl Config {
         Self::parse(&text, path)
     }
 
+    /// The files this config was read from, watched for hot reload.
+    pub fn files(&self) -> Vec<PathBuf> {
+        let mut out = vec![self.file.clone()];
+        out.extend(self.policies.values().map(|p| p.file.clone()));
+        out.extend(self.policies_dir.clone());
+        out
+    }
+
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
         let raw: ConfigToml = toml::from_str(text).map_err(|e| err(path, e))?;
         let base_dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
@@ -250,6 +290,7 @@ impl Config {
             tiers,
             limits,
             telemetry,
+            reload,
         } = raw;
 
         let listen = listen.as_deref().unwrap_or("127.0.0.1:8080");
@@ -308,6 +349,9 @@ impl Config {
         let RoutingToml {
             aliases,
             policy,
+            policies: extra_policies,
+            policies_dir,
+            stickiness,
             scorer,
             length_scorer,
             classifier,
@@ -331,6 +375,73 @@ impl Config {
         }
         let policy =
             Policy::load(&resolve(&policy), &out_tiers).map_err(|e| err(path, format!("routing.policy: {e}")))?;
+        let mut policies = BTreeMap::from([(policy.name.clone(), policy.clone())]);
+        let mut extra: Vec<(String, PathBuf)> = extra_policies
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (format!("routing.policies[{i}]"), resolve(p)))
+            .collect();
+        let policies_dir = policies_dir.as_deref().map(resolve);
+        if let Some(dir) = &policies_dir {
+            let entries = std::fs::read_dir(dir).map_err(|e| {
+                err(
+                    path,
+                    format!("routing.policies_dir `{}`: cannot read: {e}", dir.display()),
+                )
+            })?;
+            let mut files: Vec<PathBuf> = entries
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+                .collect();
+            files.sort();
+            let same = |a: &Path, b: &Path| a.canonicalize().ok().is_some_and(|a| b.canonicalize().ok() == Some(a));
+            for f in files {
+                // The default policy (or a listed one) may live in the directory too.
+                if same(&f, &policy.file) || extra.iter().any(|(_, e)| same(&f, e)) {
+                    continue;
+                }
+                extra.push(("routing.policies_dir".to_owned(), f));
+            }
+        }
+        for (key, file) in extra {
+            let p = Policy::load(&file, &out_tiers).map_err(|e| err(path, format!("{key}: {e}")))?;
+            if let Some(other) = policies.get(&p.name) {
+                return Err(err(
+                    path,
+                    format!(
+                        "{key}: `{}` and `{}` are both named `{}`; give one another `name`",
+                        p.file.display(),
+                        other.file.display(),
+                        p.name
+                    ),
+                ));
+            }
+            policies.insert(p.name.clone(), p);
+        }
+        let StickinessToml {
+            enabled,
+            ttl_secs,
+            capacity,
+        } = stickiness;
+        let stickiness = StickinessConfig {
+            enabled: enabled.unwrap_or(true),
+            ttl: secs(path, "routing.stickiness.ttl_secs", ttl_secs.unwrap_or(3600.0))?,
+            capacity: positive(
+                path,
+                "routing.stickiness.capacity",
+                capacity.unwrap_or(100_000) as usize,
+            )? as u64,
+        };
+        let ReloadToml { poll_secs } = reload;
+        let reload_poll = match poll_secs.unwrap_or(1.0) {
+            0.0 => None,
+            s => Some(secs(path, "reload.poll_secs", s).map_err(|_| {
+                err(
+                    path,
+                    "reload.poll_secs must be > 0 (seconds), or 0 to reload only on SIGHUP",
+                )
+            })?),
+        };
         let LengthScorerToml { half_tokens } = length_scorer;
         let length_half_tokens = half_tokens.unwrap_or(128.0);
         if !(length_half_tokens.is_finite() && length_half_tokens > 0.0) {
@@ -373,6 +484,10 @@ impl Config {
             baseline_model,
             aliases,
             policy,
+            policies,
+            policies_dir,
+            stickiness,
+            reload_poll,
             length_half_tokens,
             classifier,
             tiers: out_tiers,

@@ -161,3 +161,100 @@ fn machine_priced_tiers_charge_their_share_of_the_machine() {
         "{e}"
     );
 }
+
+/// Every shipped policy passes `tiergate policy check` against the config it is meant for;
+/// a new file in `policies/` must be added here.
+#[test]
+fn shipped_policies_check_against_their_configs() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let meant_for = [
+        ("balanced.toml", "examples/tiergate.toml"),
+        ("cost-saver.toml", "examples/tiergate.toml"),
+        ("quality-first.toml", "examples/tiergate.toml"),
+        ("test.toml", "examples/tiergate.toml"),
+        ("local-first.toml", "examples/local.toml"),
+        ("private-first.toml", "examples/local.toml"),
+    ];
+    let mut files: Vec<String> = std::fs::read_dir(root.join("policies"))
+        .expect("policies/")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    files.sort();
+    let mut listed: Vec<String> = meant_for.iter().map(|(f, _)| (*f).to_owned()).collect();
+    listed.sort();
+    assert_eq!(files, listed, "say which config each policy in policies/ is for");
+    for (file, config) in meant_for {
+        let c = Config::load(&root.join(config)).unwrap_or_else(|e| panic!("{e}"));
+        crate::policy::Policy::load(&root.join("policies").join(file), &c.tiers).unwrap_or_else(|e| panic!("{e}"));
+    }
+    // The example configs load their selectable policies.
+    let c = Config::load(&root.join("examples/tiergate.toml")).expect("valid");
+    assert_eq!(
+        c.policies.keys().map(String::as_str).collect::<Vec<_>>(),
+        ["balanced", "cost-saver", "quality-first"]
+    );
+    let c = Config::load(&root.join("examples/local.toml")).expect("valid");
+    assert_eq!(
+        c.policies.keys().map(String::as_str).collect::<Vec<_>>(),
+        ["local-first", "private-first"]
+    );
+}
+
+#[test]
+fn routing_policies_stickiness_and_reload_are_validated() {
+    let c = parse(&example()).expect("valid");
+    assert!(c.stickiness.enabled);
+    assert_eq!(c.stickiness.ttl.as_secs(), 3600);
+    assert_eq!(c.reload_poll.map(|d| d.as_secs()), Some(1));
+    let twice = example().replace(
+        "policies = [\"../policies/cost-saver.toml\"",
+        "policies = [\"../policies/cost-saver.toml\", \"../policies/cost-saver.toml\"",
+    );
+    let e = parse(&twice).expect_err("same name twice");
+    assert!(
+        e.contains("routing.policies[1]:") && e.contains("are both named `cost-saver`"),
+        "{e}"
+    );
+    let e = parse(&example().replace("quality-first.toml", "nope.toml")).expect_err("missing file");
+    assert!(
+        e.contains("routing.policies[1]: policy") && e.contains("nope.toml`: cannot read"),
+        "{e}"
+    );
+    let e = parse(&example().replace("ttl_secs = 3600", "ttl_secs = 0")).expect_err("ttl");
+    assert!(e.contains("routing.stickiness.ttl_secs must be > 0"), "{e}");
+    let e = parse(&example().replace("poll_secs = 1", "poll_secs = -1")).expect_err("poll");
+    assert!(e.contains("reload.poll_secs must be > 0"), "{e}");
+    let c = parse(&example().replace("poll_secs = 1", "poll_secs = 0")).expect("sighup only");
+    assert_eq!(c.reload_poll, None);
+}
+
+#[test]
+fn policies_dir_loads_every_policy_file_in_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rules = "[[rules]]\nname = \"all\"\ntier = \"small\"\n";
+    for (file, name) in [("a.toml", "alpha"), ("b.toml", "beta"), ("notes.txt", "ignored")] {
+        std::fs::write(dir.path().join(file), format!("name = \"{name}\"\n{rules}")).expect("write");
+    }
+    let with_dir = |d: &Path| {
+        example().replace(
+            "policies = [",
+            &format!("policies_dir = \"{}\"\npolicies = [", d.display()),
+        )
+    };
+    let c = parse(&with_dir(dir.path())).expect("valid");
+    assert_eq!(
+        c.policies.keys().map(String::as_str).collect::<Vec<_>>(),
+        ["alpha", "balanced", "beta", "cost-saver", "quality-first"]
+    );
+    // The shipped directory holds the default and listed policies too (skipped), and
+    // policies for other tiers (an error that names the file).
+    let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("policies");
+    let e = parse(&with_dir(&shipped)).expect_err("local-first needs a `local` tier");
+    assert!(
+        e.contains("routing.policies_dir: policy") && e.contains("local-first.toml`: rules[0].tier"),
+        "{e}"
+    );
+    std::fs::write(dir.path().join("c.toml"), format!("name = \"alpha\"\n{rules}")).expect("write");
+    let e = parse(&with_dir(dir.path())).expect_err("two alphas");
+    assert!(e.contains("are both named `alpha`"), "{e}");
+}

@@ -12,12 +12,12 @@ use axum::response::{IntoResponse, Response};
 use futures::StreamExt;
 use sha2::{Digest, Sha256};
 
-use crate::config::Price;
-use crate::config::TierConfig;
+use crate::config::{BackendConfig, Price, TierConfig};
 use crate::error::Error;
 use crate::ledger::{Attempt, Ledger, Record};
 use crate::openai::{ChatRequest, Usage};
-use crate::routing::{self, RouteDecision};
+use crate::routing::sticky::{self, HEADER_CONVERSATION};
+use crate::routing::{self, RequestContext, RouteDecision};
 use crate::telemetry::trace;
 use crate::upstream::{Backend, Completion, StreamItem};
 use crate::{AppState, Runtime, tokens};
@@ -29,7 +29,7 @@ pub async fn chat_completions(State(st): State<Arc<AppState>>, headers: HeaderMa
     acct.metrics = Some(st.metrics.clone());
     let span = trace::request_span(&acct.rec.request_id);
     acct.span = Some(span.clone());
-    let result = handle(&rt, &mut acct, body).instrument(span).await;
+    let result = handle(&rt, &mut acct, &headers, body).instrument(span).await;
     match result {
         Ok(Reply::Whole(resp)) => resp,
         Ok(Reply::Stream(resp)) => resp,
@@ -49,17 +49,46 @@ enum Reply {
     Stream(Response),
 }
 
-async fn handle(rt: &Arc<Runtime>, acct: &mut Accounting, body: Body) -> Result<Reply, Error> {
+/// What the policy may read beyond the body: headers, the client's key id, local load.
+pub(super) fn request_context(rt: &Runtime, headers: &HeaderMap) -> RequestContext {
+    let mut ctx = RequestContext::from_headers(headers);
+    // The raw key is a secret: rules see only its id. `team` is filled by virtual keys.
+    ctx.headers.remove(header::AUTHORIZATION.as_str());
+    ctx.key = api_key_id(headers);
+    for (name, b) in &rt.local_tiers {
+        if let Some(BackendConfig::Local(s)) = rt.config.tiers.get(name).map(|t| &t.backend) {
+            ctx.local_load
+                .insert(name.clone(), b.in_flight() as f64 / s.max_concurrent.max(1) as f64);
+        }
+    }
+    ctx
+}
+
+async fn handle(rt: &Arc<Runtime>, acct: &mut Accounting, headers: &HeaderMap, body: Body) -> Result<Reply, Error> {
     let bytes = super::read_body(body, rt.config.max_body_bytes).await?;
     let mut req = ChatRequest::parse(&bytes)?;
     acct.rec.requested_model = Some(req.model.clone());
     acct.rec.streamed = req.is_stream();
 
-    let decision = routing::route(&rt.config, &rt.scorer, &req).await?;
+    let ctx = request_context(rt, headers);
+    let mut decision = routing::route_with(&rt.config, &rt.scorer, &req, &ctx).await?;
+    let conversation = sticky::apply(
+        rt.stickiness.as_deref(),
+        &rt.config.tiers,
+        &mut decision,
+        ctx.headers.get(HEADER_CONVERSATION).map(String::as_str),
+        &req,
+    );
     let (mut tier, mut backend) = tier_backend(rt, &decision.tier)?;
     acct.routed(&decision, &tier.model, tier.price, tokens::estimate(&req.all_text()));
     req.model = tier.model.clone();
+    // The first call may be clamped (a local tier's cap); a spill or escalation is not.
+    let mut first_req = req.clone();
+    if let Some(cap) = decision.max_output_tokens {
+        routing::clamp_output(&mut first_req, cap);
+    }
 
+    remember(rt, conversation.as_deref(), &decision.tier);
     acct.gateway_done();
     if req.is_stream() {
         let client_wants_usage = req
@@ -68,7 +97,7 @@ async fn handle(rt: &Arc<Runtime>, acct: &mut Accounting, body: Body) -> Result<
             .and_then(|o| o.include_usage)
             .unwrap_or(false);
         let mut tier_span = trace::tier_span(tier);
-        let upstream = match backend.stream(req.clone()).instrument(tier_span.clone()).await {
+        let upstream = match backend.stream(first_req).instrument(tier_span.clone()).await {
             Err(Error::LocalSaturated { .. }) if decision.then.on_saturated.is_some() => {
                 (tier, backend) = spill(rt, acct, &decision)?;
                 req.model = tier.model.clone();
@@ -85,7 +114,7 @@ async fn handle(rt: &Arc<Runtime>, acct: &mut Accounting, body: Body) -> Result<
             tier_span,
         )))
     } else {
-        let mut done = match backend.complete(req.clone()).instrument(trace::tier_span(tier)).await {
+        let mut done = match backend.complete(first_req).instrument(trace::tier_span(tier)).await {
             Err(Error::LocalSaturated { .. }) if decision.then.on_saturated.is_some() => {
                 (tier, backend) = spill(rt, acct, &decision)?;
                 req.model = tier.model.clone();
@@ -97,6 +126,9 @@ async fn handle(rt: &Arc<Runtime>, acct: &mut Accounting, body: Body) -> Result<
             && done.confidence.is_some_and(|c| c < esc.min_confidence)
         {
             done = escalate(rt, acct, done, &esc.tier, req).await;
+            if acct.rec.tier.as_deref() == Some(esc.tier.as_str()) {
+                remember(rt, conversation.as_deref(), &esc.tier);
+            }
         }
         acct.called_tier = true;
         acct.usage = done.usage;
@@ -109,6 +141,15 @@ async fn handle(rt: &Arc<Runtime>, acct: &mut Accounting, body: Body) -> Result<
         acct.finish("ok", 200);
         Ok(Reply::Whole(resp))
     }
+}
+
+/// Records that `conversation` reached `tier` (kept only if stronger than what it had).
+fn remember(rt: &Runtime, conversation: Option<&str>, tier: &str) {
+    let (Some(store), Some(id), Some(t)) = (&rt.stickiness, conversation, rt.config.tiers.get(tier)) else {
+        return;
+    };
+    let held = store.get(id);
+    store.raise(id, t, held.as_ref().and_then(|h| rt.config.tiers.get(h)));
 }
 
 fn tier_backend<'a>(rt: &'a Runtime, name: &str) -> Result<(&'a TierConfig, Arc<dyn Backend>), Error> {

@@ -61,12 +61,17 @@ async fn not_found(uri: axum::http::Uri) -> impl IntoResponse {
 }
 
 /// `POST /v1/route`: the decision for a chat-completions body, without calling a model.
-async fn route(State(st): State<Arc<AppState>>, body: axum::body::Body) -> axum::response::Response {
+async fn route(
+    State(st): State<Arc<AppState>>,
+    headers: axum::http::HeaderMap,
+    body: axum::body::Body,
+) -> axum::response::Response {
     let rt = st.runtime.load_full();
     let result = async {
         let body = read_body(body, rt.config.max_body_bytes).await?;
         let req = crate::openai::ChatRequest::parse(&body)?;
-        crate::routing::explain(&rt.config, &rt.scorer, &req).await
+        let ctx = chat::request_context(&rt, &headers);
+        crate::routing::explain_with(&rt.config, &rt.scorer, &req, &ctx, rt.stickiness.as_deref()).await
     }
     .await;
     match result {
@@ -83,6 +88,9 @@ async fn models(State(st): State<Arc<AppState>>) -> impl IntoResponse {
         .iter()
         .map(|a| json!({"id": a, "object": "model", "created": 0, "owned_by": "tiergate"}))
         .collect();
+    data.extend(rt.config.policies.keys().map(|p| {
+        json!({"id": format!("{}{p}", crate::routing::POLICY_MODEL_PREFIX), "object": "model", "created": 0, "owned_by": "tiergate"})
+    }));
     data.extend(
         rt.config.tiers.values().map(
             |t| json!({"id": t.model, "object": "model", "created": 0, "owned_by": format!("tiergate:{}", t.name)}),
@@ -97,13 +105,13 @@ async fn metrics(State(st): State<Arc<AppState>>) -> impl IntoResponse {
             axum::http::header::CONTENT_TYPE,
             crate::telemetry::metrics::CONTENT_TYPE,
         )],
-        live_metrics(&st.metrics.encode(), &st.runtime.load()),
+        live_metrics(&st.metrics.encode(), &st.runtime.load(), &st.reload),
     )
 }
 
 /// Adds what belongs to the current runtime (it is swapped on reload, so it is read at
 /// scrape time rather than registered): local tiers' queues and the classifier's counters.
-fn live_metrics(encoded: &str, rt: &crate::Runtime) -> String {
+fn live_metrics(encoded: &str, rt: &crate::Runtime, reload: &crate::reload::ReloadState) -> String {
     use std::fmt::Write as _;
     use std::sync::atomic::Ordering::Relaxed;
     let body = encoded.strip_suffix("# EOF\n").unwrap_or(encoded);
@@ -138,6 +146,26 @@ fn live_metrics(encoded: &str, rt: &crate::Runtime) -> String {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name}_total {v}");
         }
     }
+    out.push_str(
+        "# HELP tiergate_reloads Configuration reloads, by outcome (`error`: rejected, the old config kept serving).\n",
+    );
+    out.push_str("# TYPE tiergate_reloads counter\n");
+    let _ = writeln!(
+        out,
+        "tiergate_reloads_total{{outcome=\"applied\"}} {}",
+        reload.applied.load(Relaxed)
+    );
+    let _ = writeln!(
+        out,
+        "tiergate_reloads_total{{outcome=\"error\"}} {}",
+        reload.failed.load(Relaxed)
+    );
+    out.push_str(
+        "# HELP tiergate_reload_ok Whether the last reload was applied (1) or rejected (0); 1 before any reload.\n",
+    );
+    out.push_str("# TYPE tiergate_reload_ok gauge\n");
+    let ok = reload.last().is_none_or(|o| o.ok);
+    let _ = writeln!(out, "tiergate_reload_ok {}", u8::from(ok));
     out.push_str("# EOF\n");
     out
 }
@@ -165,6 +193,8 @@ async fn readyz(State(st): State<Arc<AppState>>) -> impl IntoResponse {
             "dropped": st.ledger.dropped(),
         },
         "policy": rt.config.policy.name,
+        "policies": rt.config.policies.keys().collect::<Vec<_>>(),
+        "reload": st.reload.last(),
         "scorer": rt.scorer_name,
         "tiers": tiers,
     });

@@ -1,14 +1,19 @@
 //! Routing: a [`Scorer`] turns the request's text into a difficulty score in [0,1], the
 //! policy turns score and request facts into a tier. Logical model → policy → tier.
+//! `sticky` keeps a conversation on the strongest tier it reached.
 
+pub mod sticky;
+
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use futures::future::BoxFuture;
+use serde_json::Value;
 
-use crate::config::Config;
+use crate::config::{BackendConfig, Config};
 use crate::error::Error;
 use crate::openai::ChatRequest;
-use crate::policy::{Facts, Then};
+use crate::policy::{Facts, Policy, Rule, Then};
 use crate::telemetry::trace;
 use crate::tokens;
 use tracing::Instrument;
@@ -52,6 +57,36 @@ impl Scorer for LengthScorer {
     }
 }
 
+/// What the HTTP layer knows about a request beyond its body.
+#[derive(Debug, Clone, Default)]
+pub struct RequestContext {
+    /// Request headers, names lowercased (values that are not visible ASCII are left out).
+    pub headers: BTreeMap<String, String>,
+    /// The client's key id (`key-` + hash), never the key.
+    pub key: Option<String>,
+    pub team: Option<String>,
+    /// Local tiers' load now: requests running or waiting / `max_concurrent`.
+    pub local_load: BTreeMap<String, f64>,
+}
+
+/// The header that forces a tier, when the policy has `allow_tier_override = true`.
+pub const HEADER_FORCE_TIER: &str = "x-tiergate-tier";
+/// The prefix of models that pick a policy by name: `tiergate:<policy>`.
+pub const POLICY_MODEL_PREFIX: &str = "tiergate:";
+
+impl RequestContext {
+    pub fn from_headers(headers: &axum::http::HeaderMap) -> RequestContext {
+        let headers = headers
+            .iter()
+            .filter_map(|(k, v)| Some((k.as_str().to_owned(), v.to_str().ok()?.to_owned())))
+            .collect();
+        RequestContext {
+            headers,
+            ..RequestContext::default()
+        }
+    }
+}
+
 /// Why a request went where it went.
 #[derive(Debug, Clone)]
 pub struct RouteDecision {
@@ -62,44 +97,233 @@ pub struct RouteDecision {
     pub prompt_tokens: u64,
     /// The rule's spill and escalation tiers (none for a request that named a tier).
     pub then: Then,
+    /// `max_tokens` is clamped to this for the first call (the rule's tier is local and the
+    /// rule has `max_local_output_tokens`).
+    pub max_output_tokens: Option<u64>,
+    /// The conversation may be kept on (and raise) its sticky tier.
+    pub sticky: bool,
+    /// What the rules saw; `None` when no policy was evaluated.
+    pub facts: Option<Facts>,
+    /// Things a cap or the override changed, for `explain`.
+    pub notes: Vec<String>,
+}
+
+/// The policy a requested model names: `None` for a tier's own model (no policy).
+pub fn select_policy<'a>(config: &'a Config, model: &str) -> Result<Option<&'a Policy>, Error> {
+    if config.tiers.values().any(|t| t.model == model) {
+        return Ok(None);
+    }
+    if config.aliases.iter().any(|a| a == model) {
+        return Ok(Some(&config.policy));
+    }
+    if let Some(name) = model.strip_prefix(POLICY_MODEL_PREFIX) {
+        return match config.policies.get(name) {
+            Some(p) => Ok(Some(p)),
+            None => Err(Error::PolicyNotFound {
+                model: model.to_owned(),
+                available: config
+                    .policies
+                    .keys()
+                    .map(|n| format!("{POLICY_MODEL_PREFIX}{n}"))
+                    .collect(),
+            }),
+        };
+    }
+    Err(Error::ModelNotFound(model.to_owned()))
+}
+
+/// The facts rules look at, from the request body and its context.
+pub fn facts(req: &ChatRequest, text: String, score: f64, prompt_tokens: u64, ctx: &RequestContext) -> Facts {
+    let has = |k: &str| {
+        req.rest
+            .get(k)
+            .is_some_and(|v| !v.is_null() && v.as_array().is_none_or(|a| !a.is_empty()))
+    };
+    let json_mode = req
+        .rest
+        .get("response_format")
+        .and_then(|f| f.get("type"))
+        .and_then(Value::as_str)
+        .is_some_and(|t| t == "json_object" || t == "json_schema");
+    let images = req.messages.iter().any(|m| match &m.content {
+        Some(Value::Array(parts)) => parts
+            .iter()
+            .any(|p| p.get("type").and_then(Value::as_str) == Some("image_url")),
+        _ => false,
+    });
+    Facts {
+        score,
+        prompt_tokens,
+        model: req.model.clone(),
+        turns: req.messages.iter().filter(|m| m.role == "user").count() as u64,
+        tools: has("tools") || has("functions"),
+        json_mode,
+        images,
+        text,
+        key: ctx.key.clone(),
+        team: ctx.team.clone(),
+        headers: ctx.headers.clone(),
+        local_load: ctx.local_load.clone(),
+    }
+}
+
+/// The output tokens a request asks for, if it says.
+pub fn requested_output_tokens(req: &ChatRequest) -> Option<u64> {
+    ["max_completion_tokens", "max_tokens"]
+        .iter()
+        .find_map(|k| req.rest.get(*k).and_then(Value::as_u64))
+}
+
+/// Decides a tier for a request under one configuration snapshot, without request context.
+pub async fn route(config: &Config, scorer: &Arc<dyn Scorer>, req: &ChatRequest) -> Result<RouteDecision, Error> {
+    route_with(config, scorer, req, &RequestContext::default()).await
 }
 
 /// Decides a tier for a request under one configuration snapshot.
-pub async fn route(config: &Config, scorer: &Arc<dyn Scorer>, req: &ChatRequest) -> Result<RouteDecision, Error> {
+pub async fn route_with(
+    config: &Config,
+    scorer: &Arc<dyn Scorer>,
+    req: &ChatRequest,
+    ctx: &RequestContext,
+) -> Result<RouteDecision, Error> {
     let scored = req.scored_text();
     let prompt_tokens = tokens::estimate(&scored);
-    if let Some(tier) = config.tiers.values().find(|t| t.model == req.model) {
-        return Ok(RouteDecision {
-            tier: tier.name.clone(),
-            rule: "explicit-model".to_owned(),
-            policy: None,
-            score: None,
-            prompt_tokens,
-            then: Then::default(),
-        });
-    }
-    if !config.aliases.iter().any(|a| a == &req.model) {
-        return Err(Error::ModelNotFound(req.model.clone()));
+    let decision = |tier: String, rule: &str, policy: Option<String>| RouteDecision {
+        tier,
+        rule: rule.to_owned(),
+        policy,
+        score: None,
+        prompt_tokens,
+        then: Then::default(),
+        max_output_tokens: None,
+        sticky: false,
+        facts: None,
+        notes: Vec::new(),
+    };
+    let Some(policy) = select_policy(config, &req.model)? else {
+        let tier = config
+            .tiers
+            .values()
+            .find(|t| t.model == req.model)
+            .ok_or_else(|| Error::ModelNotFound(req.model.clone()))?;
+        return Ok(decision(tier.name.clone(), "explicit-model", None));
+    };
+    if let Some(forced) = ctx.headers.get(HEADER_FORCE_TIER) {
+        if !policy.allow_tier_override {
+            return Err(Error::InvalidRequest {
+                message: format!(
+                    "policy `{}` does not let clients choose a tier with the `{HEADER_FORCE_TIER}` header; remove the header, or set `allow_tier_override = true` in `{}`",
+                    policy.name,
+                    policy.file.display()
+                ),
+                param: None,
+                code: "tier_override_not_allowed",
+            });
+        }
+        if !config.tiers.contains_key(forced) {
+            return Err(Error::InvalidRequest {
+                message: format!(
+                    "`{HEADER_FORCE_TIER}: {forced}` is not a tier; use one of {}",
+                    config.tiers.keys().map(String::as_str).collect::<Vec<_>>().join(", ")
+                ),
+                param: None,
+                code: "unknown_tier",
+            });
+        }
+        let mut d = decision(forced.clone(), "tier-override", Some(policy.name.clone()));
+        d.notes
+            .push(format!("`{HEADER_FORCE_TIER}` header chose tier `{forced}`"));
+        return Ok(d);
     }
     let span = trace::score_span(prompt_tokens);
     let score = scorer.score(&scored, prompt_tokens).instrument(span.clone()).await;
     trace::scored(&span, &score);
-    let span = trace::policy_span(&config.policy.name);
-    let rule = span.in_scope(|| {
-        config.policy.decide(&Facts {
-            score: score.value,
-            prompt_tokens,
-        })
-    });
+    let span = trace::policy_span(&policy.name);
+    let facts = facts(req, scored, score.value, prompt_tokens, ctx);
+    let rule = span.in_scope(|| policy.decide(&facts));
     trace::decided(&span, rule);
-    Ok(RouteDecision {
+    let mut d = RouteDecision {
         tier: rule.tier.clone(),
         rule: rule.name.clone(),
-        policy: Some(config.policy.name.clone()),
+        policy: Some(policy.name.clone()),
         score: Some(score),
         prompt_tokens,
         then: rule.then.clone(),
-    })
+        max_output_tokens: None,
+        sticky: policy.stickiness,
+        facts: None,
+        notes: Vec::new(),
+    };
+    apply_caps(config, rule, req, &mut d)?;
+    d.facts = Some(facts);
+    Ok(d)
+}
+
+/// The rule's caps: clamp a local tier's output, keep the estimated cost under the cap.
+fn apply_caps(config: &Config, rule: &Rule, req: &ChatRequest, d: &mut RouteDecision) -> Result<(), Error> {
+    let is_local = |tier: &str| {
+        config
+            .tiers
+            .get(tier)
+            .is_some_and(|t| matches!(t.backend, BackendConfig::Local(_)))
+    };
+    let clamp = |tier: &str| rule.caps.max_local_output_tokens.filter(|_| is_local(tier));
+    d.max_output_tokens = clamp(&d.tier);
+    let Some(cap) = rule.caps.max_cost_usd else {
+        return Ok(());
+    };
+    let prompt = tokens::estimate(&req.all_text());
+    let requested = requested_output_tokens(req).unwrap_or(DEFAULT_OUTPUT_ESTIMATE);
+    let cost = |tier: &str| {
+        let output = clamp(tier).map_or(requested, |c| c.min(requested));
+        config.tiers.get(tier).map_or(0.0, |t| t.price.cost(prompt, output))
+    };
+    let estimate = cost(&d.tier);
+    if estimate <= cap {
+        return Ok(());
+    }
+    match &rule.caps.over_cost_tier {
+        Some(to) => {
+            d.notes.push(format!(
+                "estimated ${estimate:.6} at `{}` is over max_cost_usd ${cap}; sent to over_cost_tier `{to}`",
+                d.tier
+            ));
+            d.tier = to.clone();
+            d.then = Then::default();
+            // Stickiness would lift the request back over the cap.
+            d.sticky = false;
+            d.max_output_tokens = clamp(to);
+            Ok(())
+        }
+        None => Err(Error::InvalidRequest {
+            message: format!(
+                "the estimated cost ${estimate:.6} ({prompt} prompt + {requested} output tokens at tier `{}`) is over the ${cap} cap of rule `{}` in policy `{}`; lower `max_tokens` or shorten the prompt",
+                d.tier,
+                rule.name,
+                d.policy.as_deref().unwrap_or("-")
+            ),
+            param: Some("max_tokens".to_owned()),
+            code: "cost_cap_exceeded",
+        }),
+    }
+}
+
+/// Sets the request's output limit to at most `cap` (the field it uses, else `max_tokens`).
+pub fn clamp_output(req: &mut ChatRequest, cap: u64) {
+    let mut set = false;
+    for key in ["max_completion_tokens", "max_tokens"] {
+        if let Some(v) = req.rest.get_mut(key)
+            && !v.is_null()
+        {
+            if v.as_u64().is_none_or(|n| n > cap) {
+                *v = Value::from(cap);
+            }
+            set = true;
+        }
+    }
+    if !set {
+        req.rest.insert("max_tokens".to_owned(), Value::from(cap));
+    }
 }
 
 /// Output tokens assumed for a cost estimate when the request sets no `max_tokens`.
@@ -120,8 +344,10 @@ pub struct Explanation {
     pub output_tokens_assumed: u64,
     pub estimated_cost_usd: f64,
     pub baseline_cost_usd: f64,
-    /// Each rule in order, whether it matched; evaluation stops at the first match.
+    /// Each rule in order, whether it matched and why; evaluation stops at the first match.
     pub trace: Vec<RuleTrace>,
+    /// What the tier override or a cap changed after the rule matched.
+    pub notes: Vec<String>,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -129,39 +355,57 @@ pub struct RuleTrace {
     pub rule: String,
     pub tier: String,
     pub matched: bool,
+    /// For a match, the conditions that held; otherwise the first that failed.
+    pub why: String,
+}
+
+/// Each rule of `policy` in order until the first match, with the reason.
+pub fn rule_trace(policy: &Policy, facts: &Facts) -> Vec<RuleTrace> {
+    let mut out = Vec::new();
+    for r in &policy.rules {
+        let (matched, why) = match r.check(facts) {
+            Ok(why) => (true, why),
+            Err(why) => (false, why),
+        };
+        out.push(RuleTrace {
+            rule: r.name.clone(),
+            tier: r.tier.clone(),
+            matched,
+            why,
+        });
+        if matched {
+            break;
+        }
+    }
+    out
 }
 
 pub async fn explain(config: &Config, scorer: &Arc<dyn Scorer>, req: &ChatRequest) -> Result<Explanation, Error> {
-    let d = route(config, scorer, req).await?;
+    explain_with(config, scorer, req, &RequestContext::default(), None).await
+}
+
+/// The explanation of a request with its context; with the gateway's stickiness store, a
+/// conversation held on a stronger tier is explained as the chat endpoint would route it
+/// (the store is only read).
+pub async fn explain_with(
+    config: &Config,
+    scorer: &Arc<dyn Scorer>,
+    req: &ChatRequest,
+    ctx: &RequestContext,
+    stickiness: Option<&sticky::Stickiness>,
+) -> Result<Explanation, Error> {
+    let mut d = route_with(config, scorer, req, ctx).await?;
+    let header = ctx.headers.get(sticky::HEADER_CONVERSATION).map(String::as_str);
+    sticky::apply(stickiness, &config.tiers, &mut d, header, req);
     let tier = config
         .tiers
         .get(&d.tier)
         .ok_or_else(|| Error::Internal(format!("unknown tier `{}`", d.tier)))?;
     let prompt_tokens = tokens::estimate(&req.all_text());
-    let output = ["max_completion_tokens", "max_tokens"]
-        .iter()
-        .find_map(|k| req.rest.get(*k).and_then(serde_json::Value::as_u64))
-        .unwrap_or(DEFAULT_OUTPUT_ESTIMATE);
-    let trace = match (&d.policy, d.score) {
-        (Some(_), Some(s)) => {
-            let facts = Facts {
-                score: s.value,
-                prompt_tokens: d.prompt_tokens,
-            };
-            let mut out = Vec::new();
-            for r in &config.policy.rules {
-                let matched = r.matches(&facts);
-                out.push(RuleTrace {
-                    rule: r.name.clone(),
-                    tier: r.tier.clone(),
-                    matched,
-                });
-                if matched {
-                    break;
-                }
-            }
-            out
-        }
+    let requested = requested_output_tokens(req).unwrap_or(DEFAULT_OUTPUT_ESTIMATE);
+    let output = d.max_output_tokens.map_or(requested, |c| c.min(requested));
+    let trace = match (select_policy(config, &req.model)?, &d.facts) {
+        (Some(policy), Some(facts)) => rule_trace(policy, facts),
         _ => Vec::new(),
     };
     Ok(Explanation {
@@ -177,5 +421,9 @@ pub async fn explain(config: &Config, scorer: &Arc<dyn Scorer>, req: &ChatReques
         estimated_cost_usd: tier.price.cost(prompt_tokens, output),
         baseline_cost_usd: config.baseline.cost(prompt_tokens, output),
         trace,
+        notes: d.notes,
     })
 }
+
+#[cfg(test)]
+mod tests;

@@ -220,8 +220,13 @@ async fn saturation_is_a_429_or_a_spill_as_the_policy_says() {
 
 #[tokio::test]
 async fn a_weak_local_answer_is_escalated_and_both_attempts_are_accounted() {
-    // A threshold no answer reaches, so the local answer is always judged weak.
-    let gw = local_gateway(2, 4, Some(policy("min_confidence = 1.0\nescalate_to = \"cloud\""))).await;
+    // A threshold no answer reaches, so the local answer is always judged weak. Without
+    // stickiness, so that the second request (same conversation) tries the local tier again.
+    let p = format!(
+        "stickiness = false\n{}",
+        policy("min_confidence = 1.0\nescalate_to = \"cloud\"")
+    );
+    let gw = local_gateway(2, 4, Some(p)).await;
     let r = gw.post_chat(&user("tiergate-auto", PROMPT)).await;
     assert_eq!(r.status(), 200);
     assert_eq!(header(&r, "x-tiergate-tier"), "cloud");
@@ -284,4 +289,36 @@ async fn when_escalation_fails_the_local_answer_is_returned_and_both_calls_are_a
         (row.cost_usd - (37.0 * 0.05 + 8.0 * 0.1) / 1e6).abs() < 1e-15,
         "the failed call cost nothing"
     );
+}
+
+#[tokio::test]
+async fn max_local_output_tokens_clamps_the_local_answer_only() {
+    // The answer is 8 tokens; the rule caps local answers at 3, whatever the client asks.
+    let gw = local_gateway(2, 4, Some(policy("max_local_output_tokens = 3"))).await;
+    let mut req = user("tiergate-auto", PROMPT);
+    req["max_tokens"] = json!(50);
+    let r = gw.post_chat(&req).await;
+    assert_eq!((r.status().as_u16(), header(&r, "x-tiergate-tier")), (200, "local"));
+    let body: Value = r.json().await.expect("json");
+    assert_eq!(body["choices"][0]["finish_reason"], "length");
+    assert_eq!(body["usage"]["completion_tokens"], 3);
+    // A request for fewer tokens than the cap keeps its own limit.
+    req["max_tokens"] = json!(2);
+    let body: Value = gw.post_chat(&req).await.json().await.expect("json");
+    assert_eq!(body["usage"]["completion_tokens"], 2);
+    // The same policy sends long prompts to the cloud, unclamped.
+    let long = "Explain in detail, step by step, how a transformer computes attention. ".repeat(8);
+    let mut req = user("tiergate-auto", &long);
+    req["max_tokens"] = json!(50);
+    let r = gw.post_chat(&req).await;
+    assert_eq!(header(&r, "x-tiergate-tier"), "cloud");
+    let sent = gw
+        .fake
+        .requests
+        .lock()
+        .expect("lock")
+        .last()
+        .map(|(_, b)| b.clone())
+        .expect("sent");
+    assert_eq!(sent["max_tokens"], 50);
 }

@@ -8,6 +8,7 @@ mod local;
 mod local_http;
 mod metrics;
 mod otel;
+mod policies;
 mod python_sdk;
 mod replay;
 mod report;

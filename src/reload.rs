@@ -1,0 +1,132 @@
+//! Hot reload: watches the config and policy files (by modification time) and SIGHUP, and
+//! swaps in a new [`Runtime`] only when everything in it validates. Requests already
+//! running keep the runtime they loaded; a failed reload leaves the old one serving.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::{AppState, Runtime};
+
+/// The outcome of the last reload, and how many succeeded or failed.
+#[derive(Debug, Default)]
+pub struct ReloadState {
+    last: Mutex<Option<Outcome>>,
+    pub applied: AtomicU64,
+    pub failed: AtomicU64,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Outcome {
+    pub ok: bool,
+    /// Why the new config or policy was rejected (names the file, key and line).
+    pub error: Option<String>,
+    /// When it was tried (RFC 3339, UTC).
+    pub at: String,
+}
+
+impl ReloadState {
+    pub fn last(&self) -> Option<Outcome> {
+        self.last.lock().map(|l| l.clone()).unwrap_or(None)
+    }
+
+    fn set(&self, ok: bool, error: Option<String>) {
+        let at = time::OffsetDateTime::now_utc()
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap_or_default();
+        if let Ok(mut l) = self.last.lock() {
+            *l = Some(Outcome { ok, error, at });
+        }
+        let counter = if ok { &self.applied } else { &self.failed };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Re-reads the config file the running config came from, with its policies, and swaps it
+/// in with one store. Blocking: it may load models (only for tiers whose config changed).
+pub fn reload(state: &AppState) -> Result<(), String> {
+    let old = state.runtime.load_full();
+    let built = Config::load(&old.config.file)
+        .map_err(|e| e.to_string())
+        .and_then(|mut config| {
+            // `--listen` and the ledger are bound at start; a change to them needs a restart.
+            config.listen = old.config.listen;
+            if config.ledger.path != old.config.ledger.path {
+                tracing::warn!("ledger.path changed; the new path is used after a restart");
+            }
+            Runtime::rebuild(config, Some(&old))
+        });
+    match built {
+        Ok(rt) => {
+            let policies: Vec<&str> = rt.config.policies.keys().map(String::as_str).collect();
+            tracing::info!(config = %rt.config.file.display(), policies = ?policies, "reloaded configuration");
+            state.runtime.store(Arc::new(rt));
+            state.reload.set(true, None);
+            Ok(())
+        }
+        Err(e) => {
+            tracing::error!("reload rejected, the previous configuration stays active: {e}");
+            state.reload.set(false, Some(e.clone()));
+            Err(e)
+        }
+    }
+}
+
+type Stamps = Vec<(PathBuf, Option<(SystemTime, u64)>)>;
+
+fn stamps(files: &[PathBuf]) -> Stamps {
+    files
+        .iter()
+        .map(|f| {
+            let m = std::fs::metadata(f)
+                .ok()
+                .and_then(|m| Some((m.modified().ok()?, m.len())));
+            (f.clone(), m)
+        })
+        .collect()
+}
+
+/// Reloads when a watched file changes (checked every `reload.poll_secs`) or on SIGHUP,
+/// until `stop` is cancelled.
+pub async fn watch(state: Arc<AppState>, stop: CancellationToken) {
+    #[cfg(unix)]
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+    #[cfg(not(unix))]
+    let mut hup: Option<()> = None;
+    let mut seen = stamps(&state.runtime.load().config.files());
+    loop {
+        let poll = state.runtime.load().config.reload_poll;
+        let tick = async {
+            match poll {
+                Some(d) => tokio::time::sleep(d).await,
+                None => std::future::pending().await,
+            }
+        };
+        let signalled = async {
+            match &mut hup {
+                #[cfg(unix)]
+                Some(s) => {
+                    s.recv().await;
+                }
+                _ => std::future::pending::<()>().await,
+            }
+        };
+        let files = state.runtime.load().config.files();
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tick => {
+                if stamps(&files) == seen {
+                    continue;
+                }
+            }
+            () = signalled => tracing::info!("SIGHUP: reloading configuration"),
+        }
+        let st = state.clone();
+        let _ = tokio::task::spawn_blocking(move || reload(&st)).await;
+        seen = stamps(&state.runtime.load().config.files());
+    }
+}

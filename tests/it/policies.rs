@@ -1,0 +1,586 @@
+//! Policies over HTTP and on the command line: per-request policy choice, conversation
+//! stickiness, hot reload (file change, invalid change, SIGHUP), `tiergate policy check`,
+//! `tiergate policy calibrate` and `tiergate explain --policy`.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use crate::common::{self, Setup, gateway_with, header, repo, user};
+
+const LONG: &str = "Derive the closed form of the sum of the first n cubes and prove it by induction, step by step, with every algebraic manipulation shown.";
+
+fn tiergate(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_tiergate"))
+        .args(args)
+        .current_dir(repo())
+        .output()
+        .expect("run tiergate")
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+fn policy_file(gw: &common::Gateway) -> PathBuf {
+    gw.state.runtime.load().config.policy.file.clone()
+}
+
+const TEST_POLICY: &str = "name = \"test\"\n[[rules]]\nname = \"routine\"\nscore_below = 0.5\ntier = \"small\"\n[[rules]]\nname = \"default\"\ntier = \"cloud\"\n";
+
+#[tokio::test]
+async fn tiergate_colon_name_picks_a_loaded_policy() {
+    let gw = gateway_with(&Setup {
+        routing: format!("policies = [\"{}\"]", repo().join("policies/cost-saver.toml").display()),
+        ..Setup::default()
+    })
+    .await;
+    let ids: Vec<String> = gw.get_json("/v1/models").await["data"]
+        .as_array()
+        .expect("data")
+        .iter()
+        .filter_map(|m| m["id"].as_str().map(str::to_owned))
+        .collect();
+    assert!(
+        ids.contains(&"tiergate:test".to_owned()) && ids.contains(&"tiergate:cost-saver".to_owned()),
+        "{ids:?}"
+    );
+
+    let r = gw.post_chat(&user("tiergate:cost-saver", "hi")).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(header(&r, "x-tiergate-policy"), "cost-saver");
+    let r = gw.post_chat(&user("tiergate:test", LONG)).await;
+    assert_eq!(
+        (header(&r, "x-tiergate-policy"), header(&r, "x-tiergate-tier")),
+        ("test", "cloud")
+    );
+
+    let r = gw.post_chat(&user("tiergate:nope", "hi")).await;
+    assert_eq!(r.status(), 404);
+    let body: Value = r.json().await.expect("json");
+    assert_eq!(body["error"]["code"], "model_not_found");
+    assert_eq!(body["error"]["param"], "model");
+    let msg = body["error"]["message"].as_str().expect("message");
+    assert!(msg.contains("use one of: tiergate:cost-saver, tiergate:test"), "{msg}");
+    let rows = gw.ledger().await;
+    assert_eq!(rows.last().map(|r| r.outcome.as_str()), Some("model_not_found"));
+}
+
+fn conversation(turns: &[&str]) -> Value {
+    let mut messages = vec![json!({"role": "system", "content": "You are terse."})];
+    for (i, t) in turns.iter().enumerate() {
+        if i > 0 {
+            messages.push(json!({"role": "assistant", "content": "Noted."}));
+        }
+        messages.push(json!({"role": "user", "content": t}));
+    }
+    json!({"model": "tiergate-auto", "messages": messages})
+}
+
+#[tokio::test]
+async fn a_conversation_that_reached_the_cloud_stays_there() {
+    let gw = common::gateway().await;
+    let r = gw.post_chat(&conversation(&[LONG])).await;
+    assert_eq!(
+        (header(&r, "x-tiergate-tier"), header(&r, "x-tiergate-rule")),
+        ("cloud", "default")
+    );
+    // Turn 2 is short: on its own it would go to `small`.
+    let r = gw.post_chat(&conversation(&[LONG, "thanks"])).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        (header(&r, "x-tiergate-tier"), header(&r, "x-tiergate-rule")),
+        ("cloud", "sticky")
+    );
+    // `/v1/route` explains it the same way, without calling a model.
+    let e = gw.post_json("/v1/route", &conversation(&[LONG, "more"])).await;
+    assert_eq!(
+        (e["tier"].as_str(), e["rule"].as_str()),
+        (Some("cloud"), Some("sticky")),
+        "{e}"
+    );
+    assert_eq!(e["trace"][0]["rule"], "routine", "{e}");
+    assert_eq!(
+        e["notes"][0],
+        "conversation stays on `cloud` (rule `routine` chose `small`)"
+    );
+    // Another conversation starting with a short message is not affected.
+    let r = gw.post_chat(&conversation(&["hi", "thanks"])).await;
+    assert_eq!(
+        (header(&r, "x-tiergate-tier"), header(&r, "x-tiergate-rule")),
+        ("small", "routine")
+    );
+    // The explicit header names the conversation instead of the hash.
+    let with_id = |body: Value| {
+        gw.client()
+            .post(format!("{}/v1/chat/completions", gw.url))
+            .header("x-tiergate-conversation", "conv-42")
+            .json(&body)
+            .send()
+    };
+    let r = with_id(user("tiergate-auto", LONG)).await.expect("send");
+    assert_eq!(header(&r, "x-tiergate-tier"), "cloud");
+    let r = with_id(user("tiergate-auto", "ok")).await.expect("send");
+    assert_eq!(
+        (header(&r, "x-tiergate-tier"), header(&r, "x-tiergate-rule")),
+        ("cloud", "sticky")
+    );
+    let rows = gw.ledger().await;
+    assert_eq!(rows.iter().filter(|r| r.rule.as_deref() == Some("sticky")).count(), 2);
+}
+
+#[tokio::test]
+async fn a_policy_can_opt_out_of_stickiness() {
+    let gw = gateway_with(&Setup {
+        policy: Some(format!("stickiness = false\n{TEST_POLICY}")),
+        ..Setup::default()
+    })
+    .await;
+    let r = gw.post_chat(&conversation(&[LONG])).await;
+    assert_eq!(header(&r, "x-tiergate-tier"), "cloud");
+    let r = gw.post_chat(&conversation(&[LONG, "thanks"])).await;
+    assert_eq!(
+        (header(&r, "x-tiergate-tier"), header(&r, "x-tiergate-rule")),
+        ("small", "routine")
+    );
+}
+
+async fn route_rule(gw: &common::Gateway, text: &str) -> String {
+    gw.post_json("/v1/route", &user("tiergate-auto", text)).await["rule"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned()
+}
+
+/// A gateway with its own copy of the test policy, which routes "hi" by rule `routine`.
+async fn own_policy_gateway() -> common::Gateway {
+    let gw = gateway_with(&Setup {
+        policy: Some(TEST_POLICY.to_owned()),
+        ..Setup::default()
+    })
+    .await;
+    assert_eq!(route_rule(&gw, "hi").await, "routine");
+    gw
+}
+
+#[tokio::test]
+async fn reload_applies_a_valid_change_and_rejects_an_invalid_one() {
+    let gw = own_policy_gateway().await;
+    let before = gw.state.runtime.load_full();
+    let file = policy_file(&gw);
+
+    // Valid: a threshold no score is below sends everything to `default`.
+    std::fs::write(&file, TEST_POLICY.replace("0.5", "0.0")).expect("write");
+    tiergate::reload::reload(&gw.state).expect("valid change applies");
+    assert_eq!(route_rule(&gw, "hi").await, "default");
+    // A request that loaded the old runtime keeps it whole.
+    assert_eq!(before.config.policy.rules[0].when.score_below, Some(0.5));
+
+    // Invalid: the old policy keeps serving, and /readyz and /metrics say why.
+    std::fs::write(&file, TEST_POLICY.replace("tier = \"small\"", "tier = \"gpu\"")).expect("write");
+    let e = tiergate::reload::reload(&gw.state).expect_err("invalid change is rejected");
+    assert!(
+        e.contains("rules[0].tier (line 5) = `gpu` is not a configured tier"),
+        "{e}"
+    );
+    assert_eq!(route_rule(&gw, "hi").await, "default");
+    let ready = gw.get_json("/readyz").await;
+    assert_eq!(ready["reload"]["ok"], false, "{ready}");
+    let shown = ready["reload"]["error"].as_str().expect("error");
+    assert!(shown.contains("`gpu` is not a configured tier"), "{shown}");
+    let metrics = gw.get_text("/metrics").await;
+    assert!(metrics.contains("tiergate_reload_ok 0"), "{metrics}");
+    assert!(
+        metrics.contains("tiergate_reloads_total{outcome=\"error\"}"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn a_changed_policy_file_is_picked_up_without_a_signal() {
+    let gw = own_policy_gateway().await;
+    std::fs::write(policy_file(&gw), TEST_POLICY.replace("0.5", "0.0")).expect("write");
+    // The watcher polls every second (the default); wait for it, bounded.
+    let mut rule = String::new();
+    for _ in 0..100 {
+        rule = route_rule(&gw, "hi").await;
+        if rule == "default" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(rule, "default");
+    assert_eq!(gw.get_json("/readyz").await["reload"]["ok"], true);
+}
+
+/// A gateway process with reload on SIGHUP only (`reload.poll_secs = 0`).
+struct Process {
+    child: std::process::Child,
+    url: String,
+    policy: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn spawn_gateway() -> Process {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let policy = dir.path().join("policy.toml");
+    std::fs::write(&policy, TEST_POLICY).expect("write policy");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port();
+    let cfg = dir.path().join("tiergate.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            r#"
+listen = "127.0.0.1:{port}"
+[ledger]
+path = "ledger.db"
+[baseline]
+model = "gpt-4o"
+input_usd_per_mtok = 2.5
+output_usd_per_mtok = 10.0
+[routing]
+policy = "policy.toml"
+[routing.length_scorer]
+half_tokens = 16
+[reload]
+poll_secs = 0
+[tiers.small]
+backend = "openai"
+base_url = "http://127.0.0.1:9/v1"
+model = "fake-small"
+[tiers.cloud]
+backend = "openai"
+base_url = "http://127.0.0.1:9/v1"
+model = "fake-cloud"
+"#
+        ),
+    )
+    .expect("write config");
+    let child = Command::new(env!("CARGO_BIN_EXE_tiergate"))
+        .args(["serve", "--config"])
+        .arg(&cfg)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn gateway");
+    let p = Process {
+        child,
+        url: format!("http://127.0.0.1:{port}"),
+        policy,
+        _dir: dir,
+    };
+    let client = reqwest::Client::new();
+    for _ in 0..300 {
+        if client.get(format!("{}/healthz", p.url)).send().await.is_ok() {
+            return p;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the gateway process did not start");
+}
+
+async fn json_of(r: reqwest::RequestBuilder) -> Value {
+    r.send().await.expect("send").json().await.expect("JSON answer")
+}
+
+#[cfg(unix)]
+#[tokio::test]
+async fn sighup_reloads_a_running_gateway() {
+    let p = spawn_gateway().await;
+    let client = reqwest::Client::new();
+    let route = || async {
+        let v = json_of(
+            client
+                .post(format!("{}/v1/route", p.url))
+                .json(&user("tiergate-auto", "hi")),
+        )
+        .await;
+        v["rule"].as_str().unwrap_or_default().to_owned()
+    };
+    assert_eq!(route().await, "routine");
+    std::fs::write(&p.policy, TEST_POLICY.replace("0.5", "0.0")).expect("write");
+    // Polling is off: nothing changes until the signal.
+    assert_eq!(route().await, "routine");
+    let status = Command::new("kill")
+        .args(["-HUP", &p.child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+    let mut rule = String::new();
+    for _ in 0..100 {
+        rule = route().await;
+        if rule == "default" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(rule, "default");
+    let ready = json_of(client.get(format!("{}/readyz", p.url))).await;
+    assert_eq!(ready["reload"]["ok"], true, "{ready}");
+}
+
+#[test]
+fn policy_check_validates_files_and_names_the_error() {
+    let out = tiergate(&[
+        "policy",
+        "check",
+        "policies/balanced.toml",
+        "policies/cost-saver.toml",
+        "policies/quality-first.toml",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(
+        text(&out.stdout),
+        "ok policies/balanced.toml\nok policies/cost-saver.toml\nok policies/quality-first.toml\n"
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "[[rules]]\nname = \"r\"\nregex = '(unclosed'\ntier = \"small\"\n[[rules]]\nname = \"rest\"\ntier = \"cloud\"\n")
+        .expect("write");
+    let bad = bad.to_string_lossy().into_owned();
+    let out = tiergate(&["policy", "check", "policies/balanced.toml", &bad]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(text(&out.stdout), "ok policies/balanced.toml\n");
+    let err = text(&out.stderr);
+    assert!(
+        err.contains(&format!(
+            "policy `{bad}`: rules[0].regex (line 3) = `(unclosed` is not a valid regex"
+        )),
+        "{err}"
+    );
+    assert!(err.contains("1 of 2 policy files are invalid"), "{err}");
+    // Tiers come from the config: `local` exists only in examples/local.toml.
+    let out = tiergate(&["policy", "check", "policies/private-first.toml"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("rules[0].tier (line 23) = `local` is not a configured tier"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = tiergate(&[
+        "policy",
+        "check",
+        "--config",
+        "examples/local.toml",
+        "policies/private-first.toml",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+}
+
+#[test]
+fn explain_with_a_policy_file_prints_the_trace() {
+    let out = tiergate(&[
+        "explain",
+        "--policy",
+        "policies/quality-first.toml",
+        "Translate 'good morning' to French.",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let s = text(&out.stdout);
+    assert!(s.contains("policy    quality-first"), "{s}");
+    assert!(
+        s.contains("  rule tools                -> cloud      no    tools is false"),
+        "{s}"
+    );
+    assert!(
+        s.contains("  rule json-mode            -> cloud      no    json_mode is false"),
+        "{s}"
+    );
+}
+
+fn calibrate(policy: &Path, target: &str, write: bool) -> String {
+    let policy = policy.to_string_lossy().into_owned();
+    let mut args = vec![
+        "policy",
+        "calibrate",
+        "--policy",
+        &policy,
+        "--sample",
+        "examples/workloads/mixed.jsonl",
+        "--target-cloud-share",
+        target,
+    ];
+    if write {
+        args.push("--write");
+    }
+    let out = tiergate(&args);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    text(&out.stdout)
+}
+
+/// `calibrated: rule `routine` score_below = T sends P% (N of M) …` → (T, N, M).
+fn parse_calibrated(out: &str) -> (f64, usize, usize) {
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("calibrated:"))
+        .expect("calibrated line");
+    let t = line.split("score_below = ").nth(1).and_then(|r| r.split(' ').next());
+    let n = line.split('(').nth(1).and_then(|r| r.split(" of ").next());
+    let m = line.split(" of ").nth(1).and_then(|r| r.split(')').next());
+    (
+        t.and_then(|t| t.parse().ok()).expect("threshold"),
+        n.and_then(|n| n.parse().ok()).expect("count"),
+        m.and_then(|m| m.parse().ok()).expect("total"),
+    )
+}
+
+#[test]
+fn calibrate_finds_and_writes_the_threshold_for_a_cloud_share() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let policy = dir.path().join("balanced.toml");
+    let original = std::fs::read_to_string(repo().join("policies/balanced.toml")).expect("read");
+    std::fs::write(&policy, &original).expect("write");
+    let out = calibrate(&policy, "0.25", true);
+    let (t, n, m) = parse_calibrated(&out);
+    assert_eq!(m, 75, "{out}");
+    // The closest share to 25% the sample allows (75 requests: 19 is 25.3%).
+    assert!((n as f64 / m as f64 - 0.25).abs() <= 0.5 / m as f64 + 0.02, "{out}");
+    let written = std::fs::read_to_string(&policy).expect("read");
+    // Only the number changed: comments and layout are kept.
+    assert_eq!(
+        written,
+        original.replace("score_below = 0.12", &format!("score_below = {t}")),
+        "{out}"
+    );
+    // Scoring the sample again with the written threshold gives the same share.
+    let again = calibrate(&policy, "0.25", false);
+    assert!(
+        again.contains(&format!("now:        score_below = {t} sends")),
+        "{again}"
+    );
+    assert!(again.contains(&format!("({n} of {m}) to `cloud`")), "{again}");
+    // A higher target means a lower threshold.
+    let (t50, n50, _) = parse_calibrated(&calibrate(&policy, "0.5", false));
+    assert!(t50 < t && n50 > n, "{t50} {n50} vs {t} {n}");
+}
+
+#[tokio::test]
+async fn reload_reuses_the_loaded_classifier_unless_its_settings_change() {
+    let routing = format!(
+        "scorer = \"classifier\"\n[routing.classifier]\ntimeout_ms = 10000\nhead = \"{}\"\n",
+        repo().join("router-model/head.onnx").display()
+    );
+    let gw = gateway_with(&Setup {
+        routing,
+        policy: Some(TEST_POLICY.to_owned()),
+        ..Setup::default()
+    })
+    .await;
+    let same = |a: &tiergate::Runtime, b: &tiergate::Runtime| {
+        let classifier = match (&a.classifier, &b.classifier) {
+            (Some(x), Some(y)) => std::sync::Arc::ptr_eq(x, y),
+            _ => panic!("both runtimes score with the classifier"),
+        };
+        let sticky = match (&a.stickiness, &b.stickiness) {
+            (Some(x), Some(y)) => std::sync::Arc::ptr_eq(x, y),
+            _ => panic!("stickiness is on by default"),
+        };
+        (classifier, sticky)
+    };
+    let first = gw.state.runtime.load_full();
+    std::fs::write(policy_file(&gw), TEST_POLICY.replace("0.5", "0.4")).expect("write");
+    tiergate::reload::reload(&gw.state).expect("reload");
+    let second = gw.state.runtime.load_full();
+    assert_eq!(second.config.policy.rules[0].when.score_below, Some(0.4));
+    assert_eq!(same(&first, &second), (true, true), "a policy edit loads no model");
+
+    let cfg = second.config.file.clone();
+    let text = std::fs::read_to_string(&cfg).expect("read config");
+    std::fs::write(&cfg, text.replace("timeout_ms = 10000", "timeout_ms = 9000")).expect("write");
+    tiergate::reload::reload(&gw.state).expect("reload");
+    let third = gw.state.runtime.load_full();
+    assert_eq!(
+        same(&second, &third),
+        (false, true),
+        "new classifier settings start a new classifier"
+    );
+    let r = gw.post_chat(&user("tiergate-auto", "What is 2 + 2?")).await;
+    assert_eq!(header(&r, "x-tiergate-scorer"), "classifier");
+}
+
+#[tokio::test]
+async fn tier_override_and_cost_cap_errors_are_openai_shaped_and_recorded() {
+    let gw = gateway_with(&Setup {
+        policy: Some(
+            "[[rules]]\nname = \"capped\"\nscore_at_least = 0.5\nmax_cost_usd = 0.001\ntier = \"cloud\"\n[[rules]]\nname = \"default\"\ntier = \"small\"\n"
+                .to_owned(),
+        ),
+        ..Setup::default()
+    })
+    .await;
+    let forced = gw
+        .client()
+        .post(format!("{}/v1/chat/completions", gw.url))
+        .header("x-tiergate-tier", "cloud")
+        .json(&user("tiergate-auto", "hi"))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(forced.status(), 400);
+    let body: Value = forced.json().await.expect("json");
+    assert_eq!(body["error"]["code"], "tier_override_not_allowed");
+    assert_eq!(body["error"]["type"], "invalid_request_error");
+
+    // 256 assumed output tokens at $10/Mtok is over $0.001; 50 is not.
+    let r = gw.post_chat(&user("tiergate-auto", LONG)).await;
+    assert_eq!(r.status(), 400);
+    let body: Value = r.json().await.expect("json");
+    assert_eq!(
+        (body["error"]["code"].as_str(), body["error"]["param"].as_str()),
+        (Some("cost_cap_exceeded"), Some("max_tokens"))
+    );
+    let msg = body["error"]["message"].as_str().expect("message");
+    assert!(
+        msg.contains("is over the $0.001 cap of rule `capped` in policy `policy`"),
+        "{msg}"
+    );
+    let mut cheap = user("tiergate-auto", LONG);
+    cheap["max_tokens"] = json!(50);
+    let r = gw.post_chat(&cheap).await;
+    assert_eq!((r.status().as_u16(), header(&r, "x-tiergate-tier")), (200, "cloud"));
+
+    let rows = gw.ledger().await;
+    let outcomes: Vec<&str> = rows.iter().map(|r| r.outcome.as_str()).collect();
+    assert_eq!(outcomes, ["tier_override_not_allowed", "cost_cap_exceeded", "ok"]);
+}
+
+#[tokio::test]
+async fn a_policy_added_to_policies_dir_becomes_selectable() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let gw = gateway_with(&Setup {
+        routing: format!("policies_dir = \"{}\"", dir.path().display()),
+        ..Setup::default()
+    })
+    .await;
+    let r = gw.post_chat(&user("tiergate:all-cloud", "hi")).await;
+    assert_eq!(r.status(), 404);
+    std::fs::write(
+        dir.path().join("all-cloud.toml"),
+        "[[rules]]\nname = \"everything\"\ntier = \"cloud\"\n",
+    )
+    .expect("write");
+    // The watcher sees the directory change (polled every second); wait for it, bounded.
+    let mut status = 404;
+    for _ in 0..100 {
+        let r = gw.post_chat(&user("tiergate:all-cloud", "hi")).await;
+        status = r.status().as_u16();
+        if status == 200 {
+            assert_eq!(header(&r, "x-tiergate-tier"), "cloud");
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(status, 200);
+}
