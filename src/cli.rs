@@ -19,7 +19,8 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Run the gateway.
+    /// Run the gateway. On SIGTERM or Ctrl-C it stops accepting connections, lets in-flight
+    /// requests finish for up to `shutdown_grace_secs` (config), then closes the ledger.
     Serve {
         /// Gateway configuration (TOML).
         #[arg(long, short, env = "TIERGATE_CONFIG", default_value = "examples/tiergate.toml")]

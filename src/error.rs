@@ -18,10 +18,26 @@ pub enum Error {
     BodyTooLarge { limit: usize },
     #[error("The model `{0}` does not exist or you do not have access to it.")]
     ModelNotFound(String),
-    #[error("tier `{tier}` did not answer within {secs:.1}s")]
-    UpstreamTimeout { tier: String, secs: f64 },
+    /// `phase` is which limit ran out: `connect`, `first token` or `total`.
+    #[error("tier `{tier}` timed out ({phase} timeout of {secs:.1}s)")]
+    UpstreamTimeout {
+        tier: String,
+        secs: f64,
+        phase: &'static str,
+    },
     #[error("tier `{tier}` failed: {detail}")]
     Upstream { tier: String, detail: String },
+    /// No answer at all: the connection could not be made (`connected` false; retried) or
+    /// was closed before the response began (not retried: the upstream may have started
+    /// work).
+    #[error("tier `{tier}` failed: {}", if *connected { "the upstream closed the connection before answering" } else { "could not connect to the upstream server" })]
+    UpstreamUnreachable { tier: String, connected: bool },
+    /// The upstream answered 5xx (its body is never shown: it may carry internals).
+    #[error("tier `{tier}` failed: the upstream answered HTTP {status}")]
+    UpstreamStatus { tier: String, status: u16 },
+    /// The tier's circuit breaker is open after repeated failures; nothing was sent.
+    #[error("tier `{tier}` is unavailable after repeated failures (circuit open); retry later")]
+    CircuitOpen { tier: String },
     #[error("tier `{tier}` is rate limited upstream; retry later")]
     UpstreamRateLimited { tier: String, retry_after: Option<String> },
     #[error("tier `{tier}` rejected the request: {detail}")]
@@ -54,6 +70,9 @@ impl Error {
             Error::ModelNotFound(_) => StatusCode::NOT_FOUND,
             Error::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             Error::Upstream { .. } => StatusCode::BAD_GATEWAY,
+            Error::UpstreamUnreachable { .. } => StatusCode::BAD_GATEWAY,
+            Error::UpstreamStatus { .. } => StatusCode::BAD_GATEWAY,
+            Error::CircuitOpen { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Error::UpstreamRateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             Error::UpstreamRejected { status, .. } => StatusCode::from_u16(*status).unwrap_or(StatusCode::BAD_REQUEST),
             Error::TierUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
@@ -73,6 +92,9 @@ impl Error {
             Error::UpstreamRateLimited { .. } | Error::LocalSaturated { .. } => "rate_limit_error",
             Error::UpstreamTimeout { .. }
             | Error::Upstream { .. }
+            | Error::UpstreamUnreachable { .. }
+            | Error::UpstreamStatus { .. }
+            | Error::CircuitOpen { .. }
             | Error::TierUnavailable { .. }
             | Error::LocalEngine { .. }
             | Error::Internal(_) => "api_error",
@@ -87,6 +109,9 @@ impl Error {
             Error::ModelNotFound(_) => "model_not_found",
             Error::UpstreamTimeout { .. } => "upstream_timeout",
             Error::Upstream { .. } => "upstream_error",
+            Error::UpstreamUnreachable { .. } => "upstream_unreachable",
+            Error::UpstreamStatus { .. } => "upstream_error",
+            Error::CircuitOpen { .. } => "upstream_unavailable",
             Error::UpstreamRateLimited { .. } => "upstream_rate_limited",
             Error::UpstreamRejected { .. } => "upstream_rejected",
             Error::TierUnavailable { .. } => "tier_unavailable",
@@ -103,6 +128,9 @@ impl Error {
             Error::BodyTooLarge { .. }
             | Error::UpstreamTimeout { .. }
             | Error::Upstream { .. }
+            | Error::UpstreamUnreachable { .. }
+            | Error::UpstreamStatus { .. }
+            | Error::CircuitOpen { .. }
             | Error::UpstreamRateLimited { .. }
             | Error::UpstreamRejected { .. }
             | Error::TierUnavailable { .. }
@@ -110,6 +138,57 @@ impl Error {
             | Error::LocalEngine { .. }
             | Error::Internal(_) => None,
         }
+    }
+
+    /// Whether the request may move on to the rule's next tier: the tier could not answer
+    /// (down, slow, overloaded, circuit open), as opposed to a request it rejected.
+    pub fn falls_back(&self) -> bool {
+        match self {
+            Error::UpstreamTimeout { .. }
+            | Error::UpstreamUnreachable { .. }
+            | Error::UpstreamStatus { .. }
+            | Error::UpstreamRateLimited { .. }
+            | Error::CircuitOpen { .. }
+            | Error::TierUnavailable { .. }
+            | Error::LocalSaturated { .. } => true,
+            Error::InvalidRequest { .. }
+            | Error::BodyTooLarge { .. }
+            | Error::ModelNotFound(_)
+            | Error::Upstream { .. }
+            | Error::UpstreamRejected { .. }
+            | Error::LocalEngine { .. }
+            | Error::Internal(_) => false,
+        }
+    }
+
+    /// Whether the same tier may be asked again after a backoff: connect failures, 429 and
+    /// 5xx. Never a 4xx, and never a timeout past the connect phase (the tier is slow, and
+    /// asking again would multiply the wait; the fallback chain handles it).
+    pub fn retryable(&self) -> bool {
+        match self {
+            Error::UpstreamTimeout { phase, .. } => *phase == "connect",
+            Error::UpstreamUnreachable { connected, .. } => !connected,
+            Error::UpstreamStatus { .. } | Error::UpstreamRateLimited { .. } => true,
+            Error::InvalidRequest { .. }
+            | Error::BodyTooLarge { .. }
+            | Error::ModelNotFound(_)
+            | Error::Upstream { .. }
+            | Error::UpstreamRejected { .. }
+            | Error::TierUnavailable { .. }
+            | Error::CircuitOpen { .. }
+            | Error::LocalSaturated { .. }
+            | Error::LocalEngine { .. }
+            | Error::Internal(_) => false,
+        }
+    }
+
+    /// Whether the error says the backend itself is unhealthy, for its circuit breaker. A
+    /// 4xx or a 429 is the backend working as designed.
+    pub fn is_backend_failure(&self) -> bool {
+        matches!(
+            self,
+            Error::UpstreamTimeout { .. } | Error::UpstreamUnreachable { .. } | Error::UpstreamStatus { .. }
+        )
     }
 
     pub fn envelope(&self) -> serde_json::Value {

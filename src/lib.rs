@@ -45,6 +45,8 @@ pub struct Runtime {
     /// each local tier's queue.
     pub classifier: Option<Arc<classifier::Classifier>>,
     pub local_tiers: BTreeMap<String, Arc<LocalBackend>>,
+    /// Each HTTP tier's retry settings and circuit breaker.
+    pub guards: BTreeMap<String, upstream::Guard>,
 }
 
 impl Runtime {
@@ -52,15 +54,24 @@ impl Runtime {
         let mut backends: HashMap<String, Arc<dyn Backend>> = HashMap::new();
         let mut tier_problems = BTreeMap::new();
         let mut local_tiers = BTreeMap::new();
+        let mut guards = BTreeMap::new();
         for t in config.tiers.values() {
             match &t.backend {
                 config::BackendConfig::OpenAi {
                     base_url,
                     api_key_env,
-                    timeout,
-                    connect_timeout,
+                    timeouts,
+                    retry,
+                    breaker,
                 } => {
-                    let b = OpenAiBackend::new(&t.name, base_url, api_key_env.as_deref(), *timeout, *connect_timeout)?;
+                    let b = OpenAiBackend::new(&t.name, base_url, api_key_env.as_deref(), *timeouts)?;
+                    guards.insert(
+                        t.name.clone(),
+                        upstream::Guard {
+                            retry: *retry,
+                            breaker: Some(Arc::new(upstream::resilience::Breaker::new(*breaker))),
+                        },
+                    );
                     if let Some(p) = b.missing_key() {
                         tier_problems.insert(t.name.clone(), p.to_owned());
                     }
@@ -97,6 +108,7 @@ impl Runtime {
             tier_problems,
             classifier,
             local_tiers,
+            guards,
         })
     }
 }
@@ -129,16 +141,40 @@ impl AppState {
     }
 }
 
-/// Serves until `shutdown` resolves, then lets in-flight requests finish and flushes the
-/// ledger.
+/// Serves until `shutdown` resolves, then stops accepting, lets in-flight requests finish
+/// for up to the config's `shutdown_grace`, and flushes the ledger.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: Arc<AppState>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let result = axum::serve(listener, app(state.clone()))
-        .with_graceful_shutdown(shutdown)
-        .await;
+    let grace = state.runtime.load().config.shutdown_grace;
+    let (stopping, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = axum::serve(listener, app(state.clone())).with_graceful_shutdown(async move {
+        shutdown.await;
+        tracing::info!(
+            grace_secs = grace.as_secs_f64(),
+            "shutting down: no new connections; in-flight requests may finish"
+        );
+        let _ = stopping.send(());
+    });
+    let deadline = async move {
+        match stopped.await {
+            Ok(()) => tokio::time::sleep(grace).await,
+            // The server ended on its own: no deadline to enforce.
+            Err(_) => std::future::pending().await,
+        }
+    };
+    let result = tokio::select! {
+        r = std::future::IntoFuture::into_future(server) => r,
+        () = deadline => {
+            tracing::warn!(
+                grace_secs = grace.as_secs_f64(),
+                "shutdown grace period over; requests still running are cut"
+            );
+            Ok(())
+        }
+    };
     state.ledger.flush().await;
     result
 }

@@ -17,10 +17,13 @@ use crate::config::TierConfig;
 use crate::error::Error;
 use crate::ledger::{Attempt, Ledger, Record};
 use crate::openai::{ChatRequest, Usage};
+use crate::policy::Then;
 use crate::routing::{self, RouteDecision};
 use crate::telemetry::trace;
-use crate::upstream::{Backend, Completion, StreamItem};
+use crate::upstream::resilience::with_retries;
+use crate::upstream::{Backend, Completion, Guard, StreamItem};
 use crate::{AppState, Runtime, tokens};
+use futures::future::BoxFuture;
 use tracing::Instrument;
 
 pub async fn chat_completions(State(st): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Response {
@@ -38,7 +41,7 @@ pub async fn chat_completions(State(st): State<Arc<AppState>>, headers: HeaderMa
             let code = e.code();
             let mut resp = e.into_response();
             acct.decorate(resp.headers_mut());
-            acct.finish(code, status);
+            acct.finish_durably(code, status).await;
             resp
         }
     }
@@ -56,9 +59,8 @@ async fn handle(rt: &Arc<Runtime>, acct: &mut Accounting, body: Body) -> Result<
     acct.rec.streamed = req.is_stream();
 
     let decision = routing::route(&rt.config, &rt.scorer, &req).await?;
-    let (mut tier, mut backend) = tier_backend(rt, &decision.tier)?;
+    let (tier, _) = tier_backend(rt, &decision.tier)?;
     acct.routed(&decision, &tier.model, tier.price, tokens::estimate(&req.all_text()));
-    req.model = tier.model.clone();
 
     acct.gateway_done();
     if req.is_stream() {
@@ -67,16 +69,10 @@ async fn handle(rt: &Arc<Runtime>, acct: &mut Accounting, body: Body) -> Result<
             .as_ref()
             .and_then(|o| o.include_usage)
             .unwrap_or(false);
-        let mut tier_span = trace::tier_span(tier);
-        let upstream = match backend.stream(req.clone()).instrument(tier_span.clone()).await {
-            Err(Error::LocalSaturated { .. }) if decision.then.on_saturated.is_some() => {
-                (tier, backend) = spill(rt, acct, &decision)?;
-                req.model = tier.model.clone();
-                tier_span = trace::tier_span(tier);
-                backend.stream(req).instrument(tier_span.clone()).await?
-            }
-            other => other?,
-        };
+        let (upstream, _, tier_span) = call_tiers(rt, acct, &decision, &mut req, |b, r| {
+            Box::pin(async move { b.stream(r).await })
+        })
+        .await?;
         acct.called_tier = true;
         Ok(Reply::Stream(stream_response(
             std::mem::take(acct),
@@ -85,14 +81,10 @@ async fn handle(rt: &Arc<Runtime>, acct: &mut Accounting, body: Body) -> Result<
             tier_span,
         )))
     } else {
-        let mut done = match backend.complete(req.clone()).instrument(trace::tier_span(tier)).await {
-            Err(Error::LocalSaturated { .. }) if decision.then.on_saturated.is_some() => {
-                (tier, backend) = spill(rt, acct, &decision)?;
-                req.model = tier.model.clone();
-                backend.complete(req.clone()).instrument(trace::tier_span(tier)).await?
-            }
-            other => other?,
-        };
+        let (mut done, _, _) = call_tiers(rt, acct, &decision, &mut req, |b, r| {
+            Box::pin(async move { b.complete(r).await })
+        })
+        .await?;
         if let Some(esc) = &decision.then.escalate
             && done.confidence.is_some_and(|c| c < esc.min_confidence)
         {
@@ -106,7 +98,7 @@ async fn handle(rt: &Arc<Runtime>, acct: &mut Accounting, body: Body) -> Result<
         resp.headers_mut()
             .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
         acct.decorate(resp.headers_mut());
-        acct.finish("ok", 200);
+        acct.finish_durably("ok", 200).await;
         Ok(Reply::Whole(resp))
     }
 }
@@ -125,22 +117,73 @@ fn tier_backend<'a>(rt: &'a Runtime, name: &str) -> Result<(&'a TierConfig, Arc<
     Ok((tier, backend))
 }
 
-/// The rule's tier is saturated: record that attempt and move to the spill tier.
-fn spill<'a>(
+/// Calls the routed tier through its retries and circuit breaker; when it cannot answer,
+/// moves down the rule's fallback chain (or spills, for a saturated local tier). Runs
+/// before anything is sent to the client, so a switch is invisible to it but for the
+/// `x-tiergate-tier` header. Every failed call becomes an attempt in the ledger.
+async fn call_tiers<'a, T>(
     rt: &'a Runtime,
     acct: &mut Accounting,
     decision: &RouteDecision,
-) -> Result<(&'a TierConfig, Arc<dyn Backend>), Error> {
-    let to = decision
-        .then
-        .on_saturated
-        .as_deref()
-        .ok_or_else(|| Error::Internal("spill without a spill tier".into()))?;
-    let (tier, backend) = tier_backend(rt, to)?;
-    acct.attempt_failed("saturated", Usage::default(), None);
-    acct.rec.fallback = true;
-    acct.switch_tier(tier);
-    Ok((tier, backend))
+    req: &mut ChatRequest,
+    call: impl Fn(Arc<dyn Backend>, ChatRequest) -> BoxFuture<'static, Result<T, Error>>,
+) -> Result<(T, &'a TierConfig, tracing::Span), Error> {
+    let (mut tier, mut backend) = tier_backend(rt, &decision.tier)?;
+    let mut tried: Vec<&str> = Vec::new();
+    loop {
+        req.model = tier.model.clone();
+        let guard = rt.guards.get(&tier.name).cloned().unwrap_or_else(Guard::none);
+        let span = trace::tier_span(tier);
+        let result = with_retries(
+            &tier.name,
+            &guard.retry,
+            guard.breaker.as_deref(),
+            || call(backend.clone(), req.clone()).instrument(span.clone()),
+            |e| acct.retried(e),
+        )
+        .await;
+        let e = match result {
+            Ok(v) => return Ok((v, tier, span)),
+            Err(e) => e,
+        };
+        tried.push(&tier.name);
+        let Some(next) = next_tier(&decision.then, &tried, &e) else {
+            return Err(e);
+        };
+        tracing::warn!(
+            request_id = %acct.rec.request_id,
+            from = %tier.name,
+            to = next,
+            code = e.code(),
+            "falling back to the next tier"
+        );
+        let outcome = if matches!(e, Error::LocalSaturated { .. }) {
+            "saturated"
+        } else {
+            e.code()
+        };
+        acct.attempt_failed(outcome, Usage::default(), None);
+        acct.rec.fallback = true;
+        (tier, backend) = tier_backend(rt, next)?;
+        acct.switch_tier(tier);
+    }
+}
+
+/// The tier to try after `tried` failed with `e`: the spill tier for a saturated local
+/// tier (`on_saturated`), then the rule's `fallback` list; none for errors that another
+/// tier would not fix (the request itself was rejected).
+fn next_tier<'a>(then: &'a Then, tried: &[&str], e: &Error) -> Option<&'a str> {
+    if !e.falls_back() {
+        return None;
+    }
+    let spill = match e {
+        Error::LocalSaturated { .. } => then.on_saturated.as_deref(),
+        _ => None,
+    };
+    spill
+        .into_iter()
+        .chain(then.fallback.iter().map(String::as_str))
+        .find(|t| !tried.contains(t))
 }
 
 /// The first answer is too weak: re-ask `to`. If that tier fails, the first answer is
@@ -214,7 +257,7 @@ fn stream_response(
                 }
                 Err(e) => {
                     tracing::warn!(request_id = %acct.rec.request_id, code = e.code(), "stream failed mid-way");
-                    acct.finish(e.code(), 200);
+                    acct.finish_durably(e.code(), 200).await;
                     yield Ok(sse_data(e.envelope().to_string().as_bytes()));
                     return;
                 }
@@ -225,11 +268,11 @@ fn stream_response(
                 tier: acct.rec.tier.clone().unwrap_or_default(),
                 detail: "the upstream stream ended before the answer was complete".to_owned(),
             };
-            acct.finish(e.code(), 200);
+            acct.finish_durably(e.code(), 200).await;
             yield Ok(sse_data(e.envelope().to_string().as_bytes()));
             return;
         }
-        acct.finish("ok", 200);
+        acct.finish_durably("ok", 200).await;
         yield Ok(Bytes::from_static(b"data: [DONE]\n\n"));
     };
     let mut resp = Response::new(Body::from_stream(body));
@@ -314,6 +357,12 @@ impl Accounting {
         a.start = Some(Instant::now());
         a.baseline = Some(baseline);
         a
+    }
+
+    /// The current tier failed and is about to be called again.
+    fn retried(&mut self, e: &Error) {
+        self.attempt_failed(e.code(), Usage::default(), None);
+        self.attempt_start = Some(Instant::now());
     }
 
     fn elapsed_ms(&self) -> f64 {
@@ -416,9 +465,25 @@ impl Accounting {
         }
     }
 
+    /// Queues the row without waiting (the client is gone; nobody waits for the answer).
     fn finish(&mut self, outcome: &str, status: u16) {
+        if let Some((l, rec)) = self.settle(outcome, status) {
+            l.record(rec);
+        }
+    }
+
+    /// Writes the row and waits for its commit: called before the answer's last bytes
+    /// leave, so that a client holding a complete answer can count on its ledger row.
+    async fn finish_durably(&mut self, outcome: &str, status: u16) {
+        if let Some((l, rec)) = self.settle(outcome, status) {
+            l.record_durable(rec).await;
+        }
+    }
+
+    /// Completes the row (once) and hands it over with the ledger to write it to.
+    fn settle(&mut self, outcome: &str, status: u16) -> Option<(Ledger, Record)> {
         if self.done {
-            return;
+            return None;
         }
         self.done = true;
         let r = &mut self.rec;
@@ -490,9 +555,8 @@ impl Accounting {
         if let Some(s) = &self.span {
             trace::record_request(s, r);
         }
-        if let Some(l) = &self.ledger {
-            l.record(std::mem::take(&mut self.rec));
-        }
+        let rec = std::mem::take(&mut self.rec);
+        self.ledger.clone().map(|l| (l, rec))
     }
 }
 

@@ -27,6 +27,7 @@ struct RuleToml {
     max_prompt_tokens: Option<u64>,
     min_prompt_tokens: Option<u64>,
     on_saturated: Option<String>,
+    fallback: Option<Vec<String>>,
     min_confidence: Option<f64>,
     escalate_to: Option<String>,
 }
@@ -58,6 +59,9 @@ pub struct Rule {
 pub struct Then {
     /// Tier to send the request to when the rule's tier is saturated (otherwise a 429).
     pub on_saturated: Option<String>,
+    /// Tiers to try in order when the rule's tier cannot answer (down, timed out, 5xx,
+    /// 429, circuit open, saturated) before any byte reached the client.
+    pub fallback: Vec<String>,
     /// Re-ask `tier` when a non-streamed answer's confidence is below `min_confidence`.
     pub escalate: Option<Escalate>,
 }
@@ -128,9 +132,11 @@ impl Policy {
                 max_prompt_tokens,
                 min_prompt_tokens,
                 on_saturated,
+                fallback,
                 min_confidence,
                 escalate_to,
             } = spanned.into_inner();
+            let fallback = fallback.unwrap_or_default();
             let at = |key: &str| format!("policy `{file}`: rules[{i}].{key} (line {line})");
             let known = || tiers.keys().map(String::as_str).collect::<Vec<_>>().join(", ");
             for (key, t) in [
@@ -152,6 +158,25 @@ impl Policy {
                         "{} = `{tier}` is the rule's own tier; name another tier",
                         at(key)
                     ));
+                }
+            }
+            for (j, t) in fallback.iter().enumerate() {
+                let key = format!("fallback[{j}]");
+                if !tiers.contains_key(t) {
+                    return Err(format!(
+                        "{} = `{t}` is not a configured tier; use one of {}",
+                        at(&key),
+                        known()
+                    ));
+                }
+                if *t == tier {
+                    return Err(format!(
+                        "{} = `{t}` is the rule's own tier; name another tier",
+                        at(&key)
+                    ));
+                }
+                if fallback[..j].contains(t) {
+                    return Err(format!("{} = `{t}` is already in the fallback list", at(&key)));
                 }
             }
             let escalate = match (min_confidence, escalate_to) {
@@ -216,7 +241,11 @@ impl Policy {
                 score_at_least,
                 max_prompt_tokens,
                 min_prompt_tokens,
-                then: Then { on_saturated, escalate },
+                then: Then {
+                    on_saturated,
+                    fallback,
+                    escalate,
+                },
             });
         }
         if !out.last().is_some_and(Rule::is_unconditional) {

@@ -41,6 +41,14 @@ pub struct Fake {
     pub gate: Notify,
 }
 
+impl Fake {
+    /// Requests received so far for `model`.
+    pub fn calls(&self, model: &str) -> usize {
+        let requests = self.requests.lock().expect("lock");
+        requests.iter().filter(|(_, b)| b["model"] == model).count()
+    }
+}
+
 pub async fn start_fake() -> (SocketAddr, Arc<Fake>) {
     let fake = Arc::new(Fake::default());
     let app = axum::Router::new()
@@ -91,6 +99,19 @@ async fn fake_chat(State(fake): State<Arc<Fake>>, headers: HeaderMap, Json(body)
                 .into_response();
         }
         "fake-slow" => tokio::time::sleep(Duration::from_secs(10)).await,
+        "fake-late" if !stream => tokio::time::sleep(Duration::from_secs(10)).await,
+        "fake-429" | "fake-429-long" => {
+            let wait = if model == "fake-429" { "0.05" } else { "60" };
+            let e = Json(json!({"error": {"message": "slow down", "type": "rate_limit_error"}}));
+            return (StatusCode::TOO_MANY_REQUESTS, [("retry-after", wait)], e).into_response();
+        }
+        "fake-400" => {
+            let e = Json(json!({"error": {"message": "max_tokens is too large", "type": "invalid_request_error"}}));
+            return (StatusCode::BAD_REQUEST, e).into_response();
+        }
+        // Fails its first call, then answers.
+        "fake-flaky" if fake.calls(&model) == 1 => return StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+        m if m.starts_with("fake-500-") => return StatusCode::INTERNAL_SERVER_ERROR.into_response(),
         _ => {}
     }
     if !stream {
@@ -108,8 +129,31 @@ async fn fake_chat(State(fake): State<Arc<Fake>>, headers: HeaderMap, Json(body)
     }
     let fake2 = fake.clone();
     let body = async_stream::stream! {
-        yield Ok::<String, std::convert::Infallible>(chunk(&model, json!({"role": "assistant", "content": ""}), None));
-        if model == "fake-endless" {
+        if model == "fake-late" {
+            tokio::time::sleep(Duration::from_secs(10)).await;
+        }
+        yield Ok::<String, std::io::Error>(chunk(&model, json!({"role": "assistant", "content": ""}), None));
+        match model.as_str() {
+            "fake-cut" => {
+                yield Ok(chunk(&model, json!({"content": PIECES[0]}), None));
+                // Lets the chunks go out first: the server drops unflushed bytes with the connection.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                // An error in the body makes the server drop the connection mid-answer.
+                yield Err(std::io::Error::new(std::io::ErrorKind::ConnectionReset, "cut"));
+                return;
+            }
+            "fake-malformed" => {
+                yield Ok(chunk(&model, json!({"content": PIECES[0]}), None));
+                yield Ok("data: {\"choices\": [{\"delta\": \n\n".to_owned());
+                yield Ok(chunk(&model, json!({"content": PIECES[1]}), None));
+            }
+            "fake-drip" => loop {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                yield Ok(chunk(&model, json!({"content": "drip "}), None));
+            },
+            _ => {}
+        }
+        if model.starts_with("fake-endless") {
             loop {
                 yield Ok(chunk(&model, json!({"content": "more "}), None));
                 tokio::time::sleep(Duration::from_millis(20)).await;
@@ -133,6 +177,34 @@ async fn fake_chat(State(fake): State<Arc<Fake>>, headers: HeaderMap, Json(body)
         .expect("response")
 }
 
+/// A `[tiers.NAME]` table for an `openai` tier. Retries wait milliseconds, and breakers
+/// stay out of the way unless a tier's `settings` say otherwise.
+pub fn tier_toml(name: &str, model: &str, base_url: &str, settings: &str) -> String {
+    let (price_in, price_out) = if name == "small" { (0.1, 0.2) } else { (2.5, 10.0) };
+    let mut t = format!(
+        r#"
+[tiers.{name}]
+backend = "openai"
+base_url = "{base_url}"
+model = "{model}"
+api_key_env = "{UPSTREAM_KEY_ENV}"
+input_usd_per_mtok = {price_in}
+output_usd_per_mtok = {price_out}
+{settings}
+"#
+    );
+    for (key, default) in [
+        ("timeout_secs", "30"),
+        ("retry_backoff_secs", "0.01"),
+        ("breaker_failures", "50"),
+    ] {
+        if !settings.contains(&format!("{key} =")) {
+            t.push_str(&format!("{key} = {default}\n"));
+        }
+    }
+    t
+}
+
 pub struct Gateway {
     pub url: String,
     pub state: Arc<tiergate::AppState>,
@@ -140,6 +212,25 @@ pub struct Gateway {
     pub ledger_path: PathBuf,
     _dir: tempfile::TempDir,
 }
+
+/// Tiers that misbehave on purpose (tests/it/faults.rs): name → upstream model → settings.
+/// Limits are short so each fault ends quickly; the fake holds its answers far longer.
+pub const FAULT_TIERS: &[(&str, &str, &str)] = &[
+    ("late", "fake-late", "timeout_secs = 0.5\nttft_timeout_secs = 0.3"),
+    ("limited", "fake-429", "retry_backoff_max_secs = 1"),
+    ("limited_long", "fake-429-long", "retry_backoff_max_secs = 1"),
+    ("rejecting", "fake-400", ""),
+    ("flaky", "fake-flaky", ""),
+    (
+        "down",
+        "fake-500-down",
+        "max_retries = 0\nbreaker_failures = 2\nbreaker_cooldown_secs = 3600",
+    ),
+    ("cut", "fake-cut", ""),
+    ("malformed", "fake-malformed", ""),
+    ("drip", "fake-drip", "timeout_secs = 0.5"),
+    ("endless_short", "fake-endless-short", "timeout_secs = 0.5"),
+];
 
 /// Tiers of the test config: name → upstream model (the fake behaves by model name).
 pub const TIERS: &[(&str, &str)] = &[
@@ -199,21 +290,13 @@ half_tokens = 16
         }
         .display(),
     );
+    let base_url = format!("http://{fake_addr}/v1");
     for (name, model) in TIERS {
-        let (price_in, price_out) = if *name == "small" { (0.1, 0.2) } else { (2.5, 10.0) };
         let timeout = if *name == "slow" { 0.5 } else { 30.0 };
-        cfg.push_str(&format!(
-            r#"
-[tiers.{name}]
-backend = "openai"
-base_url = "http://{fake_addr}/v1"
-model = "{model}"
-api_key_env = "{UPSTREAM_KEY_ENV}"
-input_usd_per_mtok = {price_in}
-output_usd_per_mtok = {price_out}
-timeout_secs = {timeout}
-"#
-        ));
+        cfg.push_str(&tier_toml(name, model, &base_url, &format!("timeout_secs = {timeout}")));
+    }
+    for (name, model, settings) in FAULT_TIERS {
+        cfg.push_str(&tier_toml(name, model, &base_url, settings));
     }
     cfg.push_str(&setup.extra);
     let cfg_path = dir.path().join("tiergate.toml");
