@@ -100,6 +100,7 @@ async fn fake_chat(State(fake): State<Arc<Fake>>, headers: HeaderMap, Json(body)
         }
         "fake-slow" => tokio::time::sleep(Duration::from_secs(10)).await,
         "fake-late" if !stream => tokio::time::sleep(Duration::from_secs(10)).await,
+        "fake-sluggish" => tokio::time::sleep(Duration::from_millis(800)).await,
         "fake-429" | "fake-429-long" => {
             let wait = if model == "fake-429" { "0.05" } else { "60" };
             let e = Json(json!({"error": {"message": "slow down", "type": "rate_limit_error"}}));
@@ -230,6 +231,7 @@ pub const FAULT_TIERS: &[(&str, &str, &str)] = &[
     ("malformed", "fake-malformed", ""),
     ("drip", "fake-drip", "timeout_secs = 0.5"),
     ("endless_short", "fake-endless-short", "timeout_secs = 0.5"),
+    ("sluggish", "fake-sluggish", ""),
 ];
 
 /// Tiers of the test config: name → upstream model (the fake behaves by model name).
@@ -258,11 +260,10 @@ pub struct Setup {
     pub routing: String,
 }
 
-pub async fn gateway_with(setup: &Setup) -> Gateway {
-    set_env();
-    let (fake_addr, fake) = start_fake().await;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let ledger_path = dir.path().join("ledger.db");
+/// Writes the test config (and policy) into `dir`, tiers pointing at `fake_addr`; the
+/// ledger is `dir/ledger.db`. Returns the config's path.
+pub fn write_config(dir: &std::path::Path, fake_addr: SocketAddr, setup: &Setup) -> PathBuf {
+    let ledger_path = dir.join("ledger.db");
     let mut cfg = format!(
         r#"
 listen = "127.0.0.1:0"
@@ -282,7 +283,7 @@ half_tokens = 16
         routing_extra = setup.routing,
         policy = match &setup.policy {
             Some(text) => {
-                let p = dir.path().join("policy.toml");
+                let p = dir.join("policy.toml");
                 std::fs::write(&p, text).expect("write policy");
                 p
             }
@@ -299,8 +300,17 @@ half_tokens = 16
         cfg.push_str(&tier_toml(name, model, &base_url, settings));
     }
     cfg.push_str(&setup.extra);
-    let cfg_path = dir.path().join("tiergate.toml");
+    let cfg_path = dir.join("tiergate.toml");
     std::fs::write(&cfg_path, cfg).expect("write config");
+    cfg_path
+}
+
+pub async fn gateway_with(setup: &Setup) -> Gateway {
+    set_env();
+    let (fake_addr, fake) = start_fake().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ledger_path = dir.path().join("ledger.db");
+    let cfg_path = write_config(dir.path(), fake_addr, setup);
     let config = tiergate::Config::load(&cfg_path).expect("test config is valid");
     let state = tiergate::AppState::start(config).expect("gateway starts (run `python3 scripts/provision.py` first)");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")

@@ -4,6 +4,7 @@
 mod chat;
 mod classifier;
 mod common;
+mod durability;
 mod faults;
 mod local;
 mod local_http;
