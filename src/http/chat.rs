@@ -20,7 +20,7 @@ use crate::openai::{ChatRequest, Usage};
 use crate::policy::Then;
 use crate::routing::{self, RouteDecision};
 use crate::telemetry::trace;
-use crate::upstream::resilience::with_retries;
+use crate::upstream::resilience::{Breaker, with_retries};
 use crate::upstream::{Backend, Completion, Guard, StreamItem};
 use crate::{AppState, Runtime, tokens};
 use futures::future::BoxFuture;
@@ -69,16 +69,18 @@ async fn handle(rt: &Arc<Runtime>, acct: &mut Accounting, body: Body) -> Result<
             .as_ref()
             .and_then(|o| o.include_usage)
             .unwrap_or(false);
-        let (upstream, _, tier_span) = call_tiers(rt, acct, &decision, &mut req, |b, r| {
+        let (upstream, tier, tier_span) = call_tiers(rt, acct, &decision, &mut req, |b, r| {
             Box::pin(async move { b.stream(r).await })
         })
         .await?;
         acct.called_tier = true;
+        let breaker = rt.guards.get(&tier.name).and_then(|g| g.breaker.clone());
         Ok(Reply::Stream(stream_response(
             std::mem::take(acct),
             upstream,
             client_wants_usage,
             tier_span,
+            breaker,
         )))
     } else {
         let (mut done, _, _) = call_tiers(rt, acct, &decision, &mut req, |b, r| {
@@ -225,6 +227,7 @@ fn stream_response(
     mut upstream: crate::upstream::ChunkStream,
     client_wants_usage: bool,
     tier_span: tracing::Span,
+    breaker: Option<Arc<Breaker>>,
 ) -> Response {
     let mut headers = HeaderMap::new();
     acct.decorate(&mut headers);
@@ -257,6 +260,9 @@ fn stream_response(
                 }
                 Err(e) => {
                     tracing::warn!(request_id = %acct.rec.request_id, code = e.code(), "stream failed mid-way");
+                    if let Some(b) = &breaker {
+                        b.record_late_failure();
+                    }
                     acct.finish_durably(e.code(), 200).await;
                     yield Ok(sse_data(e.envelope().to_string().as_bytes()));
                     return;
@@ -268,6 +274,9 @@ fn stream_response(
                 tier: acct.rec.tier.clone().unwrap_or_default(),
                 detail: "the upstream stream ended before the answer was complete".to_owned(),
             };
+            if let Some(b) = &breaker {
+                b.record_late_failure();
+            }
             acct.finish_durably(e.code(), 200).await;
             yield Ok(sse_data(e.envelope().to_string().as_bytes()));
             return;

@@ -316,6 +316,12 @@ impl Breaker {
         })
     }
 
+    /// A failure found after the call was let through and counted: a stream that broke,
+    /// stalled or went bad after its first event.
+    pub fn record_late_failure(&self) {
+        self.record(false, true);
+    }
+
     fn record(&self, probe: bool, failed: bool) {
         let now = self.clock.now();
         let mut g = self.lock();

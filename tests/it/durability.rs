@@ -31,11 +31,14 @@ impl Drop for Process {
 }
 
 /// Starts the gateway binary on a free loopback port against an in-process fake upstream,
-/// and waits (bounded) until it answers `/healthz`.
-async fn spawn_gateway(setup: &Setup) -> Process {
+/// and waits (bounded) until it answers `/healthz`. `top` is TOML put before the config's
+/// tables (top-level keys).
+async fn spawn_gateway(setup: &Setup, top: &str) -> Process {
     let (fake_addr, fake) = common::start_fake().await;
     let dir = tempfile::tempdir().expect("tempdir");
     let config = common::write_config(dir.path(), fake_addr, setup);
+    let text = std::fs::read_to_string(&config).expect("config");
+    std::fs::write(&config, format!("{top}\n{text}")).expect("config");
     let port = {
         let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         l.local_addr().expect("addr").port()
@@ -133,7 +136,7 @@ async fn complete_answer(client: &reqwest::Client, url: &str, id: &str, stream: 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn every_answered_request_has_its_ledger_row_after_kill_9() {
-    let p = spawn_gateway(&Setup::default()).await;
+    let p = spawn_gateway(&Setup::default(), "").await;
     let answered: Arc<Mutex<Vec<String>>> = Arc::default();
     // Once armed, the next worker to get a whole answer kills the gateway at once: the
     // row of that answer, the freshest there is, is the one a lazy ledger would lose.
@@ -184,29 +187,12 @@ async fn every_answered_request_has_its_ledger_row_after_kill_9() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_lets_an_in_flight_request_finish_and_records_it() {
-    let mut p = spawn_gateway(&Setup::default()).await;
-    let url = p.url.clone();
-    // The fake holds this answer for 800 ms: SIGTERM arrives while it is in flight.
-    let in_flight = tokio::spawn(async move {
-        let client = reqwest::Client::new();
-        let r = client
-            .post(format!("{url}/v1/chat/completions"))
-            .header("x-request-id", "graceful-1")
-            .json(&user("fake-sluggish", "hi"))
-            .send()
-            .await
-            .expect("answer despite the shutdown");
-        (r.status().as_u16(), r.json::<Value>().await.expect("whole JSON body"))
-    });
-    for _ in 0..400 {
-        if p.fake.calls("fake-sluggish") == 1 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    assert_eq!(p.fake.calls("fake-sluggish"), 1, "request reached the upstream");
-    p.signal("-TERM");
-    let (status, body) = in_flight.await.expect("client task");
+    let mut p = spawn_gateway(&Setup::default(), "").await;
+    let in_flight = sluggish_request_then_sigterm(&p).await;
+    let (status, body) = in_flight
+        .await
+        .expect("client task")
+        .expect("answer despite the shutdown");
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["choices"][0]["message"]["content"], common::PIECES.concat());
     assert!(p.exited_cleanly().await, "log:\n{}", p.log());
@@ -216,4 +202,39 @@ async fn sigterm_lets_an_in_flight_request_finish_and_records_it() {
         log.contains("shutting down") && log.contains("stopped; ledger and traces flushed"),
         "{log}"
     );
+}
+
+/// Sends a request the fake holds for 800 ms and sends SIGTERM once it is in flight.
+async fn sluggish_request_then_sigterm(p: &Process) -> tokio::task::JoinHandle<Result<(u16, Value), reqwest::Error>> {
+    let url = p.url.clone();
+    let in_flight = tokio::spawn(async move {
+        let client = reqwest::Client::new();
+        let r = client
+            .post(format!("{url}/v1/chat/completions"))
+            .header("x-request-id", "graceful-1")
+            .json(&user("fake-sluggish", "hi"))
+            .send()
+            .await?;
+        Ok((r.status().as_u16(), r.json::<Value>().await?))
+    });
+    for _ in 0..400 {
+        if p.fake.calls("fake-sluggish") == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(p.fake.calls("fake-sluggish"), 1, "request reached the upstream");
+    p.signal("-TERM");
+    in_flight
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_shutdown_grace_period_bounds_how_long_in_flight_requests_run() {
+    let mut p = spawn_gateway(&Setup::default(), "shutdown_grace_secs = 0.1").await;
+    let in_flight = sluggish_request_then_sigterm(&p).await;
+    assert!(p.exited_cleanly().await, "log:\n{}", p.log());
+    let answer = in_flight.await.expect("client task");
+    assert!(answer.is_err(), "the request was cut: {answer:?}");
+    let log = p.log();
+    assert!(log.contains("shutdown grace period over"), "{log}");
 }

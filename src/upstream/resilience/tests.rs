@@ -213,3 +213,15 @@ fn client_errors_and_late_timeouts_are_never_retried() {
         assert!(r.delay(0, &e, 0.5).is_some(), "{e:?}");
     }
 }
+
+#[test]
+fn streams_that_break_after_starting_count_as_failures() {
+    let clock = ManualClock::new();
+    let b = breaker(&clock);
+    for _ in 0..3 {
+        // Each stream started (a success for the breaker) and then broke.
+        succeed(&b);
+        b.record_late_failure();
+    }
+    assert_eq!(b.state(), CircuitState::Open);
+}
