@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import os
 import importlib.machinery
 import importlib.util
 import json
@@ -79,6 +80,8 @@ def main() -> None:
                      None, log)
     bench.wait_http(f"http://127.0.0.1:{port}/healthz", tg, "tiergate", log, 60)
     url = f"http://127.0.0.1:{port}/v1/chat/completions"
+    load = Path("/proc/loadavg").read_text().split()[:3]
+    say(f"load average before: {' '.join(load)} ({os.cpu_count()} CPUs)")
     say(f"{duration:.0f} s at {a.rate:g} req/s whole + {a.rate / 2:g} req/s streamed "
         f"(upstream {a.latency_ms} ms); RSS every 1 s, warm-up {warmup:.0f} s; logs in {work}")
 
@@ -123,8 +126,13 @@ def main() -> None:
     median = statistics.median(after) if after else 0.0
     lo, hi = (min(after), max(after)) if after else (0.0, 0.0)
     flat = bool(after) and all(abs(x - median) <= TOLERANCE * median for x in after)
+    # Least-squares slope after the warm-up: a leak shows as a steady climb even inside ±10 %.
+    pts = [(t, rss) for t, rss in samples if t >= warmup]
+    slope = statistics.linear_regression([t for t, _ in pts], [r for _, r in pts]).slope * 60 if len(pts) > 1 else 0.0
+    (work / "rss.json").write_text(json.dumps(samples))
     say(f"RSS MiB: start {samples[0][1]:.1f}, after warm-up median {median:.1f}, min {lo:.1f}, max {hi:.1f} "
-        f"({100 * (lo - median) / median:+.1f} % .. {100 * (hi - median) / median:+.1f} %), end {samples[-1][1]:.1f}")
+        f"({100 * (lo - median) / median:+.1f} % .. {100 * (hi - median) / median:+.1f} %), end {samples[-1][1]:.1f}, "
+        f"trend {slope:+.2f} MiB/min (samples: {work / 'rss.json'})")
     say(f"ledger: {rows[0]} rows ({rows[1]} ok) for {sent} requests sent; dropped "
         f"{ready.get('ledger', {}).get('dropped')}")
     checks = {

@@ -201,17 +201,27 @@ async fn escalate(
         return first;
     };
     let first_tier = acct.current_tier();
+    let first_attempt = acct.rec.attempts.len();
     acct.attempt_failed("low_confidence", first.usage.unwrap_or_default(), first.confidence);
     acct.rec.escalated = true;
     acct.switch_tier(tier);
     req.model = tier.model.clone();
-    match backend.complete(req).await {
+    let guard = rt.guards.get(to).cloned().unwrap_or_else(Guard::none);
+    let result = with_retries(
+        to,
+        &guard.retry,
+        guard.breaker.as_deref(),
+        || backend.complete(req.clone()),
+        |e| acct.retried(e),
+    )
+    .await;
+    match result {
         Ok(done) => done,
         Err(e) => {
             tracing::warn!(request_id = %acct.rec.request_id, code = e.code(), "escalation failed; answering with the first tier's answer");
             // The first attempt gives the answer after all: it is already recorded (so
             // `finish` adds no final attempt), in the order the calls were made.
-            if let Some(a) = acct.rec.attempts.last_mut() {
+            if let Some(a) = acct.rec.attempts.get_mut(first_attempt) {
                 a.outcome = "ok".to_owned();
             }
             acct.attempt_failed(e.code(), Usage::default(), None);

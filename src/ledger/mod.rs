@@ -152,8 +152,8 @@ pub fn open(path: &Path) -> rusqlite::Result<Connection> {
     conn.busy_timeout(Duration::from_secs(5))?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
     // NORMAL in WAL mode: a commit is in the WAL file (the OS page cache) when it returns,
-    // so it survives a process crash (kill -9, OOM kill, panic): tests/it/durability.rs
-    // proves it. Only an OS crash or power loss can lose the last commits before the next
+    // so it survives a process crash (kill -9, OOM kill, panic); tests/it/durability.rs
+    // checks it under load. Only an OS crash or power loss can lose the last commits before the next
     // checkpoint. FULL would fsync the WAL on every commit, i.e. on the path of every
     // answered request; for usage accounting that trade is not worth it.
     conn.pragma_update(None, "synchronous", "NORMAL")?;
