@@ -50,6 +50,9 @@ pub enum Error {
     LocalSaturated { tier: String },
     #[error("tier `{tier}` failed: {detail}")]
     LocalEngine { tier: String, detail: String },
+    /// The shutdown grace period ran out before the request was answered.
+    #[error("the gateway is shutting down and could not finish this request in time; retry it")]
+    ShuttingDown,
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -78,6 +81,7 @@ impl Error {
             Error::TierUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Error::LocalSaturated { .. } => StatusCode::TOO_MANY_REQUESTS,
             Error::LocalEngine { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+            Error::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
             Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -97,6 +101,7 @@ impl Error {
             | Error::CircuitOpen { .. }
             | Error::TierUnavailable { .. }
             | Error::LocalEngine { .. }
+            | Error::ShuttingDown
             | Error::Internal(_) => "api_error",
         }
     }
@@ -117,6 +122,7 @@ impl Error {
             Error::TierUnavailable { .. } => "tier_unavailable",
             Error::LocalSaturated { .. } => "tier_saturated",
             Error::LocalEngine { .. } => "local_engine_error",
+            Error::ShuttingDown => "shutting_down",
             Error::Internal(_) => "internal_error",
         }
     }
@@ -136,6 +142,7 @@ impl Error {
             | Error::TierUnavailable { .. }
             | Error::LocalSaturated { .. }
             | Error::LocalEngine { .. }
+            | Error::ShuttingDown
             | Error::Internal(_) => None,
         }
     }
@@ -157,6 +164,7 @@ impl Error {
             | Error::Upstream { .. }
             | Error::UpstreamRejected { .. }
             | Error::LocalEngine { .. }
+            | Error::ShuttingDown
             | Error::Internal(_) => false,
         }
     }
@@ -178,6 +186,7 @@ impl Error {
             | Error::CircuitOpen { .. }
             | Error::LocalSaturated { .. }
             | Error::LocalEngine { .. }
+            | Error::ShuttingDown
             | Error::Internal(_) => false,
         }
     }

@@ -119,6 +119,56 @@ pub struct AppState {
     pub ledger: Ledger,
     pub onnxruntime_version: String,
     pub metrics: Arc<telemetry::Metrics>,
+    /// Cancelled when the shutdown grace period is over: requests still running end with
+    /// a `shutting_down` error and still write their ledger rows.
+    pub cut: tokio_util::sync::CancellationToken,
+    pub in_flight: Arc<InFlight>,
+}
+
+/// Chat requests being answered (a stream counts until its last byte), so shutdown can
+/// wait for the ones it cut to write their rows.
+#[derive(Default)]
+pub struct InFlight {
+    n: std::sync::atomic::AtomicUsize,
+    idle: tokio::sync::Notify,
+}
+
+/// One request in flight; dropping it ends it.
+pub struct InFlightGuard(Arc<InFlight>);
+
+impl InFlight {
+    pub fn enter(self: &Arc<Self>) -> InFlightGuard {
+        self.n.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        InFlightGuard(self.clone())
+    }
+
+    pub fn count(&self) -> usize {
+        self.n.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Waits until no request is in flight, at most `limit`; false if some still are.
+    pub async fn drained(&self, limit: std::time::Duration) -> bool {
+        tokio::time::timeout(limit, async {
+            loop {
+                // Created before the check, so a wake-up between the two is not missed.
+                let idle = self.idle.notified();
+                if self.count() == 0 {
+                    return;
+                }
+                idle.await;
+            }
+        })
+        .await
+        .is_ok()
+    }
+}
+
+impl Drop for InFlightGuard {
+    fn drop(&mut self) {
+        if self.0.n.fetch_sub(1, std::sync::atomic::Ordering::SeqCst) == 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
 }
 
 impl AppState {
@@ -137,9 +187,14 @@ impl AppState {
             ledger,
             onnxruntime_version,
             metrics,
+            cut: tokio_util::sync::CancellationToken::new(),
+            in_flight: Arc::default(),
         }))
     }
 }
+
+/// How long cut requests get to answer and queue their rows.
+const CUT_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Serves until `shutdown` resolves, then stops accepting, lets in-flight requests finish
 /// for up to the config's `shutdown_grace`, and flushes the ledger.
@@ -170,8 +225,14 @@ pub async fn serve(
         () = deadline => {
             tracing::warn!(
                 grace_secs = grace.as_secs_f64(),
+                cut = state.in_flight.count(),
                 "shutdown grace period over; requests still running are cut"
             );
+            // They answer `shutting_down` (JSON, or a final SSE event) and write their rows.
+            state.cut.cancel();
+            if !state.in_flight.drained(CUT_WAIT).await {
+                tracing::error!(left = state.in_flight.count(), "cut requests did not end; their rows may be missing");
+            }
             Ok(())
         }
     };

@@ -32,7 +32,12 @@ pub async fn chat_completions(State(st): State<Arc<AppState>>, headers: HeaderMa
     acct.metrics = Some(st.metrics.clone());
     let span = trace::request_span(&acct.rec.request_id);
     acct.span = Some(span.clone());
-    let result = handle(&rt, &mut acct, body).instrument(span).await;
+    acct.in_flight = Some(st.in_flight.enter());
+    acct.cut = st.cut.clone();
+    let result = tokio::select! {
+        r = handle(&rt, &mut acct, body).instrument(span) => r,
+        () = st.cut.cancelled() => Err(Error::ShuttingDown),
+    };
     match result {
         Ok(Reply::Whole(resp)) => resp,
         Ok(Reply::Stream(resp)) => resp,
@@ -241,12 +246,18 @@ fn stream_response(
 ) -> Response {
     let mut headers = HeaderMap::new();
     acct.decorate(&mut headers);
+    let cut = acct.cut.clone();
     let body = async_stream::stream! {
         // The tier call lasts as long as its stream.
         let _tier_span = tier_span;
         let mut saw_done = false;
         let mut finished = false;
-        while let Some(item) = upstream.next().await {
+        loop {
+            let item = tokio::select! {
+                item = upstream.next() => item,
+                () = cut.cancelled() => Some(Err(Error::ShuttingDown)),
+            };
+            let Some(item) = item else { break };
             match item {
                 Ok(StreamItem::Chunk { json, usage, content, finished: f, usage_only }) => {
                     if usage.is_some() {
@@ -270,7 +281,7 @@ fn stream_response(
                 }
                 Err(e) => {
                     tracing::warn!(request_id = %acct.rec.request_id, code = e.code(), "stream failed mid-way");
-                    if let Some(b) = &breaker {
+                    if let Some(b) = breaker.as_ref().filter(|_| !matches!(e, Error::ShuttingDown)) {
                         b.record_late_failure();
                     }
                     acct.finish_durably(e.code(), 200).await;
@@ -333,6 +344,10 @@ struct Accounting {
     answer_recorded: bool,
     done: bool,
     metrics: Option<Arc<crate::telemetry::Metrics>>,
+    /// Held until the row is written (fields drop after `Drop::drop`).
+    in_flight: Option<crate::InFlightGuard>,
+    /// Cancelled when shutdown cuts the requests still running.
+    cut: tokio_util::sync::CancellationToken,
     /// The request's span: it ends when the request does (for a stream, with the stream).
     span: Option<tracing::Span>,
 }

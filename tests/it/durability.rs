@@ -1,6 +1,6 @@
 //! The real `tiergate` binary as a process: killed with SIGKILL under load, no answered
 //! request loses its ledger row; stopped with SIGTERM, an in-flight request still finishes
-//! and is recorded.
+//! and is recorded, or is cut at the end of the grace period with a 503 and recorded.
 
 use std::collections::HashSet;
 use std::path::PathBuf;
@@ -229,12 +229,58 @@ async fn sluggish_request_then_sigterm(p: &Process) -> tokio::task::JoinHandle<R
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_shutdown_grace_period_bounds_how_long_in_flight_requests_run() {
+async fn at_the_end_of_the_grace_period_running_requests_are_cut_with_a_503_and_recorded() {
     let mut p = spawn_gateway(&Setup::default(), "shutdown_grace_secs = 0.1").await;
     let in_flight = sluggish_request_then_sigterm(&p).await;
+    let (status, body) = in_flight
+        .await
+        .expect("client task")
+        .expect("an answer, not a dropped connection");
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["error"]["code"], "shutting_down", "{body}");
     assert!(p.exited_cleanly().await, "log:\n{}", p.log());
-    let answer = in_flight.await.expect("client task");
-    assert!(answer.is_err(), "the request was cut: {answer:?}");
+    let rows = tiergate::ledger::read_all(&p.ledger).expect("ledger");
+    let row = rows
+        .iter()
+        .find(|r| r.request_id == "graceful-1")
+        .expect("the cut request's row");
+    assert_eq!((row.outcome.as_str(), row.http_status), ("shutting_down", 503));
     let log = p.log();
     assert!(log.contains("shutdown grace period over"), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_cut_at_the_end_of_the_grace_period_ends_with_an_sse_error_and_is_recorded() {
+    let mut p = spawn_gateway(&Setup::default(), "shutdown_grace_secs = 0.1").await;
+    let mut req = user("fake-gated", "hi");
+    req["stream"] = json!(true);
+    let r = reqwest::Client::new()
+        .post(format!("{}/v1/chat/completions", p.url))
+        .header("x-request-id", "graceful-stream")
+        .json(&req)
+        .send()
+        .await
+        .expect("stream starts");
+    // The fake sends its first piece and then holds the rest until told (never, here).
+    let mut body = r.bytes_stream();
+    let mut seen = String::new();
+    while !seen.contains(common::PIECES[0]) {
+        let chunk = futures::StreamExt::next(&mut body).await.expect("more").expect("chunk");
+        seen.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    p.signal("-TERM");
+    while let Some(chunk) = futures::StreamExt::next(&mut body).await {
+        seen.push_str(&String::from_utf8_lossy(&chunk.expect("chunk")));
+    }
+    let last = common::sse_payloads(&seen).pop().expect("events");
+    let last: Value = serde_json::from_str(&last).expect("a JSON event");
+    assert_eq!(last["error"]["code"], "shutting_down", "{seen}");
+    assert!(p.exited_cleanly().await, "log:\n{}", p.log());
+    let rows = tiergate::ledger::read_all(&p.ledger).expect("ledger");
+    let row = rows
+        .iter()
+        .find(|r| r.request_id == "graceful-stream")
+        .expect("the cut stream's row");
+    assert_eq!(row.outcome, "shutting_down");
+    assert!(row.streamed && row.completion_tokens > 0, "{row:?}");
 }
