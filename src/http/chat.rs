@@ -616,3 +616,44 @@ fn api_key_id(headers: &HeaderMap) -> Option<String> {
         digest.iter().take(6).map(|b| format!("{b:02x}")).collect::<String>()
     ))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::next_tier;
+    use crate::error::Error;
+    use crate::policy::Then;
+
+    #[test]
+    fn saturation_spills_first_then_the_fallback_list_and_rejections_stop_the_chain() {
+        let then = Then {
+            on_saturated: Some("spill".into()),
+            fallback: vec!["b".into(), "c".into()],
+            escalate: None,
+        };
+        let saturated = Error::LocalSaturated { tier: "a".into() };
+        let down = Error::UpstreamStatus {
+            tier: "a".into(),
+            status: 503,
+        };
+        assert_eq!(next_tier(&then, &["a"], &saturated), Some("spill"));
+        assert_eq!(
+            next_tier(&then, &["a"], &down),
+            Some("b"),
+            "`on_saturated` is for saturation only"
+        );
+        assert_eq!(next_tier(&then, &["a", "spill"], &down), Some("b"));
+        assert_eq!(next_tier(&then, &["a", "b"], &saturated), Some("spill"));
+        assert_eq!(
+            next_tier(&then, &["a", "b", "spill", "c"], &down),
+            None,
+            "chain exhausted"
+        );
+        let rejected = Error::UpstreamRejected {
+            tier: "a".into(),
+            status: 400,
+            detail: "bad".into(),
+        };
+        assert_eq!(next_tier(&then, &["a"], &rejected), None);
+        assert_eq!(next_tier(&Then::default(), &["a"], &down), None);
+    }
+}

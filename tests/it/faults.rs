@@ -299,3 +299,22 @@ async fn a_never_ending_stream_is_cut_at_the_total_timeout() {
     assert_stream_error(&text, "upstream_timeout");
     assert_eq!(gw.ledger_rows(1).await[0].outcome, "upstream_timeout");
 }
+
+#[tokio::test]
+async fn the_fallback_chain_is_tried_in_order_each_tier_with_its_retries() {
+    let policy = "[[rules]]\nname = \"primary\"\ntier = \"late\"\nfallback = [\"broken\", \"cloud\"]\n";
+    let gw = gateway_with(&Setup {
+        policy: Some(policy.to_owned()),
+        ..Setup::default()
+    })
+    .await;
+    assert_fell_back_to_cloud(gw.post_chat(&user("tiergate-auto", "hi")).await).await;
+    let (row, calls) = attempts(&gw).await;
+    assert!(row.fallback);
+    let broken = ("broken", "upstream_error");
+    assert_eq!(
+        calls,
+        pairs(&[("late", "upstream_timeout"), broken, broken, broken, ("cloud", "ok")])
+    );
+    assert_eq!(row.rule.as_deref(), Some("primary"));
+}
