@@ -160,7 +160,7 @@ async fn call_tiers<'a, T>(
         tracing::warn!(
             request_id = %acct.rec.request_id,
             from = %tier.name,
-            to = next,
+            to = %next,
             code = e.code(),
             "falling back to the next tier"
         );
