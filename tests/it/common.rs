@@ -100,7 +100,7 @@ async fn fake_chat(State(fake): State<Arc<Fake>>, headers: HeaderMap, Json(body)
         }
         "fake-slow" => tokio::time::sleep(Duration::from_secs(10)).await,
         "fake-late" if !stream => tokio::time::sleep(Duration::from_secs(10)).await,
-        "fake-sluggish" => tokio::time::sleep(Duration::from_millis(800)).await,
+        "fake-sluggish" => tokio::time::sleep(Duration::from_secs(2)).await,
         "fake-429" | "fake-429-long" => {
             let wait = if model == "fake-429" { "0.05" } else { "60" };
             let e = Json(json!({"error": {"message": "slow down", "type": "rate_limit_error"}}));

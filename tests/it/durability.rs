@@ -204,7 +204,7 @@ async fn sigterm_lets_an_in_flight_request_finish_and_records_it() {
     );
 }
 
-/// Sends a request the fake holds for 800 ms and sends SIGTERM once it is in flight.
+/// Sends a request the fake holds for 2 s and sends SIGTERM once it is in flight.
 async fn sluggish_request_then_sigterm(p: &Process) -> tokio::task::JoinHandle<Result<(u16, Value), reqwest::Error>> {
     let url = p.url.clone();
     let in_flight = tokio::spawn(async move {
