@@ -20,7 +20,9 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the gateway. The config and policy files are reloaded when they change
-    /// (`reload.poll_secs`) and on SIGHUP, if the new version validates.
+    /// (`reload.poll_secs`) and on SIGHUP, if the new version validates. On SIGTERM or
+    /// Ctrl-C it stops accepting connections, lets in-flight requests finish for up to
+    /// `shutdown_grace_secs` (config), then closes the ledger.
     Serve {
         /// Gateway configuration (TOML).
         #[arg(long, short, env = "TIERGATE_CONFIG", default_value = "examples/tiergate.toml")]

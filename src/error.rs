@@ -21,10 +21,26 @@ pub enum Error {
     /// `tiergate:<name>` names no loaded policy.
     #[error("The model `{model}` names no loaded policy; use one of: {}", available.join(", "))]
     PolicyNotFound { model: String, available: Vec<String> },
-    #[error("tier `{tier}` did not answer within {secs:.1}s")]
-    UpstreamTimeout { tier: String, secs: f64 },
+    /// `phase` is which limit ran out: `connect`, `first token` or `total`.
+    #[error("tier `{tier}` timed out ({phase} timeout of {secs:.1}s)")]
+    UpstreamTimeout {
+        tier: String,
+        secs: f64,
+        phase: &'static str,
+    },
     #[error("tier `{tier}` failed: {detail}")]
     Upstream { tier: String, detail: String },
+    /// No answer at all: the connection could not be made (`connected` false; retried) or
+    /// was closed before the response began (not retried: the upstream may have started
+    /// work).
+    #[error("tier `{tier}` failed: {}", if *connected { "the upstream closed the connection before answering" } else { "could not connect to the upstream server" })]
+    UpstreamUnreachable { tier: String, connected: bool },
+    /// The upstream answered 5xx (its body is never shown: it may carry internals).
+    #[error("tier `{tier}` failed: the upstream answered HTTP {status}")]
+    UpstreamStatus { tier: String, status: u16 },
+    /// The tier's circuit breaker is open after repeated failures; nothing was sent.
+    #[error("tier `{tier}` is unavailable after repeated failures (circuit open); retry later")]
+    CircuitOpen { tier: String },
     #[error("tier `{tier}` is rate limited upstream; retry later")]
     UpstreamRateLimited { tier: String, retry_after: Option<String> },
     #[error("tier `{tier}` rejected the request: {detail}")]
@@ -37,6 +53,9 @@ pub enum Error {
     LocalSaturated { tier: String },
     #[error("tier `{tier}` failed: {detail}")]
     LocalEngine { tier: String, detail: String },
+    /// The shutdown grace period ran out before the request was answered.
+    #[error("the gateway is shutting down and could not finish this request in time; retry it")]
+    ShuttingDown,
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -57,11 +76,15 @@ impl Error {
             Error::ModelNotFound(_) | Error::PolicyNotFound { .. } => StatusCode::NOT_FOUND,
             Error::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             Error::Upstream { .. } => StatusCode::BAD_GATEWAY,
+            Error::UpstreamUnreachable { .. } => StatusCode::BAD_GATEWAY,
+            Error::UpstreamStatus { .. } => StatusCode::BAD_GATEWAY,
+            Error::CircuitOpen { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Error::UpstreamRateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             Error::UpstreamRejected { status, .. } => StatusCode::from_u16(*status).unwrap_or(StatusCode::BAD_REQUEST),
             Error::TierUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Error::LocalSaturated { .. } => StatusCode::TOO_MANY_REQUESTS,
             Error::LocalEngine { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+            Error::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
             Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -76,8 +99,12 @@ impl Error {
             Error::UpstreamRateLimited { .. } | Error::LocalSaturated { .. } => "rate_limit_error",
             Error::UpstreamTimeout { .. }
             | Error::Upstream { .. }
+            | Error::UpstreamUnreachable { .. }
+            | Error::UpstreamStatus { .. }
+            | Error::CircuitOpen { .. }
             | Error::TierUnavailable { .. }
             | Error::LocalEngine { .. }
+            | Error::ShuttingDown
             | Error::Internal(_) => "api_error",
         }
     }
@@ -90,11 +117,15 @@ impl Error {
             Error::ModelNotFound(_) | Error::PolicyNotFound { .. } => "model_not_found",
             Error::UpstreamTimeout { .. } => "upstream_timeout",
             Error::Upstream { .. } => "upstream_error",
+            Error::UpstreamUnreachable { .. } => "upstream_unreachable",
+            Error::UpstreamStatus { .. } => "upstream_error",
+            Error::CircuitOpen { .. } => "upstream_unavailable",
             Error::UpstreamRateLimited { .. } => "upstream_rate_limited",
             Error::UpstreamRejected { .. } => "upstream_rejected",
             Error::TierUnavailable { .. } => "tier_unavailable",
             Error::LocalSaturated { .. } => "tier_saturated",
             Error::LocalEngine { .. } => "local_engine_error",
+            Error::ShuttingDown => "shutting_down",
             Error::Internal(_) => "internal_error",
         }
     }
@@ -106,13 +137,72 @@ impl Error {
             Error::BodyTooLarge { .. }
             | Error::UpstreamTimeout { .. }
             | Error::Upstream { .. }
+            | Error::UpstreamUnreachable { .. }
+            | Error::UpstreamStatus { .. }
+            | Error::CircuitOpen { .. }
             | Error::UpstreamRateLimited { .. }
             | Error::UpstreamRejected { .. }
             | Error::TierUnavailable { .. }
             | Error::LocalSaturated { .. }
             | Error::LocalEngine { .. }
+            | Error::ShuttingDown
             | Error::Internal(_) => None,
         }
+    }
+
+    /// Whether the request may move on to the rule's next tier: the tier could not answer
+    /// (down, slow, overloaded, circuit open), as opposed to a request it rejected.
+    pub fn falls_back(&self) -> bool {
+        match self {
+            Error::UpstreamTimeout { .. }
+            | Error::UpstreamUnreachable { .. }
+            | Error::UpstreamStatus { .. }
+            | Error::UpstreamRateLimited { .. }
+            | Error::CircuitOpen { .. }
+            | Error::TierUnavailable { .. }
+            | Error::LocalSaturated { .. } => true,
+            Error::InvalidRequest { .. }
+            | Error::BodyTooLarge { .. }
+            | Error::ModelNotFound(_)
+            | Error::PolicyNotFound { .. }
+            | Error::Upstream { .. }
+            | Error::UpstreamRejected { .. }
+            | Error::LocalEngine { .. }
+            | Error::ShuttingDown
+            | Error::Internal(_) => false,
+        }
+    }
+
+    /// Whether the same tier may be asked again after a backoff: connect failures, 429 and
+    /// 5xx. Never a 4xx, and never a timeout past the connect phase (the tier is slow, and
+    /// asking again would multiply the wait; the fallback chain handles it).
+    pub fn retryable(&self) -> bool {
+        match self {
+            Error::UpstreamTimeout { phase, .. } => *phase == "connect",
+            Error::UpstreamUnreachable { connected, .. } => !connected,
+            Error::UpstreamStatus { .. } | Error::UpstreamRateLimited { .. } => true,
+            Error::InvalidRequest { .. }
+            | Error::BodyTooLarge { .. }
+            | Error::ModelNotFound(_)
+            | Error::PolicyNotFound { .. }
+            | Error::Upstream { .. }
+            | Error::UpstreamRejected { .. }
+            | Error::TierUnavailable { .. }
+            | Error::CircuitOpen { .. }
+            | Error::LocalSaturated { .. }
+            | Error::LocalEngine { .. }
+            | Error::ShuttingDown
+            | Error::Internal(_) => false,
+        }
+    }
+
+    /// Whether the error says the backend itself is unhealthy, for its circuit breaker. A
+    /// 4xx or a 429 is the backend working as designed.
+    pub fn is_backend_failure(&self) -> bool {
+        matches!(
+            self,
+            Error::UpstreamTimeout { .. } | Error::UpstreamUnreachable { .. } | Error::UpstreamStatus { .. }
+        )
     }
 
     pub fn envelope(&self) -> serde_json::Value {

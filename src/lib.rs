@@ -48,6 +48,8 @@ pub struct Runtime {
     pub local_tiers: BTreeMap<String, Arc<LocalBackend>>,
     /// Conversations' sticky tiers; `None` when `routing.stickiness.enabled = false`.
     pub stickiness: Option<Arc<routing::sticky::Stickiness>>,
+    /// Each HTTP tier's retry settings and circuit breaker.
+    pub guards: BTreeMap<String, upstream::Guard>,
 }
 
 impl Runtime {
@@ -62,15 +64,24 @@ impl Runtime {
         let mut backends: HashMap<String, Arc<dyn Backend>> = HashMap::new();
         let mut tier_problems = BTreeMap::new();
         let mut local_tiers = BTreeMap::new();
+        let mut guards = BTreeMap::new();
         for t in config.tiers.values() {
             match &t.backend {
                 config::BackendConfig::OpenAi {
                     base_url,
                     api_key_env,
-                    timeout,
-                    connect_timeout,
+                    timeouts,
+                    retry,
+                    breaker,
                 } => {
-                    let b = OpenAiBackend::new(&t.name, base_url, api_key_env.as_deref(), *timeout, *connect_timeout)?;
+                    let b = OpenAiBackend::new(&t.name, base_url, api_key_env.as_deref(), *timeouts)?;
+                    guards.insert(
+                        t.name.clone(),
+                        upstream::Guard {
+                            retry: *retry,
+                            breaker: Some(Arc::new(upstream::resilience::Breaker::new(*breaker))),
+                        },
+                    );
                     if let Some(p) = b.missing_key() {
                         tier_problems.insert(t.name.clone(), p.to_owned());
                     }
@@ -125,6 +136,7 @@ impl Runtime {
             classifier,
             local_tiers,
             stickiness,
+            guards,
         })
     }
 }
@@ -137,6 +149,56 @@ pub struct AppState {
     pub metrics: Arc<telemetry::Metrics>,
     /// The last reload's outcome, for `/readyz` and `/metrics`.
     pub reload: reload::ReloadState,
+    /// Cancelled when the shutdown grace period is over: requests still running end with
+    /// a `shutting_down` error and still write their ledger rows.
+    pub cut: tokio_util::sync::CancellationToken,
+    pub in_flight: Arc<InFlight>,
+}
+
+/// Chat requests being answered (a stream counts until its last byte), so shutdown can
+/// wait for the ones it cut to write their rows.
+#[derive(Default)]
+pub struct InFlight {
+    n: std::sync::atomic::AtomicUsize,
+    idle: tokio::sync::Notify,
+}
+
+/// One request in flight; dropping it ends it.
+pub struct InFlightGuard(Arc<InFlight>);
+
+impl InFlight {
+    pub fn enter(self: &Arc<Self>) -> InFlightGuard {
+        self.n.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        InFlightGuard(self.clone())
+    }
+
+    pub fn count(&self) -> usize {
+        self.n.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Waits until no request is in flight, at most `limit`; false if some still are.
+    pub async fn drained(&self, limit: std::time::Duration) -> bool {
+        tokio::time::timeout(limit, async {
+            loop {
+                // Created before the check, so a wake-up between the two is not missed.
+                let idle = self.idle.notified();
+                if self.count() == 0 {
+                    return;
+                }
+                idle.await;
+            }
+        })
+        .await
+        .is_ok()
+    }
+}
+
+impl Drop for InFlightGuard {
+    fn drop(&mut self) {
+        if self.0.n.fetch_sub(1, std::sync::atomic::Ordering::SeqCst) == 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
 }
 
 impl AppState {
@@ -156,13 +218,19 @@ impl AppState {
             onnxruntime_version,
             metrics,
             reload: reload::ReloadState::default(),
+            cut: tokio_util::sync::CancellationToken::new(),
+            in_flight: Arc::default(),
         }))
     }
 }
 
-/// Serves until `shutdown` resolves, then lets in-flight requests finish and flushes the
-/// ledger. Meanwhile the config and policy files are watched and reloaded when they change
-/// (and on SIGHUP, see [`reload::watch`]).
+/// How long cut requests get to answer and queue their rows.
+const CUT_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Serves until `shutdown` resolves, then stops accepting, lets in-flight requests finish
+/// for up to the config's `shutdown_grace`, and flushes the ledger. Meanwhile the config
+/// and policy files are watched and reloaded when they change (and on SIGHUP, see
+/// [`reload::watch`]).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: Arc<AppState>,
@@ -178,9 +246,39 @@ pub async fn serve(
     });
     let stop = tokio_util::sync::CancellationToken::new();
     let watcher = tokio::spawn(reload::watch(state.clone(), stop.clone()));
-    let result = axum::serve(listener, app(state.clone()))
-        .with_graceful_shutdown(shutdown)
-        .await;
+    let grace = state.runtime.load().config.shutdown_grace;
+    let (stopping, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = axum::serve(listener, app(state.clone())).with_graceful_shutdown(async move {
+        shutdown.await;
+        tracing::info!(
+            grace_secs = grace.as_secs_f64(),
+            "shutting down: no new connections; in-flight requests may finish"
+        );
+        let _ = stopping.send(());
+    });
+    let deadline = async move {
+        match stopped.await {
+            Ok(()) => tokio::time::sleep(grace).await,
+            // The server ended on its own: no deadline to enforce.
+            Err(_) => std::future::pending().await,
+        }
+    };
+    let result = tokio::select! {
+        r = std::future::IntoFuture::into_future(server) => r,
+        () = deadline => {
+            tracing::warn!(
+                grace_secs = grace.as_secs_f64(),
+                cut = state.in_flight.count(),
+                "shutdown grace period over; requests still running are cut"
+            );
+            // They answer `shutting_down` (JSON, or a final SSE event) and write their rows.
+            state.cut.cancel();
+            if !state.in_flight.drained(CUT_WAIT).await {
+                tracing::error!(left = state.in_flight.count(), "cut requests did not end; their rows may be missing");
+            }
+            Ok(())
+        }
+    };
     stop.cancel();
     let _ = watcher.await;
     state.ledger.flush().await;

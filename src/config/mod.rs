@@ -12,6 +12,7 @@ use crate::classifier::ClassifierConfig;
 use crate::local::LocalSettings;
 use crate::policy::Policy;
 use crate::routing::sticky::StickinessConfig;
+use crate::upstream::resilience::{BreakerConfig, RetryConfig, Timeouts};
 
 /// A configuration that failed to load; the message names the file and the key path.
 #[derive(Debug, thiserror::Error)]
@@ -26,6 +27,7 @@ fn err(file: &Path, msg: impl std::fmt::Display) -> ConfigError {
 #[serde(deny_unknown_fields)]
 struct ConfigToml {
     listen: Option<String>,
+    shutdown_grace_secs: Option<f64>,
     #[serde(default)]
     onnxruntime: OrtToml,
     #[serde(default)]
@@ -137,6 +139,15 @@ struct TierToml {
     machine_concurrency: Option<usize>,
     timeout_secs: Option<f64>,
     connect_timeout_secs: Option<f64>,
+    ttft_timeout_secs: Option<f64>,
+    max_retries: Option<u32>,
+    retry_backoff_secs: Option<f64>,
+    retry_backoff_max_secs: Option<f64>,
+    breaker_failures: Option<u32>,
+    breaker_failure_rate: Option<f64>,
+    breaker_window_secs: Option<f64>,
+    breaker_min_calls: Option<u32>,
+    breaker_cooldown_secs: Option<f64>,
     // backend = "local"
     model_dir: Option<PathBuf>,
     threads: Option<usize>,
@@ -164,6 +175,8 @@ struct TelemetryToml {
 pub struct Config {
     pub file: PathBuf,
     pub listen: SocketAddr,
+    /// How long in-flight requests may run on after a shutdown signal.
+    pub shutdown_grace: Duration,
     pub onnxruntime_library: Option<PathBuf>,
     pub ledger: LedgerConfig,
     pub baseline: Price,
@@ -245,8 +258,9 @@ pub enum BackendConfig {
     OpenAi {
         base_url: String,
         api_key_env: Option<String>,
-        timeout: Duration,
-        connect_timeout: Duration,
+        timeouts: Timeouts,
+        retry: RetryConfig,
+        breaker: BreakerConfig,
     },
     /// A small model answering in-process through ONNX Runtime (`crate::local`).
     Local(LocalSettings),
@@ -283,6 +297,7 @@ impl Config {
 
         let ConfigToml {
             listen,
+            shutdown_grace_secs,
             onnxruntime,
             ledger,
             baseline,
@@ -300,6 +315,8 @@ impl Config {
                 format!("`listen` = `{listen}` is not an address like `127.0.0.1:8080`: {e}"),
             )
         })?;
+
+        let shutdown_grace = secs(path, "shutdown_grace_secs", shutdown_grace_secs.unwrap_or(30.0))?;
 
         let OrtToml { library } = onnxruntime;
         let onnxruntime_library = library.as_deref().map(resolve);
@@ -478,6 +495,7 @@ impl Config {
         Ok(Config {
             file: path.to_path_buf(),
             listen,
+            shutdown_grace,
             onnxruntime_library,
             ledger,
             baseline,
@@ -509,6 +527,15 @@ fn tier(file: &Path, name: &str, t: TierToml, resolve: &dyn Fn(&Path) -> PathBuf
         machine_concurrency,
         timeout_secs,
         connect_timeout_secs,
+        ttft_timeout_secs,
+        max_retries,
+        retry_backoff_secs,
+        retry_backoff_max_secs,
+        breaker_failures,
+        breaker_failure_rate,
+        breaker_window_secs,
+        breaker_min_calls,
+        breaker_cooldown_secs,
         model_dir,
         threads,
         spinning,
@@ -580,11 +607,65 @@ fn tier(file: &Path, name: &str, t: TierToml, resolve: &dyn Fn(&Path) -> PathBuf
                     format!("{} must start with `http://` or `https://`", key("base_url")),
                 ));
             }
+            let total = secs(file, &key("timeout_secs"), timeout_secs.unwrap_or(120.0))?;
+            let timeouts = Timeouts {
+                connect: secs(file, &key("connect_timeout_secs"), connect_timeout_secs.unwrap_or(5.0))?,
+                // Unset: only the total limit applies to the first token too.
+                first_token: secs(
+                    file,
+                    &key("ttft_timeout_secs"),
+                    ttft_timeout_secs.unwrap_or(total.as_secs_f64()),
+                )?,
+                total,
+            };
+            let d = RetryConfig::default();
+            let retry = RetryConfig {
+                max_retries: max_retries.unwrap_or(d.max_retries),
+                backoff: secs(
+                    file,
+                    &key("retry_backoff_secs"),
+                    retry_backoff_secs.unwrap_or(d.backoff.as_secs_f64()),
+                )?,
+                backoff_max: secs(
+                    file,
+                    &key("retry_backoff_max_secs"),
+                    retry_backoff_max_secs.unwrap_or(d.backoff_max.as_secs_f64()),
+                )?,
+            };
+            let d = BreakerConfig::default();
+            let failure_rate = breaker_failure_rate.unwrap_or(d.failure_rate);
+            if !(failure_rate > 0.0 && failure_rate <= 1.0) {
+                return Err(err(file, format!("{} must be in (0, 1]", key("breaker_failure_rate"))));
+            }
+            let breaker = BreakerConfig {
+                consecutive_failures: positive(
+                    file,
+                    &key("breaker_failures"),
+                    breaker_failures.unwrap_or(d.consecutive_failures) as usize,
+                )? as u32,
+                failure_rate,
+                window: secs(
+                    file,
+                    &key("breaker_window_secs"),
+                    breaker_window_secs.unwrap_or(d.window.as_secs_f64()),
+                )?,
+                min_calls: positive(
+                    file,
+                    &key("breaker_min_calls"),
+                    breaker_min_calls.unwrap_or(d.min_calls) as usize,
+                )? as u32,
+                cooldown: secs(
+                    file,
+                    &key("breaker_cooldown_secs"),
+                    breaker_cooldown_secs.unwrap_or(d.cooldown.as_secs_f64()),
+                )?,
+            };
             BackendConfig::OpenAi {
                 base_url: base_url.trim_end_matches('/').to_owned(),
                 api_key_env,
-                timeout: secs(file, &key("timeout_secs"), timeout_secs.unwrap_or(120.0))?,
-                connect_timeout: secs(file, &key("connect_timeout_secs"), connect_timeout_secs.unwrap_or(5.0))?,
+                timeouts,
+                retry,
+                breaker,
             }
         }
         "local" => {
@@ -595,6 +676,15 @@ fn tier(file: &Path, name: &str, t: TierToml, resolve: &dyn Fn(&Path) -> PathBuf
                     ("api_key_env", api_key_env.is_some()),
                     ("timeout_secs", timeout_secs.is_some()),
                     ("connect_timeout_secs", connect_timeout_secs.is_some()),
+                    ("ttft_timeout_secs", ttft_timeout_secs.is_some()),
+                    ("max_retries", max_retries.is_some()),
+                    ("retry_backoff_secs", retry_backoff_secs.is_some()),
+                    ("retry_backoff_max_secs", retry_backoff_max_secs.is_some()),
+                    ("breaker_failures", breaker_failures.is_some()),
+                    ("breaker_failure_rate", breaker_failure_rate.is_some()),
+                    ("breaker_window_secs", breaker_window_secs.is_some()),
+                    ("breaker_min_calls", breaker_min_calls.is_some()),
+                    ("breaker_cooldown_secs", breaker_cooldown_secs.is_some()),
                 ],
             )?;
             let model_dir = match model_dir {

@@ -1,6 +1,8 @@
 use std::path::Path;
 
-use super::Config;
+use std::time::Duration;
+
+use super::{BackendConfig, Config};
 
 fn example() -> String {
     std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/tiergate.toml")).expect("example")
@@ -257,4 +259,65 @@ fn policies_dir_loads_every_policy_file_in_it() {
     std::fs::write(dir.path().join("c.toml"), format!("name = \"alpha\"\n{rules}")).expect("write");
     let e = parse(&with_dir(dir.path())).expect_err("two alphas");
     assert!(e.contains("are both named `alpha`"), "{e}");
+}
+
+#[test]
+fn fault_settings_are_read_defaulted_and_checked() {
+    let c = parse(&example()).expect("valid");
+    assert_eq!(c.shutdown_grace, Duration::from_secs(30));
+    let BackendConfig::OpenAi {
+        timeouts,
+        retry,
+        breaker,
+        ..
+    } = &c.tiers["cloud"].backend
+    else {
+        panic!("cloud is an openai tier");
+    };
+    assert_eq!(
+        (timeouts.connect, timeouts.first_token, timeouts.total),
+        (
+            Duration::from_secs(5),
+            Duration::from_secs(60),
+            Duration::from_secs(300)
+        )
+    );
+    assert_eq!((retry.max_retries, retry.backoff), (2, Duration::from_millis(250)));
+    assert_eq!((breaker.consecutive_failures, breaker.min_calls), (5, 10));
+    // `small` sets no first-token limit: the total applies.
+    let BackendConfig::OpenAi { timeouts, .. } = &c.tiers["small"].backend else {
+        panic!("small is an openai tier");
+    };
+    assert_eq!(timeouts.first_token, timeouts.total);
+
+    for (from, to, want) in [
+        (
+            "ttft_timeout_secs = 60",
+            "ttft_timeout_secs = 0",
+            "tiers.cloud.ttft_timeout_secs must be > 0",
+        ),
+        (
+            "breaker_failure_rate = 0.5",
+            "breaker_failure_rate = 1.5",
+            "tiers.cloud.breaker_failure_rate must be in (0, 1]",
+        ),
+        (
+            "breaker_failures = 5",
+            "breaker_failures = 0",
+            "tiers.cloud.breaker_failures must be > 0",
+        ),
+        (
+            "retry_backoff_secs = 0.25",
+            "retry_backoff_secs = -1",
+            "tiers.cloud.retry_backoff_secs must be > 0",
+        ),
+        (
+            "shutdown_grace_secs = 30",
+            "shutdown_grace_secs = 0",
+            "shutdown_grace_secs must be > 0",
+        ),
+    ] {
+        let e = parse(&example().replace(from, to)).expect_err(to);
+        assert!(e.contains(want), "{e}\n  wanted: {want}");
+    }
 }

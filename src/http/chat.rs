@@ -16,11 +16,14 @@ use crate::config::{BackendConfig, Price, TierConfig};
 use crate::error::Error;
 use crate::ledger::{Attempt, Ledger, Record};
 use crate::openai::{ChatRequest, Usage};
+use crate::policy::Then;
 use crate::routing::sticky::{self, HEADER_CONVERSATION};
 use crate::routing::{self, RequestContext, RouteDecision};
 use crate::telemetry::trace;
-use crate::upstream::{Backend, Completion, StreamItem};
+use crate::upstream::resilience::{Breaker, with_retries};
+use crate::upstream::{Backend, Completion, Guard, StreamItem};
 use crate::{AppState, Runtime, tokens};
+use futures::future::BoxFuture;
 use tracing::Instrument;
 
 pub async fn chat_completions(State(st): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Response {
@@ -29,7 +32,12 @@ pub async fn chat_completions(State(st): State<Arc<AppState>>, headers: HeaderMa
     acct.metrics = Some(st.metrics.clone());
     let span = trace::request_span(&acct.rec.request_id);
     acct.span = Some(span.clone());
-    let result = handle(&rt, &mut acct, &headers, body).instrument(span).await;
+    acct.in_flight = Some(st.in_flight.enter());
+    acct.cut = st.cut.clone();
+    let result = tokio::select! {
+        r = handle(&rt, &mut acct, &headers, body).instrument(span) => r,
+        () = st.cut.cancelled() => Err(Error::ShuttingDown),
+    };
     match result {
         Ok(Reply::Whole(resp)) => resp,
         Ok(Reply::Stream(resp)) => resp,
@@ -38,7 +46,7 @@ pub async fn chat_completions(State(st): State<Arc<AppState>>, headers: HeaderMa
             let code = e.code();
             let mut resp = e.into_response();
             acct.decorate(resp.headers_mut());
-            acct.finish(code, status);
+            acct.finish_durably(code, status).await;
             resp
         }
     }
@@ -79,14 +87,8 @@ async fn handle(rt: &Arc<Runtime>, acct: &mut Accounting, headers: &HeaderMap, b
         ctx.headers.get(HEADER_CONVERSATION).map(String::as_str),
         &req,
     );
-    let (mut tier, mut backend) = tier_backend(rt, &decision.tier)?;
+    let (tier, _) = tier_backend(rt, &decision.tier)?;
     acct.routed(&decision, &tier.model, tier.price, tokens::estimate(&req.all_text()));
-    req.model = tier.model.clone();
-    // The first call may be clamped (a local tier's cap); a spill or escalation is not.
-    let mut first_req = req.clone();
-    if let Some(cap) = decision.max_output_tokens {
-        routing::clamp_output(&mut first_req, cap);
-    }
 
     remember(rt, conversation.as_deref(), &decision.tier);
     acct.gateway_done();
@@ -96,32 +98,24 @@ async fn handle(rt: &Arc<Runtime>, acct: &mut Accounting, headers: &HeaderMap, b
             .as_ref()
             .and_then(|o| o.include_usage)
             .unwrap_or(false);
-        let mut tier_span = trace::tier_span(tier);
-        let upstream = match backend.stream(first_req).instrument(tier_span.clone()).await {
-            Err(Error::LocalSaturated { .. }) if decision.then.on_saturated.is_some() => {
-                (tier, backend) = spill(rt, acct, &decision)?;
-                req.model = tier.model.clone();
-                tier_span = trace::tier_span(tier);
-                backend.stream(req).instrument(tier_span.clone()).await?
-            }
-            other => other?,
-        };
+        let (upstream, tier, tier_span) = call_tiers(rt, acct, &decision, &mut req, |b, r| {
+            Box::pin(async move { b.stream(r).await })
+        })
+        .await?;
         acct.called_tier = true;
+        let breaker = rt.guards.get(&tier.name).and_then(|g| g.breaker.clone());
         Ok(Reply::Stream(stream_response(
             std::mem::take(acct),
             upstream,
             client_wants_usage,
             tier_span,
+            breaker,
         )))
     } else {
-        let mut done = match backend.complete(first_req).instrument(trace::tier_span(tier)).await {
-            Err(Error::LocalSaturated { .. }) if decision.then.on_saturated.is_some() => {
-                (tier, backend) = spill(rt, acct, &decision)?;
-                req.model = tier.model.clone();
-                backend.complete(req.clone()).instrument(trace::tier_span(tier)).await?
-            }
-            other => other?,
-        };
+        let (mut done, _, _) = call_tiers(rt, acct, &decision, &mut req, |b, r| {
+            Box::pin(async move { b.complete(r).await })
+        })
+        .await?;
         if let Some(esc) = &decision.then.escalate
             && done.confidence.is_some_and(|c| c < esc.min_confidence)
         {
@@ -138,7 +132,7 @@ async fn handle(rt: &Arc<Runtime>, acct: &mut Accounting, headers: &HeaderMap, b
         resp.headers_mut()
             .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
         acct.decorate(resp.headers_mut());
-        acct.finish("ok", 200);
+        acct.finish_durably("ok", 200).await;
         Ok(Reply::Whole(resp))
     }
 }
@@ -166,22 +160,80 @@ fn tier_backend<'a>(rt: &'a Runtime, name: &str) -> Result<(&'a TierConfig, Arc<
     Ok((tier, backend))
 }
 
-/// The rule's tier is saturated: record that attempt and move to the spill tier.
-fn spill<'a>(
+/// Calls the routed tier through its retries and circuit breaker; when it cannot answer,
+/// moves down the rule's fallback chain (or spills, for a saturated local tier). Runs
+/// before anything is sent to the client, so a switch is invisible to it but for the
+/// `x-tiergate-tier` header. Every failed call becomes an attempt in the ledger.
+async fn call_tiers<'a, T>(
     rt: &'a Runtime,
     acct: &mut Accounting,
     decision: &RouteDecision,
-) -> Result<(&'a TierConfig, Arc<dyn Backend>), Error> {
-    let to = decision
-        .then
-        .on_saturated
-        .as_deref()
-        .ok_or_else(|| Error::Internal("spill without a spill tier".into()))?;
-    let (tier, backend) = tier_backend(rt, to)?;
-    acct.attempt_failed("saturated", Usage::default(), None);
-    acct.rec.fallback = true;
-    acct.switch_tier(tier);
-    Ok((tier, backend))
+    req: &mut ChatRequest,
+    call: impl Fn(Arc<dyn Backend>, ChatRequest) -> BoxFuture<'static, Result<T, Error>>,
+) -> Result<(T, &'a TierConfig, tracing::Span), Error> {
+    let (mut tier, mut backend) = tier_backend(rt, &decision.tier)?;
+    let mut tried: Vec<&str> = Vec::new();
+    loop {
+        req.model = tier.model.clone();
+        // The routed tier's call may be clamped (a local tier's cap); a spill or fallback's not.
+        let mut this_req = req.clone();
+        if let Some(cap) = decision.max_output_tokens
+            && tier.name == decision.tier
+        {
+            routing::clamp_output(&mut this_req, cap);
+        }
+        let guard = rt.guards.get(&tier.name).cloned().unwrap_or_else(Guard::none);
+        let span = trace::tier_span(tier);
+        let result = with_retries(
+            &tier.name,
+            &guard.retry,
+            guard.breaker.as_deref(),
+            || call(backend.clone(), this_req.clone()).instrument(span.clone()),
+            |e| acct.retried(e),
+        )
+        .await;
+        let e = match result {
+            Ok(v) => return Ok((v, tier, span)),
+            Err(e) => e,
+        };
+        tried.push(&tier.name);
+        let Some(next) = next_tier(&decision.then, &tried, &e) else {
+            return Err(e);
+        };
+        tracing::warn!(
+            request_id = %acct.rec.request_id,
+            from = %tier.name,
+            to = %next,
+            code = e.code(),
+            "falling back to the next tier"
+        );
+        let outcome = if matches!(e, Error::LocalSaturated { .. }) {
+            "saturated"
+        } else {
+            e.code()
+        };
+        acct.attempt_failed(outcome, Usage::default(), None);
+        acct.rec.fallback = true;
+        (tier, backend) = tier_backend(rt, next)?;
+        acct.switch_tier(tier);
+    }
+}
+
+/// The tier to try after `tried` failed with `e`: the spill tier for a saturated local
+/// tier (`on_saturated`), then the rule's `fallback` list; none for errors that another
+/// tier would not fix (the request itself was rejected).
+fn next_tier<'a>(then: &'a Then, tried: &[&str], e: &Error) -> Option<&'a str> {
+    if !e.falls_back() {
+        return None;
+    }
+    let spill = match e {
+        Error::LocalSaturated { .. } => then.on_saturated.as_deref(),
+        _ => None,
+    };
+    spill
+        .into_iter()
+        .chain(then.fallback.iter().map(String::as_str))
+        .find(|t| !tried.contains(t))
 }
 
 /// The first answer is too weak: re-ask `to`. If that tier fails, the first answer is
@@ -197,17 +249,27 @@ async fn escalate(
         return first;
     };
     let first_tier = acct.current_tier();
+    let first_attempt = acct.rec.attempts.len();
     acct.attempt_failed("low_confidence", first.usage.unwrap_or_default(), first.confidence);
     acct.rec.escalated = true;
     acct.switch_tier(tier);
     req.model = tier.model.clone();
-    match backend.complete(req).await {
+    let guard = rt.guards.get(to).cloned().unwrap_or_else(Guard::none);
+    let result = with_retries(
+        to,
+        &guard.retry,
+        guard.breaker.as_deref(),
+        || backend.complete(req.clone()),
+        |e| acct.retried(e),
+    )
+    .await;
+    match result {
         Ok(done) => done,
         Err(e) => {
             tracing::warn!(request_id = %acct.rec.request_id, code = e.code(), "escalation failed; answering with the first tier's answer");
             // The first attempt gives the answer after all: it is already recorded (so
             // `finish` adds no final attempt), in the order the calls were made.
-            if let Some(a) = acct.rec.attempts.last_mut() {
+            if let Some(a) = acct.rec.attempts.get_mut(first_attempt) {
                 a.outcome = "ok".to_owned();
             }
             acct.attempt_failed(e.code(), Usage::default(), None);
@@ -223,15 +285,22 @@ fn stream_response(
     mut upstream: crate::upstream::ChunkStream,
     client_wants_usage: bool,
     tier_span: tracing::Span,
+    breaker: Option<Arc<Breaker>>,
 ) -> Response {
     let mut headers = HeaderMap::new();
     acct.decorate(&mut headers);
+    let cut = acct.cut.clone();
     let body = async_stream::stream! {
         // The tier call lasts as long as its stream.
         let _tier_span = tier_span;
         let mut saw_done = false;
         let mut finished = false;
-        while let Some(item) = upstream.next().await {
+        loop {
+            let item = tokio::select! {
+                item = upstream.next() => item,
+                () = cut.cancelled() => Some(Err(Error::ShuttingDown)),
+            };
+            let Some(item) = item else { break };
             match item {
                 Ok(StreamItem::Chunk { json, usage, content, finished: f, usage_only }) => {
                     if usage.is_some() {
@@ -255,7 +324,10 @@ fn stream_response(
                 }
                 Err(e) => {
                     tracing::warn!(request_id = %acct.rec.request_id, code = e.code(), "stream failed mid-way");
-                    acct.finish(e.code(), 200);
+                    if let Some(b) = breaker.as_ref().filter(|_| !matches!(e, Error::ShuttingDown)) {
+                        b.record_late_failure();
+                    }
+                    acct.finish_durably(e.code(), 200).await;
                     yield Ok(sse_data(e.envelope().to_string().as_bytes()));
                     return;
                 }
@@ -266,11 +338,14 @@ fn stream_response(
                 tier: acct.rec.tier.clone().unwrap_or_default(),
                 detail: "the upstream stream ended before the answer was complete".to_owned(),
             };
-            acct.finish(e.code(), 200);
+            if let Some(b) = &breaker {
+                b.record_late_failure();
+            }
+            acct.finish_durably(e.code(), 200).await;
             yield Ok(sse_data(e.envelope().to_string().as_bytes()));
             return;
         }
-        acct.finish("ok", 200);
+        acct.finish_durably("ok", 200).await;
         yield Ok(Bytes::from_static(b"data: [DONE]\n\n"));
     };
     let mut resp = Response::new(Body::from_stream(body));
@@ -312,6 +387,10 @@ struct Accounting {
     answer_recorded: bool,
     done: bool,
     metrics: Option<Arc<crate::telemetry::Metrics>>,
+    /// Held until the row is written (fields drop after `Drop::drop`).
+    in_flight: Option<crate::InFlightGuard>,
+    /// Cancelled when shutdown cuts the requests still running.
+    cut: tokio_util::sync::CancellationToken,
     /// The request's span: it ends when the request does (for a stream, with the stream).
     span: Option<tracing::Span>,
 }
@@ -355,6 +434,12 @@ impl Accounting {
         a.start = Some(Instant::now());
         a.baseline = Some(baseline);
         a
+    }
+
+    /// The current tier failed and is about to be called again.
+    fn retried(&mut self, e: &Error) {
+        self.attempt_failed(e.code(), Usage::default(), None);
+        self.attempt_start = Some(Instant::now());
     }
 
     fn elapsed_ms(&self) -> f64 {
@@ -457,9 +542,25 @@ impl Accounting {
         }
     }
 
+    /// Queues the row without waiting (the client is gone; nobody waits for the answer).
     fn finish(&mut self, outcome: &str, status: u16) {
+        if let Some((l, rec)) = self.settle(outcome, status) {
+            l.record(rec);
+        }
+    }
+
+    /// Writes the row and waits for its commit: called before the answer's last bytes
+    /// leave, so that a client holding a complete answer can count on its ledger row.
+    async fn finish_durably(&mut self, outcome: &str, status: u16) {
+        if let Some((l, rec)) = self.settle(outcome, status) {
+            l.record_durable(rec).await;
+        }
+    }
+
+    /// Completes the row (once) and hands it over with the ledger to write it to.
+    fn settle(&mut self, outcome: &str, status: u16) -> Option<(Ledger, Record)> {
         if self.done {
-            return;
+            return None;
         }
         self.done = true;
         let r = &mut self.rec;
@@ -531,9 +632,8 @@ impl Accounting {
         if let Some(s) = &self.span {
             trace::record_request(s, r);
         }
-        if let Some(l) = &self.ledger {
-            l.record(std::mem::take(&mut self.rec));
-        }
+        let rec = std::mem::take(&mut self.rec);
+        self.ledger.clone().map(|l| (l, rec))
     }
 }
 
@@ -558,4 +658,45 @@ fn api_key_id(headers: &HeaderMap) -> Option<String> {
         "key-{}",
         digest.iter().take(6).map(|b| format!("{b:02x}")).collect::<String>()
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::next_tier;
+    use crate::error::Error;
+    use crate::policy::Then;
+
+    #[test]
+    fn saturation_spills_first_then_the_fallback_list_and_rejections_stop_the_chain() {
+        let then = Then {
+            on_saturated: Some("spill".into()),
+            fallback: vec!["b".into(), "c".into()],
+            escalate: None,
+        };
+        let saturated = Error::LocalSaturated { tier: "a".into() };
+        let down = Error::UpstreamStatus {
+            tier: "a".into(),
+            status: 503,
+        };
+        assert_eq!(next_tier(&then, &["a"], &saturated), Some("spill"));
+        assert_eq!(
+            next_tier(&then, &["a"], &down),
+            Some("b"),
+            "`on_saturated` is for saturation only"
+        );
+        assert_eq!(next_tier(&then, &["a", "spill"], &down), Some("b"));
+        assert_eq!(next_tier(&then, &["a", "b"], &saturated), Some("spill"));
+        assert_eq!(
+            next_tier(&then, &["a", "b", "spill", "c"], &down),
+            None,
+            "chain exhausted"
+        );
+        let rejected = Error::UpstreamRejected {
+            tier: "a".into(),
+            status: 400,
+            detail: "bad".into(),
+        };
+        assert_eq!(next_tier(&then, &["a"], &rejected), None);
+        assert_eq!(next_tier(&Then::default(), &["a"], &down), None);
+    }
 }

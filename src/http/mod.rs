@@ -17,6 +17,7 @@ use serde_json::json;
 
 use crate::AppState;
 use crate::error::Error;
+use crate::upstream::resilience::{Breaker, CircuitState};
 
 /// The gateway's routes; tests drive this directly or over a socket.
 pub fn app(state: Arc<AppState>) -> Router {
@@ -124,6 +125,27 @@ fn live_metrics(encoded: &str, rt: &crate::Runtime, reload: &crate::reload::Relo
             let _ = writeln!(out, "tiergate_local_queue_depth{{tier=\"{tier}\"}} {}", b.in_flight());
         }
     }
+    if !rt.guards.is_empty() {
+        out.push_str("# HELP tiergate_circuit_state Circuit breaker per tier: 0 closed, 1 open, 2 half-open.\n");
+        out.push_str("# TYPE tiergate_circuit_state gauge\n");
+        for (tier, b) in breakers(rt) {
+            let _ = writeln!(out, "tiergate_circuit_state{{tier=\"{tier}\"}} {}", b.state() as u8);
+        }
+        out.push_str(
+            "# HELP tiergate_circuit_transitions Circuit breaker state changes per tier, by the state entered.\n",
+        );
+        out.push_str("# TYPE tiergate_circuit_transitions counter\n");
+        for (tier, b) in breakers(rt) {
+            for to in [CircuitState::Open, CircuitState::HalfOpen, CircuitState::Closed] {
+                let _ = writeln!(
+                    out,
+                    "tiergate_circuit_transitions_total{{tier=\"{tier}\",to=\"{}\"}} {}",
+                    to.name(),
+                    b.transitions(to)
+                );
+            }
+        }
+    }
     if let Some(c) = &rt.classifier {
         let s = &c.stats;
         for (name, help, v) in [
@@ -170,6 +192,12 @@ fn live_metrics(encoded: &str, rt: &crate::Runtime, reload: &crate::reload::Relo
     out
 }
 
+fn breakers(rt: &crate::Runtime) -> impl Iterator<Item = (&String, &Breaker)> {
+    rt.guards
+        .iter()
+        .filter_map(|(t, g)| g.breaker.as_deref().map(|b| (t, b)))
+}
+
 async fn readyz(State(st): State<Arc<AppState>>) -> impl IntoResponse {
     let rt = st.runtime.load();
     let ledger_ok = st.ledger.is_alive();
@@ -178,8 +206,23 @@ async fn readyz(State(st): State<Arc<AppState>>) -> impl IntoResponse {
         .tiers
         .values()
         .map(|t| {
-            let problem = rt.tier_problems.get(&t.name);
-            json!({"name": t.name, "model": t.model, "ready": problem.is_none(), "problem": problem})
+            let problem = rt.tier_problems.get(&t.name).cloned();
+            let circuit = rt
+                .guards
+                .get(&t.name)
+                .and_then(|g| g.breaker.as_deref())
+                .map(Breaker::state);
+            let problem = problem.or_else(|| {
+                (circuit == Some(CircuitState::Open))
+                    .then(|| "circuit open after repeated failures; requests fall back or get a 503".to_owned())
+            });
+            json!({
+                "name": t.name,
+                "model": t.model,
+                "ready": problem.is_none(),
+                "problem": problem,
+                "circuit": circuit.map(CircuitState::name),
+            })
         })
         .collect();
     let body = json!({

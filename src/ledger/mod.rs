@@ -1,6 +1,10 @@
 //! The usage ledger: one row per request in a SQLite file (WAL). Rows are queued on a
-//! bounded channel and written in batches by one writer thread, never on the request path;
-//! a full queue drops the row, counts and logs it, and the request still succeeds.
+//! bounded channel and written in batches by one writer thread, never on an async worker.
+//! A request that is answered waits for its row's commit before its last bytes go out
+//! ([`Ledger::record_durable`]), so an answered request is never lost to a process kill;
+//! concurrent rows share one transaction (group commit). Rows that nobody waits for (a
+//! client that went away) are queued without waiting; a full queue drops such a row,
+//! counts and logs it.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -63,11 +67,15 @@ pub struct Attempt {
 }
 
 enum Msg {
-    Row(Box<Record>),
+    /// A row, and who to tell once it is committed.
+    Row(Box<Record>, Option<oneshot::Sender<()>>),
     Flush(oneshot::Sender<()>),
     /// Stop after writing everything queued before it.
     Close,
 }
+
+/// Longest wait for room in a full queue before a row is dropped.
+const DURABLE_QUEUE_WAIT: Duration = Duration::from_secs(5);
 
 /// Handle to the ledger writer; cheap to clone.
 #[derive(Clone)]
@@ -143,8 +151,11 @@ pub fn open(path: &Path) -> rusqlite::Result<Connection> {
     let conn = Connection::open(path)?;
     conn.busy_timeout(Duration::from_secs(5))?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
-    // NORMAL in WAL mode: a committed batch survives a process crash (kill -9); only an
-    // OS crash or power loss can lose the last batches. FULL would fsync every batch.
+    // NORMAL in WAL mode: a commit is in the WAL file (the OS page cache) when it returns,
+    // so it survives a process crash (kill -9, OOM kill, panic); tests/it/durability.rs
+    // checks it under load. Only an OS crash or power loss can lose the last commits before the next
+    // checkpoint. FULL would fsync the WAL on every commit, i.e. on the path of every
+    // answered request; for usage accounting that trade is not worth it.
     conn.pragma_update(None, "synchronous", "NORMAL")?;
     conn.execute_batch(SCHEMA)?;
     Ok(conn)
@@ -174,14 +185,50 @@ impl Ledger {
     /// Queues a row without waiting. Never fails the request: a full queue drops the row,
     /// and the drop is counted (`dropped()`, `/readyz`) and logged.
     pub fn record(&self, rec: Record) {
-        if let Err(e) = self.tx.try_send(Msg::Row(Box::new(rec))) {
-            let n = self.shared.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+        if let Err(e) = self.tx.try_send(Msg::Row(Box::new(rec), None)) {
             let why = match e {
                 mpsc::error::TrySendError::Full(_) => "queue full",
                 mpsc::error::TrySendError::Closed(_) => "writer stopped",
             };
-            tracing::error!(dropped_total = n, reason = why, "ledger row dropped");
+            self.count_drop(why);
         }
+    }
+
+    /// Queues a row and waits until it is committed. On a full queue it waits for room
+    /// (bounded) rather than dropping the row: the caller's answer is held back meanwhile,
+    /// which slows clients down instead of losing their accounting.
+    pub async fn record_durable(&self, rec: Record) {
+        let (ack, committed) = oneshot::channel();
+        let msg = Msg::Row(Box::new(rec), Some(ack));
+        let queued = match self.tx.try_send(msg) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Full(msg)) => {
+                match tokio::time::timeout(DURABLE_QUEUE_WAIT, self.tx.send(msg)).await {
+                    Ok(Ok(())) => true,
+                    Ok(Err(_)) => {
+                        self.count_drop("writer stopped");
+                        false
+                    }
+                    Err(_) => {
+                        self.count_drop("queue full");
+                        false
+                    }
+                }
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                self.count_drop("writer stopped");
+                false
+            }
+        };
+        if queued {
+            // An error here means the batch failed to commit; the writer counted and logged it.
+            let _ = committed.await;
+        }
+    }
+
+    fn count_drop(&self, why: &'static str) {
+        let n = self.shared.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+        tracing::error!(dropped_total = n, reason = why, "ledger row dropped");
     }
 
     /// Waits until every row queued before this call is committed.
@@ -226,13 +273,17 @@ impl Ledger {
 
 fn writer(mut conn: Connection, mut rx: mpsc::Receiver<Msg>, batch_size: usize, shared: &Shared) {
     let mut batch: Vec<Box<Record>> = Vec::with_capacity(batch_size);
+    // Flushes, and requests waiting for their row: told once the batch is committed.
     let mut waiters: Vec<oneshot::Sender<()>> = Vec::new();
     let mut closing = false;
     while let Some(first) = rx.blocking_recv() {
         let mut next = Some(first);
         while let Some(msg) = next.take() {
             match msg {
-                Msg::Row(r) => batch.push(r),
+                Msg::Row(r, ack) => {
+                    batch.push(r);
+                    waiters.extend(ack);
+                }
                 Msg::Flush(w) => waiters.push(w),
                 Msg::Close => closing = true,
             }

@@ -63,3 +63,26 @@ async fn a_full_queue_drops_and_counts_instead_of_blocking() {
     assert!(ledger.dropped() > 0);
     assert_eq!(ledger.dropped() + ledger.written(), 5000);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_durable_record_is_committed_when_it_returns() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("l.db");
+    let ledger = Ledger::start(&path, 1000, 256).expect("start");
+    // No flush, no shutdown: another connection sees the row as soon as the call returns,
+    // which is what lets a response go out only once its row would survive a kill.
+    ledger.record_durable(rec(0)).await;
+    assert_eq!(read_all(&path).expect("read").len(), 1);
+
+    let tasks: Vec<_> = (1..=64)
+        .map(|i| {
+            let l = ledger.clone();
+            tokio::spawn(async move { l.record_durable(rec(i)).await })
+        })
+        .collect();
+    for t in tasks {
+        t.await.expect("task");
+    }
+    assert_eq!(read_all(&path).expect("read").len(), 65);
+    assert_eq!((ledger.written(), ledger.dropped()), (65, 0));
+}

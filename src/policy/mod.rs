@@ -34,6 +34,7 @@ struct RuleToml {
     max_prompt_tokens: Option<u64>,
     min_prompt_tokens: Option<u64>,
     on_saturated: Option<String>,
+    fallback: Option<Vec<String>>,
     min_confidence: Option<f64>,
     escalate_to: Option<String>,
     // Conditions over the request.
@@ -119,6 +120,9 @@ impl PartialEq for Pattern {
 pub struct Then {
     /// Tier to send the request to when the rule's tier is saturated (otherwise a 429).
     pub on_saturated: Option<String>,
+    /// Tiers to try in order when the rule's tier cannot answer (down, timed out, 5xx,
+    /// 429, circuit open, saturated) before any byte reached the client.
+    pub fallback: Vec<String>,
     /// Re-ask `tier` when a non-streamed answer's confidence is below `min_confidence`.
     pub escalate: Option<Escalate>,
 }
@@ -464,6 +468,7 @@ fn rule(
         max_prompt_tokens,
         min_prompt_tokens,
         on_saturated,
+        fallback,
         min_confidence,
         escalate_to,
         models,
@@ -509,6 +514,28 @@ fn rule(
                 "{} = `{tier}` is the rule's own tier; name another tier",
                 at(key)
             ));
+        }
+    }
+    let fallback = fallback.unwrap_or_default();
+    for (j, t) in fallback.iter().enumerate() {
+        let at = || {
+            format!(
+                "policy `{file}`: rules[{i}].fallback[{j}] (line {})",
+                key_line(text, &span, "fallback")
+            )
+        };
+        if !tiers.contains_key(t) {
+            return Err(format!(
+                "{} = `{t}` is not a configured tier; use one of {}",
+                at(),
+                known()
+            ));
+        }
+        if *t == tier {
+            return Err(format!("{} = `{t}` is the rule's own tier; name another tier", at()));
+        }
+        if fallback[..j].contains(t) {
+            return Err(format!("{} = `{t}` is already in the fallback list", at()));
         }
     }
     let escalate = match (min_confidence, escalate_to) {
@@ -664,7 +691,11 @@ fn rule(
             headers: header_conds,
             local_load_below,
         },
-        then: Then { on_saturated, escalate },
+        then: Then {
+            on_saturated,
+            fallback,
+            escalate,
+        },
         caps: Caps {
             max_local_output_tokens,
             max_cost_usd,

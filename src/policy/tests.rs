@@ -24,8 +24,13 @@ pub(crate) fn tiers() -> BTreeMap<String, TierConfig> {
                 BackendConfig::OpenAi {
                     base_url: "http://x".into(),
                     api_key_env: None,
-                    timeout: std::time::Duration::from_secs(1),
-                    connect_timeout: std::time::Duration::from_secs(1),
+                    timeouts: crate::upstream::resilience::Timeouts {
+                        connect: std::time::Duration::from_secs(1),
+                        first_token: std::time::Duration::from_secs(1),
+                        total: std::time::Duration::from_secs(1),
+                    },
+                    retry: Default::default(),
+                    breaker: Default::default(),
                 }
             };
             let price = match n {
@@ -557,5 +562,31 @@ tier = "cloud"
                 prop_assert!(chosen.matches(&f));
             }
         }
+    }
+}
+
+#[test]
+fn fallback_chain_is_validated_and_carried_by_the_rule() {
+    let with = |extra: &str| TWO_RULES.replace("tier = \"small\"", &format!("tier = \"small\"\n{extra}"));
+    let p = parse(&with("fallback = [\"cloud\", \"local\"]")).expect("valid");
+    assert_eq!(p.rules[0].then.fallback, ["cloud", "local"]);
+    assert!(p.rules[1].then.fallback.is_empty());
+    for (extra, want) in [
+        (
+            "fallback = [\"cloud\", \"gpu\"]",
+            "p.toml`: rules[0].fallback[1] (line 2) = `gpu` is not a configured tier; use one of",
+        ),
+        (
+            "fallback = [\"small\"]",
+            "rules[0].fallback[0] (line 2) = `small` is the rule's own tier",
+        ),
+        (
+            "fallback = [\"cloud\", \"cloud\"]",
+            "rules[0].fallback[1] (line 2) = `cloud` is already in the fallback list",
+        ),
+        ("fallback = \"cloud\"", "invalid type"),
+    ] {
+        let e = parse(&with(extra)).expect_err(extra);
+        assert!(e.contains(want), "{e}\n  wanted: {want}");
     }
 }

@@ -2,6 +2,7 @@
 //! OpenAI-compatible HTTP servers (`openai`) and the in-process generator (`crate::local`).
 
 pub mod openai;
+pub mod resilience;
 
 use bytes::Bytes;
 use futures::future::BoxFuture;
@@ -34,6 +35,26 @@ pub enum StreamItem {
     },
     /// The end of the stream (`data: [DONE]`).
     Done,
+}
+
+/// What stands between a request and a tier's backend: its retry policy and its circuit
+/// breaker. In-process tiers have neither (their failures are not transient).
+#[derive(Clone)]
+pub struct Guard {
+    pub retry: resilience::RetryConfig,
+    pub breaker: Option<std::sync::Arc<resilience::Breaker>>,
+}
+
+impl Guard {
+    pub fn none() -> Guard {
+        Guard {
+            retry: resilience::RetryConfig {
+                max_retries: 0,
+                ..resilience::RetryConfig::default()
+            },
+            breaker: None,
+        }
+    }
 }
 
 pub type ChunkStream = BoxStream<'static, Result<StreamItem, Error>>;

@@ -1,7 +1,7 @@
 //! The `openai` backend: any server speaking OpenAI's chat-completions API, over reqwest,
 //! with SSE relayed event by event (parsed by `eventsource-stream`, never buffered whole).
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use eventsource_stream::Eventsource;
@@ -9,6 +9,7 @@ use futures::future::BoxFuture;
 use futures::{StreamExt, TryStreamExt};
 use serde_json::Value;
 
+use super::resilience::Timeouts;
 use super::{Backend, ChunkStream, Completion, StreamItem, redact_secrets};
 use crate::error::Error;
 use crate::openai::{ChatRequest, ChunkPeek, CompletionPeek, StreamOptions};
@@ -17,18 +18,12 @@ pub struct OpenAiBackend {
     tier: String,
     url: String,
     api_key: Result<Option<String>, String>,
-    timeout: Duration,
+    timeouts: Timeouts,
     client: reqwest::Client,
 }
 
 impl OpenAiBackend {
-    pub fn new(
-        tier: &str,
-        base_url: &str,
-        api_key_env: Option<&str>,
-        timeout: Duration,
-        connect_timeout: Duration,
-    ) -> Result<Self, String> {
+    pub fn new(tier: &str, base_url: &str, api_key_env: Option<&str>, timeouts: Timeouts) -> Result<Self, String> {
         let api_key = match api_key_env {
             None => Ok(None),
             Some(var) => match std::env::var(var) {
@@ -39,7 +34,7 @@ impl OpenAiBackend {
             },
         };
         let client = reqwest::Client::builder()
-            .connect_timeout(connect_timeout)
+            .connect_timeout(timeouts.connect)
             .pool_idle_timeout(Duration::from_secs(90))
             .tcp_nodelay(true)
             .build()
@@ -48,7 +43,7 @@ impl OpenAiBackend {
             tier: tier.to_owned(),
             url: format!("{base_url}/chat/completions"),
             api_key,
-            timeout,
+            timeouts,
             client,
         })
     }
@@ -58,39 +53,53 @@ impl OpenAiBackend {
         self.api_key.as_ref().err().map(String::as_str)
     }
 
+    /// Sends the request and waits for the response headers, at most `first_token`.
     async fn send(&self, req: &ChatRequest) -> Result<reqwest::Response, Error> {
         let key = self.api_key.as_ref().map_err(|detail| Error::TierUnavailable {
             tier: self.tier.clone(),
             detail: detail.clone(),
         })?;
-        let mut builder = self.client.post(&self.url).timeout(self.timeout).json(req);
+        let mut builder = self.client.post(&self.url).timeout(self.timeouts.total).json(req);
         if let Some(k) = key {
             builder = builder.bearer_auth(k);
         }
-        let resp = builder.send().await.map_err(|e| self.transport_error(&e))?;
+        let resp = tokio::time::timeout(self.timeouts.first_token, builder.send())
+            .await
+            .map_err(|_| self.timeout("first token"))?
+            .map_err(|e| self.transport_error(&e, false))?;
         if resp.status().is_success() {
             return Ok(resp);
         }
         Err(self.status_error(resp).await)
     }
 
-    fn transport_error(&self, e: &reqwest::Error) -> Error {
+    fn timeout(&self, phase: &'static str) -> Error {
+        let limit = match phase {
+            "connect" => self.timeouts.connect,
+            "first token" => self.timeouts.first_token,
+            _ => self.timeouts.total,
+        };
+        Error::UpstreamTimeout {
+            tier: self.tier.clone(),
+            secs: limit.as_secs_f64(),
+            phase,
+        }
+    }
+
+    /// `answering`: the response had begun (its body was being read).
+    fn transport_error(&self, e: &reqwest::Error, answering: bool) -> Error {
         if e.is_timeout() {
-            return Error::UpstreamTimeout {
+            return self.timeout(if e.is_connect() { "connect" } else { "total" });
+        }
+        if e.is_decode() {
+            return Error::Upstream {
                 tier: self.tier.clone(),
-                secs: self.timeout.as_secs_f64(),
+                detail: "the upstream answer could not be read".to_owned(),
             };
         }
-        let detail = if e.is_connect() {
-            "could not connect to the upstream server"
-        } else if e.is_body() || e.is_decode() {
-            "the upstream connection broke while reading the answer"
-        } else {
-            "the upstream request failed"
-        };
-        Error::Upstream {
+        Error::UpstreamUnreachable {
             tier: self.tier.clone(),
-            detail: detail.to_owned(),
+            connected: answering || !e.is_connect(),
         }
     }
 
@@ -126,10 +135,7 @@ impl OpenAiBackend {
                     .unwrap_or_else(|| format!("HTTP {status}"));
                 Error::UpstreamRejected { tier, status, detail }
             }
-            _ => Error::Upstream {
-                tier,
-                detail: format!("the upstream answered HTTP {status}"),
-            },
+            _ => Error::UpstreamStatus { tier, status },
         }
     }
 }
@@ -140,7 +146,7 @@ impl Backend for OpenAiBackend {
             req.stream = None;
             req.stream_options = None;
             let resp = self.send(&req).await?;
-            let body = resp.bytes().await.map_err(|e| self.transport_error(&e))?;
+            let body = resp.bytes().await.map_err(|e| self.transport_error(&e, true))?;
             let peek: CompletionPeek = serde_json::from_slice(&body).map_err(|_| Error::Upstream {
                 tier: self.tier.clone(),
                 detail: "the upstream answer is not a chat completion".to_owned(),
@@ -171,61 +177,79 @@ impl Backend for OpenAiBackend {
             req.stream_options
                 .get_or_insert_with(StreamOptions::default)
                 .include_usage = Some(true);
+            let started = Instant::now();
             let resp = self.send(&req).await?;
             let tier = self.tier.clone();
-            let timeout_secs = self.timeout.as_secs_f64();
+            let total = self.timeouts.total.as_secs_f64();
             let events = resp.bytes_stream().eventsource().map_err(move |e| {
                 let is_timeout = matches!(&e, eventsource_stream::EventStreamError::Transport(t) if t.is_timeout());
                 (is_timeout, e.to_string())
             });
-            let tier2 = tier.clone();
-            let stream = events.map(move |ev| {
+            let mut items = events.map(move |ev| {
                 let ev = match ev {
                     Ok(ev) => ev,
                     Err((true, _)) => {
                         return Err(Error::UpstreamTimeout {
-                            tier: tier2.clone(),
-                            secs: timeout_secs,
+                            tier: tier.clone(),
+                            secs: total,
+                            phase: "total",
                         });
                     }
                     Err((false, _)) => {
                         return Err(Error::Upstream {
-                            tier: tier2.clone(),
+                            tier: tier.clone(),
                             detail: "the upstream stream broke off".to_owned(),
                         });
                     }
                 };
-                let data = ev.data.trim();
-                if data == "[DONE]" {
-                    return Ok(StreamItem::Done);
-                }
-                let peek: ChunkPeek = serde_json::from_str(data).map_err(|_| Error::Upstream {
-                    tier: tier2.clone(),
-                    detail: "the upstream sent a malformed stream chunk".to_owned(),
-                })?;
-                if peek.error.is_some() {
-                    return Err(Error::Upstream {
-                        tier: tier2.clone(),
-                        detail: "the upstream reported an error in the middle of the stream".to_owned(),
-                    });
-                }
-                let content: Option<String> = {
-                    let parts: Vec<&str> = peek
-                        .choices
-                        .iter()
-                        .filter_map(|c| c.delta.as_ref().and_then(|d| d.content.as_deref()))
-                        .collect();
-                    if parts.is_empty() { None } else { Some(parts.concat()) }
-                };
-                Ok(StreamItem::Chunk {
-                    json: Bytes::copy_from_slice(data.as_bytes()),
-                    usage: peek.usage,
-                    finished: peek.choices.iter().any(|c| c.finish_reason.is_some()),
-                    usage_only: peek.choices.is_empty() && peek.usage.is_some(),
-                    content,
-                })
+                chunk_item(&tier, ev.data.trim())
             });
-            Ok(stream.boxed())
+            // Nothing reaches the client before the first event, so until then a failure
+            // can still be retried or fall back to another tier.
+            let left = self.timeouts.first_token.saturating_sub(started.elapsed());
+            let first = tokio::time::timeout(left, items.next())
+                .await
+                .map_err(|_| self.timeout("first token"))?;
+            match first {
+                None => Err(Error::UpstreamUnreachable {
+                    tier: self.tier.clone(),
+                    connected: true,
+                }),
+                Some(Err(e)) => Err(e),
+                Some(Ok(item)) => Ok(futures::stream::once(async { Ok(item) }).chain(items).boxed()),
+            }
         })
     }
+}
+
+/// One SSE `data:` payload of an upstream stream, checked and peeked at.
+fn chunk_item(tier: &str, data: &str) -> Result<StreamItem, Error> {
+    if data == "[DONE]" {
+        return Ok(StreamItem::Done);
+    }
+    let peek: ChunkPeek = serde_json::from_str(data).map_err(|_| Error::Upstream {
+        tier: tier.to_owned(),
+        detail: "the upstream sent a malformed stream chunk".to_owned(),
+    })?;
+    if peek.error.is_some() {
+        return Err(Error::Upstream {
+            tier: tier.to_owned(),
+            detail: "the upstream reported an error in the middle of the stream".to_owned(),
+        });
+    }
+    let content: Option<String> = {
+        let parts: Vec<&str> = peek
+            .choices
+            .iter()
+            .filter_map(|c| c.delta.as_ref().and_then(|d| d.content.as_deref()))
+            .collect();
+        if parts.is_empty() { None } else { Some(parts.concat()) }
+    };
+    Ok(StreamItem::Chunk {
+        json: Bytes::copy_from_slice(data.as_bytes()),
+        usage: peek.usage,
+        finished: peek.choices.iter().any(|c| c.finish_reason.is_some()),
+        usage_only: peek.choices.is_empty() && peek.usage.is_some(),
+        content,
+    })
 }

@@ -202,7 +202,8 @@ async fn client_disconnecting_mid_stream_still_leaves_a_ledger_row() {
     assert!(row.completion_tokens > 0 && row.tokens_estimated, "{row:?}");
 }
 
-async fn assert_error(r: reqwest::Response, status: u16, code: &str) -> Value {
+/// The answer is `status` with OpenAI's error envelope carrying `code`.
+pub async fn assert_error(r: reqwest::Response, status: u16, code: &str) -> Value {
     assert_eq!(r.status().as_u16(), status);
     let body: Value = r.json().await.expect("error body is JSON");
     let e = &body["error"];

@@ -41,6 +41,14 @@ pub struct Fake {
     pub gate: Notify,
 }
 
+impl Fake {
+    /// Requests received so far for `model`.
+    pub fn calls(&self, model: &str) -> usize {
+        let requests = self.requests.lock().expect("lock");
+        requests.iter().filter(|(_, b)| b["model"] == model).count()
+    }
+}
+
 pub async fn start_fake() -> (SocketAddr, Arc<Fake>) {
     let fake = Arc::new(Fake::default());
     let app = axum::Router::new()
@@ -91,6 +99,20 @@ async fn fake_chat(State(fake): State<Arc<Fake>>, headers: HeaderMap, Json(body)
                 .into_response();
         }
         "fake-slow" => tokio::time::sleep(Duration::from_secs(10)).await,
+        "fake-late" if !stream => tokio::time::sleep(Duration::from_secs(10)).await,
+        "fake-sluggish" => tokio::time::sleep(Duration::from_secs(2)).await,
+        "fake-429" | "fake-429-long" => {
+            let wait = if model == "fake-429" { "0.05" } else { "60" };
+            let e = Json(json!({"error": {"message": "slow down", "type": "rate_limit_error"}}));
+            return (StatusCode::TOO_MANY_REQUESTS, [("retry-after", wait)], e).into_response();
+        }
+        "fake-400" => {
+            let e = Json(json!({"error": {"message": "max_tokens is too large", "type": "invalid_request_error"}}));
+            return (StatusCode::BAD_REQUEST, e).into_response();
+        }
+        // Fails its first call, then answers.
+        "fake-flaky" if fake.calls(&model) == 1 => return StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+        m if m.starts_with("fake-500-") => return StatusCode::INTERNAL_SERVER_ERROR.into_response(),
         _ => {}
     }
     if !stream {
@@ -108,8 +130,31 @@ async fn fake_chat(State(fake): State<Arc<Fake>>, headers: HeaderMap, Json(body)
     }
     let fake2 = fake.clone();
     let body = async_stream::stream! {
-        yield Ok::<String, std::convert::Infallible>(chunk(&model, json!({"role": "assistant", "content": ""}), None));
-        if model == "fake-endless" {
+        if model == "fake-late" {
+            tokio::time::sleep(Duration::from_secs(10)).await;
+        }
+        yield Ok::<String, std::io::Error>(chunk(&model, json!({"role": "assistant", "content": ""}), None));
+        match model.as_str() {
+            "fake-cut" => {
+                yield Ok(chunk(&model, json!({"content": PIECES[0]}), None));
+                // Lets the chunks go out first: the server drops unflushed bytes with the connection.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                // An error in the body makes the server drop the connection mid-answer.
+                yield Err(std::io::Error::new(std::io::ErrorKind::ConnectionReset, "cut"));
+                return;
+            }
+            "fake-malformed" => {
+                yield Ok(chunk(&model, json!({"content": PIECES[0]}), None));
+                yield Ok("data: {\"choices\": [{\"delta\": \n\n".to_owned());
+                yield Ok(chunk(&model, json!({"content": PIECES[1]}), None));
+            }
+            "fake-drip" => loop {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                yield Ok(chunk(&model, json!({"content": "drip "}), None));
+            },
+            _ => {}
+        }
+        if model.starts_with("fake-endless") {
             loop {
                 yield Ok(chunk(&model, json!({"content": "more "}), None));
                 tokio::time::sleep(Duration::from_millis(20)).await;
@@ -133,6 +178,34 @@ async fn fake_chat(State(fake): State<Arc<Fake>>, headers: HeaderMap, Json(body)
         .expect("response")
 }
 
+/// A `[tiers.NAME]` table for an `openai` tier. Retries wait milliseconds, and breakers
+/// stay out of the way unless a tier's `settings` say otherwise.
+pub fn tier_toml(name: &str, model: &str, base_url: &str, settings: &str) -> String {
+    let (price_in, price_out) = if name == "small" { (0.1, 0.2) } else { (2.5, 10.0) };
+    let mut t = format!(
+        r#"
+[tiers.{name}]
+backend = "openai"
+base_url = "{base_url}"
+model = "{model}"
+api_key_env = "{UPSTREAM_KEY_ENV}"
+input_usd_per_mtok = {price_in}
+output_usd_per_mtok = {price_out}
+{settings}
+"#
+    );
+    for (key, default) in [
+        ("timeout_secs", "30"),
+        ("retry_backoff_secs", "0.01"),
+        ("breaker_failures", "50"),
+    ] {
+        if !settings.contains(&format!("{key} =")) {
+            t.push_str(&format!("{key} = {default}\n"));
+        }
+    }
+    t
+}
+
 pub struct Gateway {
     pub url: String,
     pub state: Arc<tiergate::AppState>,
@@ -140,6 +213,26 @@ pub struct Gateway {
     pub ledger_path: PathBuf,
     _dir: tempfile::TempDir,
 }
+
+/// Tiers that misbehave on purpose (tests/it/faults.rs): name → upstream model → settings.
+/// Limits are short so each fault ends quickly; the fake holds its answers far longer.
+pub const FAULT_TIERS: &[(&str, &str, &str)] = &[
+    ("late", "fake-late", "timeout_secs = 0.5\nttft_timeout_secs = 0.3"),
+    ("limited", "fake-429", "retry_backoff_max_secs = 1"),
+    ("limited_long", "fake-429-long", "retry_backoff_max_secs = 1"),
+    ("rejecting", "fake-400", ""),
+    ("flaky", "fake-flaky", ""),
+    (
+        "down",
+        "fake-500-down",
+        "max_retries = 0\nbreaker_failures = 2\nbreaker_cooldown_secs = 3600",
+    ),
+    ("cut", "fake-cut", ""),
+    ("malformed", "fake-malformed", ""),
+    ("drip", "fake-drip", "timeout_secs = 0.5"),
+    ("endless_short", "fake-endless-short", "timeout_secs = 0.5"),
+    ("sluggish", "fake-sluggish", ""),
+];
 
 /// Tiers of the test config: name → upstream model (the fake behaves by model name).
 pub const TIERS: &[(&str, &str)] = &[
@@ -167,11 +260,10 @@ pub struct Setup {
     pub routing: String,
 }
 
-pub async fn gateway_with(setup: &Setup) -> Gateway {
-    set_env();
-    let (fake_addr, fake) = start_fake().await;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let ledger_path = dir.path().join("ledger.db");
+/// Writes the test config (and policy) into `dir`, tiers pointing at `fake_addr`; the
+/// ledger is `dir/ledger.db`. Returns the config's path.
+pub fn write_config(dir: &std::path::Path, fake_addr: SocketAddr, setup: &Setup) -> PathBuf {
+    let ledger_path = dir.join("ledger.db");
     let mut cfg = format!(
         r#"
 listen = "127.0.0.1:0"
@@ -191,7 +283,7 @@ half_tokens = 16
         routing_extra = setup.routing,
         policy = match &setup.policy {
             Some(text) => {
-                let p = dir.path().join("policy.toml");
+                let p = dir.join("policy.toml");
                 std::fs::write(&p, text).expect("write policy");
                 p
             }
@@ -199,25 +291,26 @@ half_tokens = 16
         }
         .display(),
     );
+    let base_url = format!("http://{fake_addr}/v1");
     for (name, model) in TIERS {
-        let (price_in, price_out) = if *name == "small" { (0.1, 0.2) } else { (2.5, 10.0) };
         let timeout = if *name == "slow" { 0.5 } else { 30.0 };
-        cfg.push_str(&format!(
-            r#"
-[tiers.{name}]
-backend = "openai"
-base_url = "http://{fake_addr}/v1"
-model = "{model}"
-api_key_env = "{UPSTREAM_KEY_ENV}"
-input_usd_per_mtok = {price_in}
-output_usd_per_mtok = {price_out}
-timeout_secs = {timeout}
-"#
-        ));
+        cfg.push_str(&tier_toml(name, model, &base_url, &format!("timeout_secs = {timeout}")));
+    }
+    for (name, model, settings) in FAULT_TIERS {
+        cfg.push_str(&tier_toml(name, model, &base_url, settings));
     }
     cfg.push_str(&setup.extra);
-    let cfg_path = dir.path().join("tiergate.toml");
+    let cfg_path = dir.join("tiergate.toml");
     std::fs::write(&cfg_path, cfg).expect("write config");
+    cfg_path
+}
+
+pub async fn gateway_with(setup: &Setup) -> Gateway {
+    set_env();
+    let (fake_addr, fake) = start_fake().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ledger_path = dir.path().join("ledger.db");
+    let cfg_path = write_config(dir.path(), fake_addr, setup);
     let config = tiergate::Config::load(&cfg_path).expect("test config is valid");
     let state = tiergate::AppState::start(config).expect("gateway starts (run `python3 scripts/provision.py` first)");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")

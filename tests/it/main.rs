@@ -4,6 +4,8 @@
 mod chat;
 mod classifier;
 mod common;
+mod durability;
+mod faults;
 mod local;
 mod local_http;
 mod metrics;
