@@ -574,15 +574,15 @@ fn fallback_chain_is_validated_and_carried_by_the_rule() {
     for (extra, want) in [
         (
             "fallback = [\"cloud\", \"gpu\"]",
-            "p.toml`: rules[0].fallback[1] (line 2) = `gpu` is not a configured tier; use one of",
+            "p.toml`: rules[0].fallback[1] (line 6) = `gpu` is not a configured tier; use one of",
         ),
         (
             "fallback = [\"small\"]",
-            "rules[0].fallback[0] (line 2) = `small` is the rule's own tier",
+            "rules[0].fallback[0] (line 6) = `small` is the rule's own tier",
         ),
         (
             "fallback = [\"cloud\", \"cloud\"]",
-            "rules[0].fallback[1] (line 2) = `cloud` is already in the fallback list",
+            "rules[0].fallback[1] (line 6) = `cloud` is already in the fallback list",
         ),
         ("fallback = \"cloud\"", "invalid type"),
     ] {
