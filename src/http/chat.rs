@@ -10,13 +10,13 @@ use axum::extract::State;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use futures::StreamExt;
-use sha2::{Digest, Sha256};
 
 use crate::config::Price;
 use crate::config::TierConfig;
 use crate::error::Error;
 use crate::ledger::{Attempt, Ledger, Record};
 use crate::openai::{ChatRequest, Usage};
+use crate::policy::OverBudget;
 use crate::routing::{self, RouteDecision};
 use crate::telemetry::trace;
 use crate::upstream::{Backend, Completion, StreamItem};
@@ -29,7 +29,7 @@ pub async fn chat_completions(State(st): State<Arc<AppState>>, headers: HeaderMa
     acct.metrics = Some(st.metrics.clone());
     let span = trace::request_span(&acct.rec.request_id);
     acct.span = Some(span.clone());
-    let result = handle(&rt, &mut acct, body).instrument(span).await;
+    let result = handle(&st, &rt, &mut acct, &headers, body).instrument(span).await;
     match result {
         Ok(Reply::Whole(resp)) => resp,
         Ok(Reply::Stream(resp)) => resp,
@@ -49,15 +49,41 @@ enum Reply {
     Stream(Response),
 }
 
-async fn handle(rt: &Arc<Runtime>, acct: &mut Accounting, body: Body) -> Result<Reply, Error> {
-    let bytes = super::read_body(body, rt.config.max_body_bytes).await?;
+async fn handle(
+    st: &AppState,
+    rt: &Arc<Runtime>,
+    acct: &mut Accounting,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Reply, Error> {
+    let principal = st.auth.authenticate(&rt.config.auth, headers)?;
+    if let Some(p) = &principal {
+        acct.rec.api_key_id = Some(p.key.id.clone());
+        st.auth.rate.check_request(&p.key.id, &p.limits)?;
+    }
+    let bytes = super::read_body(body, rt.config.limits.max_body_bytes).await?;
     let mut req = ChatRequest::parse(&bytes)?;
     acct.rec.requested_model = Some(req.model.clone());
     acct.rec.streamed = req.is_stream();
+    req.check_limits(&rt.config.limits)?;
 
-    let decision = routing::route(&rt.config, &rt.scorer, &req).await?;
+    let mut decision = routing::route(&rt.config, &rt.scorer, &req).await?;
+    let prompt_estimate = tokens::estimate(&req.all_text());
+    let (tier, _) = tier_backend(rt, &decision.tier)?;
+    acct.routed(&decision, &tier.model, tier.price, prompt_estimate);
+    if let Some(p) = &principal {
+        let max_output = req
+            .max_output_tokens()
+            .unwrap_or(rt.config.auth.default_max_output_tokens);
+        st.auth
+            .rate
+            .check_tokens(&p.key.id, &p.limits, prompt_estimate.saturating_add(max_output))?;
+        if admit_spend(st, rt, acct, p, &mut decision, prompt_estimate, max_output)? {
+            let (tier, _) = tier_backend(rt, &decision.tier)?;
+            acct.routed(&decision, &tier.model, tier.price, prompt_estimate);
+        }
+    }
     let (mut tier, mut backend) = tier_backend(rt, &decision.tier)?;
-    acct.routed(&decision, &tier.model, tier.price, tokens::estimate(&req.all_text()));
     req.model = tier.model.clone();
 
     acct.gateway_done();
@@ -123,6 +149,82 @@ fn tier_backend<'a>(rt: &'a Runtime, name: &str) -> Result<(&'a TierConfig, Arc<
         .ok_or_else(|| Error::Internal(format!("no backend for tier `{name}`")))?
         .clone();
     Ok((tier, backend))
+}
+
+/// Budgets: reserves the most this request can cost on the tiers it may reach, or applies
+/// the policy's `over_budget` when that does not fit. Returns whether the request was
+/// downgraded to another tier.
+fn admit_spend(
+    st: &AppState,
+    rt: &Runtime,
+    acct: &mut Accounting,
+    p: &crate::auth::Principal,
+    decision: &mut RouteDecision,
+    prompt_tokens: u64,
+    max_output: u64,
+) -> Result<bool, Error> {
+    if !p.limits.has_budget() {
+        return Ok(false);
+    }
+    acct.spend = Some(SpendAccount {
+        budgets: st.auth.budgets.clone(),
+        key_id: p.key.id.clone(),
+        hold: None,
+    });
+    // Tiers priced per token are the paid ones; a tier priced only by machine time is the
+    // operator's own hardware and is not gated (its cost still counts as spend).
+    let max_cost = |tier: Option<&String>| {
+        tier.and_then(|t| rt.config.tiers.get(t))
+            .map(|t| t.price.cost(prompt_tokens, max_output))
+            .unwrap_or(0.0)
+    };
+    // A spill replaces the call; an escalation adds a second one.
+    let max_usd = max_cost(Some(&decision.tier)).max(max_cost(decision.then.on_saturated.as_ref()))
+        + max_cost(decision.then.escalate.as_ref().map(|e| &e.tier));
+    if max_usd <= 0.0 {
+        return Ok(false);
+    }
+    match st
+        .auth
+        .budgets
+        .reserve(&p.key.id, &p.limits, max_usd, crate::report::now_ms())
+    {
+        Ok(hold) => {
+            if let Some(s) = &mut acct.spend {
+                s.hold = Some(hold);
+            }
+            Ok(false)
+        }
+        Err(over) => match &rt.config.policy.over_budget {
+            OverBudget::Refuse => Err(Error::BudgetExceeded {
+                message: over.to_string(),
+                retry_after_secs: over.resets_in_secs,
+            }),
+            OverBudget::Downgrade(to) => {
+                tracing::info!(request_id = %acct.rec.request_id, key = %p.key.id, from = %decision.tier, to = %to, "over budget: downgraded");
+                decision.tier = to.clone();
+                decision.rule = "over-budget".to_owned();
+                decision.then = crate::policy::Then::default();
+                Ok(true)
+            }
+        },
+    }
+}
+
+/// A budgeted key's share of a request: settled to the actual cost when the row is written.
+struct SpendAccount {
+    budgets: Arc<crate::auth::Budgets>,
+    key_id: String,
+    hold: Option<crate::auth::Hold>,
+}
+
+impl SpendAccount {
+    fn settle(self, cost_usd: f64) {
+        match self.hold {
+            Some(h) => h.settle(cost_usd),
+            None => self.budgets.spend(&self.key_id, cost_usd, crate::report::now_ms()),
+        }
+    }
 }
 
 /// The rule's tier is saturated: record that attempt and move to the spill tier.
@@ -273,6 +375,8 @@ struct Accounting {
     metrics: Option<Arc<crate::telemetry::Metrics>>,
     /// The request's span: it ends when the request does (for a stream, with the stream).
     span: Option<tracing::Span>,
+    /// Budget reservation of the caller's key, if it has a budget.
+    spend: Option<SpendAccount>,
 }
 
 /// Where an attempt went: enough to record it and to switch back.
@@ -308,7 +412,6 @@ impl Accounting {
         a.rec = Record {
             ts_ms,
             request_id,
-            api_key_id: api_key_id(headers),
             ..Record::default()
         };
         a.start = Some(Instant::now());
@@ -469,6 +572,9 @@ impl Accounting {
         if !self.rec.attempts.is_empty() {
             self.rec.cost_usd = self.rec.attempts.iter().map(|a| a.cost_usd).sum();
         }
+        if let Some(s) = self.spend.take() {
+            s.settle(self.rec.cost_usd);
+        }
         let r = &mut self.rec;
         r.baseline_cost_usd = self
             .baseline
@@ -503,18 +609,4 @@ impl Drop for Accounting {
             self.finish("client_disconnected", 499);
         }
     }
-}
-
-/// A stable, non-secret id for the client's key: `key-` + 12 hex digits of its SHA-256.
-fn api_key_id(headers: &HeaderMap) -> Option<String> {
-    let v = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
-    let key = v.strip_prefix("Bearer ").unwrap_or(v).trim();
-    if key.is_empty() {
-        return None;
-    }
-    let digest = Sha256::digest(key.as_bytes());
-    Some(format!(
-        "key-{}",
-        digest.iter().take(6).map(|b| format!("{b:02x}")).collect::<String>()
-    ))
 }

@@ -30,10 +30,39 @@ pub fn app(state: Arc<AppState>) -> Router {
         .route("/report.json", get(report::report_json))
         .route("/metrics", get(metrics))
         .fallback(not_found)
+        .layer(axum::middleware::from_fn_with_state(state.clone(), guard))
         // The chat handler reads the body itself with the configured limit, so that an
         // oversized body gets an OpenAI-shaped 413 and a ledger row.
         .layer(DefaultBodyLimit::disable())
         .with_state(state)
+}
+
+/// Runs before every handler: the header size limit, then the key for the endpoints that
+/// need one. `/healthz` and `/readyz` stay open for probes; chat completions check the key
+/// in their handler, so that a refused request still gets its ledger row.
+async fn guard(
+    State(st): State<Arc<AppState>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let rt = st.runtime.load();
+    let limit = rt.config.limits.max_header_bytes;
+    // Name, value and the `: ` and CRLF around them, as on the wire.
+    let size: usize = req.headers().iter().map(|(n, v)| n.as_str().len() + v.len() + 4).sum();
+    if size > limit {
+        return Error::HeadersTooLarge { size, limit }.into_response();
+    }
+    let auth = &rt.config.auth;
+    let needs_key = match req.uri().path() {
+        "/healthz" | "/readyz" | "/v1/chat/completions" => false,
+        "/report" | "/report.json" => auth.protect_reports,
+        "/metrics" => auth.protect_metrics,
+        p => p.starts_with("/v1/"),
+    };
+    if needs_key && let Err(e) = st.auth.authenticate(auth, req.headers()) {
+        return e.into_response();
+    }
+    next.run(req).await
 }
 
 /// Reads a request body up to `limit` bytes; over it, a 413 in OpenAI's shape.
@@ -64,8 +93,9 @@ async fn not_found(uri: axum::http::Uri) -> impl IntoResponse {
 async fn route(State(st): State<Arc<AppState>>, body: axum::body::Body) -> axum::response::Response {
     let rt = st.runtime.load_full();
     let result = async {
-        let body = read_body(body, rt.config.max_body_bytes).await?;
+        let body = read_body(body, rt.config.limits.max_body_bytes).await?;
         let req = crate::openai::ChatRequest::parse(&body)?;
+        req.check_limits(&rt.config.limits)?;
         crate::routing::explain(&rt.config, &rt.scorer, &req).await
     }
     .await;

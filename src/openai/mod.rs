@@ -5,6 +5,7 @@
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+use crate::config::Limits;
 use crate::error::Error;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -99,6 +100,28 @@ impl ChatRequest {
                 }
             }
         }
+        for field in ["max_tokens", "max_completion_tokens"] {
+            if let Some(v) = obj.get(field)
+                && !v.is_null()
+                && v.as_u64().is_none_or(|n| n == 0)
+            {
+                return Err(Error::invalid(
+                    format!("`{field}` must be a positive integer, got `{v}`"),
+                    Some(field),
+                ));
+            }
+        }
+        for (field, lo, hi) in [("temperature", 0.0, 2.0), ("top_p", 0.0, 1.0)] {
+            if let Some(v) = obj.get(field)
+                && !v.is_null()
+                && v.as_f64().is_none_or(|x| !(lo..=hi).contains(&x))
+            {
+                return Err(Error::invalid(
+                    format!("`{field}` must be a number in {lo}..={hi}, got `{v}`"),
+                    Some(field),
+                ));
+            }
+        }
         if let Some(s) = obj.get("stream")
             && !(s.is_boolean() || s.is_null())
         {
@@ -113,6 +136,58 @@ impl ChatRequest {
             ));
         }
         serde_json::from_value(value).map_err(|e| Error::invalid(format!("invalid request: {e}"), None))
+    }
+
+    /// The most tokens the request lets the model generate, if it says.
+    pub fn max_output_tokens(&self) -> Option<u64> {
+        ["max_completion_tokens", "max_tokens"]
+            .iter()
+            .find_map(|f| self.rest.get(*f).and_then(Value::as_u64))
+    }
+
+    /// Checks the request against `[limits]`; the error names the limit and its value.
+    pub fn check_limits(&self, limits: &Limits) -> Result<(), Error> {
+        let limit_error = |message: String, param: &str| Error::InvalidRequest {
+            message,
+            param: Some(param.to_owned()),
+            code: "limit_exceeded",
+        };
+        if self.messages.len() > limits.max_messages {
+            return Err(limit_error(
+                format!(
+                    "`messages` has {} entries; the limit is `limits.max_messages` = {}",
+                    self.messages.len(),
+                    limits.max_messages
+                ),
+                "messages",
+            ));
+        }
+        for (i, m) in self.messages.iter().enumerate() {
+            let chars = content_text(m.content.as_ref()).chars().count();
+            if chars > limits.max_message_chars {
+                return Err(limit_error(
+                    format!(
+                        "`messages[{i}].content` has {chars} characters; the limit is `limits.max_message_chars` = {}",
+                        limits.max_message_chars
+                    ),
+                    &format!("messages[{i}].content"),
+                ));
+            }
+        }
+        for field in ["max_tokens", "max_completion_tokens"] {
+            if let Some(n) = self.rest.get(field).and_then(Value::as_u64)
+                && n > limits.max_tokens
+            {
+                return Err(limit_error(
+                    format!(
+                        "`{field}` is {n}; the limit is `limits.max_tokens` = {}",
+                        limits.max_tokens
+                    ),
+                    field,
+                ));
+            }
+        }
+        Ok(())
     }
 
     pub fn is_stream(&self) -> bool {

@@ -14,6 +14,7 @@ use crate::config::TierConfig;
 struct PolicyToml {
     name: Option<String>,
     description: Option<String>,
+    over_budget: Option<String>,
     rules: Vec<Spanned<RuleToml>>,
 }
 
@@ -38,6 +39,18 @@ pub struct Policy {
     pub description: String,
     pub file: PathBuf,
     pub rules: Vec<Rule>,
+    /// What happens to a request whose key is over its budget.
+    pub over_budget: OverBudget,
+}
+
+/// `over_budget = "refuse"` (the default) or `over_budget = "<tier>"`.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub enum OverBudget {
+    /// A 429 `budget_exceeded`.
+    #[default]
+    Refuse,
+    /// Answer from this tier instead (typically a free local one), without a budget check.
+    Downgrade(String),
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -104,8 +117,19 @@ impl Policy {
         let PolicyToml {
             name,
             description,
+            over_budget,
             rules,
         } = raw;
+        let over_budget = match over_budget.as_deref() {
+            None | Some("refuse") => OverBudget::Refuse,
+            Some(t) if tiers.contains_key(t) => OverBudget::Downgrade(t.to_owned()),
+            Some(t) => {
+                return Err(format!(
+                    "policy `{file}`: over_budget = `{t}` is neither `refuse` nor a configured tier; use `refuse` or one of {}",
+                    tiers.keys().map(String::as_str).collect::<Vec<_>>().join(", ")
+                ));
+            }
+        };
         let name = name.unwrap_or_else(|| {
             path.file_stem()
                 .map(|s| s.to_string_lossy().into_owned())
@@ -229,6 +253,7 @@ impl Policy {
             description: description.unwrap_or_default(),
             file: path.to_path_buf(),
             rules: out,
+            over_budget,
         })
     }
 

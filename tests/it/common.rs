@@ -17,7 +17,6 @@ use tokio::sync::Notify;
 
 pub const UPSTREAM_KEY: &str = "sk-upstream-SECRET-7f3a9c";
 pub const UPSTREAM_KEY_ENV: &str = "TIERGATE_TEST_UPSTREAM_KEY";
-pub const CLIENT_KEY: &str = "sk-client-SECRET-41b2e8";
 
 /// The fake's answer text, streamed as these pieces.
 pub const PIECES: [&str; 4] = ["Paris", " is", " the", " capital."];
@@ -138,6 +137,10 @@ pub struct Gateway {
     pub state: Arc<tiergate::AppState>,
     pub fake: Arc<Fake>,
     pub ledger_path: PathBuf,
+    pub keys_db: PathBuf,
+    /// The secret of the key `test`, created before the gateway starts; every helper
+    /// sends it.
+    pub key: String,
     _dir: tempfile::TempDir,
 }
 
@@ -165,6 +168,10 @@ pub struct Setup {
     pub policy: Option<String>,
     /// TOML appended to the `[routing]` table (e.g. another scorer).
     pub routing: String,
+    /// TOML appended to the `[auth]` table.
+    pub auth: String,
+    /// Limits of the key `test`.
+    pub key_limits: tiergate::auth::KeyLimits,
 }
 
 pub async fn gateway_with(setup: &Setup) -> Gateway {
@@ -172,11 +179,15 @@ pub async fn gateway_with(setup: &Setup) -> Gateway {
     let (fake_addr, fake) = start_fake().await;
     let dir = tempfile::tempdir().expect("tempdir");
     let ledger_path = dir.path().join("ledger.db");
+    let keys_db = dir.path().join("keys.db");
     let mut cfg = format!(
         r#"
 listen = "127.0.0.1:0"
 [ledger]
 path = "{ledger}"
+[auth]
+keys_db = "{keys_db}"
+{auth_extra}
 [baseline]
 model = "gpt-4o"
 input_usd_per_mtok = 2.5
@@ -188,6 +199,8 @@ policy = "{policy}"
 half_tokens = 16
 "#,
         ledger = ledger_path.display(),
+        keys_db = keys_db.display(),
+        auth_extra = setup.auth,
         routing_extra = setup.routing,
         policy = match &setup.policy {
             Some(text) => {
@@ -219,6 +232,14 @@ timeout_secs = {timeout}
     let cfg_path = dir.path().join("tiergate.toml");
     std::fs::write(&cfg_path, cfg).expect("write config");
     let config = tiergate::Config::load(&cfg_path).expect("test config is valid");
+    let (_, key) = tiergate::auth::KeyStore::open(&keys_db)
+        .expect("key store")
+        .create(&tiergate::auth::NewKey {
+            name: "test".into(),
+            team: None,
+            limits: setup.key_limits,
+        })
+        .expect("create the test key");
     let state = tiergate::AppState::start(config).expect("gateway starts (run `python3 scripts/provision.py` first)");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
@@ -235,19 +256,26 @@ timeout_secs = {timeout}
         state,
         fake,
         ledger_path,
+        keys_db,
+        key,
         _dir: dir,
     }
 }
 
 impl Gateway {
+    /// A client that sends the test key with every request.
     pub fn client(&self) -> reqwest::Client {
-        reqwest::Client::new()
+        let mut h = reqwest::header::HeaderMap::new();
+        h.insert(
+            reqwest::header::AUTHORIZATION,
+            format!("Bearer {}", self.key).parse().expect("header"),
+        );
+        reqwest::Client::builder().default_headers(h).build().expect("client")
     }
 
     pub async fn post_chat(&self, body: &Value) -> reqwest::Response {
         self.client()
             .post(format!("{}/v1/chat/completions", self.url))
-            .bearer_auth(CLIENT_KEY)
             .json(body)
             .send()
             .await

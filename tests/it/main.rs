@@ -1,6 +1,7 @@
 //! The integration test binary: the real gateway on a random port against fake
 //! OpenAI-compatible upstreams (`common`), driven over HTTP.
 
+mod access;
 mod chat;
 mod classifier;
 mod common;
