@@ -56,11 +56,13 @@ async fn handle(
     headers: &HeaderMap,
     body: Body,
 ) -> Result<Reply, Error> {
+    super::check_header_size(headers, rt.config.limits.max_header_bytes)?;
     let principal = st.auth.authenticate(&rt.config.auth, headers)?;
     if let Some(p) = &principal {
         acct.rec.api_key_id = Some(p.key.id.clone());
         st.auth.rate.check_request(&p.key.id, &p.limits)?;
     }
+    super::require_json(headers)?;
     let bytes = super::read_body(body, rt.config.limits.max_body_bytes).await?;
     let mut req = ChatRequest::parse(&bytes)?;
     acct.rec.requested_model = Some(req.model.clone());

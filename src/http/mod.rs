@@ -46,11 +46,9 @@ async fn guard(
     next: axum::middleware::Next,
 ) -> axum::response::Response {
     let rt = st.runtime.load();
-    let limit = rt.config.limits.max_header_bytes;
-    // Name, value and the `: ` and CRLF around them, as on the wire.
-    let size: usize = req.headers().iter().map(|(n, v)| n.as_str().len() + v.len() + 4).sum();
-    if size > limit {
-        return Error::HeadersTooLarge { size, limit }.into_response();
+    let chat = req.uri().path() == "/v1/chat/completions";
+    if !chat && let Err(e) = check_header_size(req.headers(), rt.config.limits.max_header_bytes) {
+        return e.into_response();
     }
     let auth = &rt.config.auth;
     let needs_key = match req.uri().path() {
@@ -63,6 +61,40 @@ async fn guard(
         return e.into_response();
     }
     next.run(req).await
+}
+
+/// `limits.max_header_bytes` over all request headers.
+fn check_header_size(headers: &axum::http::HeaderMap, limit: usize) -> Result<(), Error> {
+    // Name, value and the `: ` and CRLF around them, as on the wire.
+    let size: usize = headers.iter().map(|(n, v)| n.as_str().len() + v.len() + 4).sum();
+    if size > limit {
+        return Err(Error::HeadersTooLarge { size, limit });
+    }
+    Ok(())
+}
+
+/// Request bodies are JSON: a form post, plain text or a body without a content type is
+/// refused by name rather than with a JSON parse error.
+fn require_json(headers: &axum::http::HeaderMap) -> Result<(), Error> {
+    let ct = headers
+        .get(axum::http::header::CONTENT_TYPE)
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+        .unwrap_or_default();
+    let mime = ct.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    if mime == "application/json" || (mime.starts_with("application/") && mime.ends_with("+json")) {
+        return Ok(());
+    }
+    let message = if mime.is_empty() {
+        "the request has no `content-type`; send the body as JSON with `content-type: application/json`".to_owned()
+    } else {
+        let shown: String = mime.chars().take(80).collect();
+        format!("`content-type` is `{shown}`; send the body as JSON with `content-type: application/json`")
+    };
+    Err(Error::InvalidRequest {
+        message,
+        param: None,
+        code: "unsupported_content_type",
+    })
 }
 
 /// Reads a request body up to `limit` bytes; over it, a 413 in OpenAI's shape.
@@ -90,9 +122,14 @@ async fn not_found(uri: axum::http::Uri) -> impl IntoResponse {
 }
 
 /// `POST /v1/route`: the decision for a chat-completions body, without calling a model.
-async fn route(State(st): State<Arc<AppState>>, body: axum::body::Body) -> axum::response::Response {
+async fn route(
+    State(st): State<Arc<AppState>>,
+    headers: axum::http::HeaderMap,
+    body: axum::body::Body,
+) -> axum::response::Response {
     let rt = st.runtime.load_full();
     let result = async {
+        require_json(&headers)?;
         let body = read_body(body, rt.config.limits.max_body_bytes).await?;
         let req = crate::openai::ChatRequest::parse(&body)?;
         req.check_limits(&rt.config.limits)?;

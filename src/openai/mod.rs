@@ -5,6 +5,8 @@
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+mod strict;
+
 use crate::config::Limits;
 use crate::error::Error;
 
@@ -45,10 +47,14 @@ pub struct Usage {
     pub completion_tokens: u64,
 }
 
+/// The message roles of OpenAI's chat-completions API (`function` is its deprecated
+/// predecessor of `tool`).
+pub const ROLES: &[&str] = &["system", "developer", "user", "assistant", "tool", "function"];
+
 impl ChatRequest {
     /// Parses and validates a request body; errors name the offending field.
     pub fn parse(body: &[u8]) -> Result<ChatRequest, Error> {
-        let value: Value = serde_json::from_slice(body).map_err(|e| Error::InvalidRequest {
+        let value: Value = strict::from_slice(body).map_err(|e| Error::InvalidRequest {
             message: format!("request body is not valid JSON: {e}"),
             param: None,
             code: "invalid_json",
@@ -84,13 +90,29 @@ impl ChatRequest {
             let Some(m) = m.as_object() else {
                 return Err(Error::invalid(format!("`{param}` must be an object"), Some(&param)));
             };
-            if !m.get("role").is_some_and(Value::is_string) {
+            let Some(role) = m.get("role").and_then(Value::as_str) else {
                 return Err(Error::invalid(
                     format!("`{param}.role` must be a string"),
                     Some(&format!("{param}.role")),
                 ));
+            };
+            if !ROLES.contains(&role) {
+                return Err(Error::invalid(
+                    format!(
+                        "`{param}.role` = `{role}` is not a role; use one of {}",
+                        ROLES.join(", ")
+                    ),
+                    Some(&format!("{param}.role")),
+                ));
             }
             match m.get("content") {
+                // Only an assistant turn may carry no text (its `tool_calls` are the content).
+                None | Some(Value::Null) if role != "assistant" => {
+                    return Err(Error::invalid(
+                        format!("`{param}.content` is required for a `{role}` message"),
+                        Some(&format!("{param}.content")),
+                    ));
+                }
                 None | Some(Value::Null | Value::String(_) | Value::Array(_)) => {}
                 Some(_) => {
                     return Err(Error::invalid(

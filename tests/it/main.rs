@@ -2,6 +2,7 @@
 //! OpenAI-compatible upstreams (`common`), driven over HTTP.
 
 mod access;
+mod bad_input;
 mod chat;
 mod classifier;
 mod common;
