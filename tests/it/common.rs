@@ -174,12 +174,17 @@ pub struct Setup {
     pub key_limits: tiergate::auth::KeyLimits,
 }
 
-pub async fn gateway_with(setup: &Setup) -> Gateway {
-    set_env();
-    let (fake_addr, fake) = start_fake().await;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let ledger_path = dir.path().join("ledger.db");
-    let keys_db = dir.path().join("keys.db");
+/// Where a test gateway's files are.
+pub struct Files {
+    pub config: PathBuf,
+    pub ledger: PathBuf,
+    pub keys_db: PathBuf,
+}
+
+/// Writes the test config into `dir`, with every tier at the fake upstream `fake_addr`.
+pub fn write_config(dir: &std::path::Path, fake_addr: SocketAddr, setup: &Setup) -> Files {
+    let ledger_path = dir.join("ledger.db");
+    let keys_db = dir.join("keys.db");
     let mut cfg = format!(
         r#"
 listen = "127.0.0.1:0"
@@ -204,7 +209,7 @@ half_tokens = 16
         routing_extra = setup.routing,
         policy = match &setup.policy {
             Some(text) => {
-                let p = dir.path().join("policy.toml");
+                let p = dir.join("policy.toml");
                 std::fs::write(&p, text).expect("write policy");
                 p
             }
@@ -229,17 +234,39 @@ timeout_secs = {timeout}
         ));
     }
     cfg.push_str(&setup.extra);
-    let cfg_path = dir.path().join("tiergate.toml");
+    let cfg_path = dir.join("tiergate.toml");
     std::fs::write(&cfg_path, cfg).expect("write config");
-    let config = tiergate::Config::load(&cfg_path).expect("test config is valid");
-    let (_, key) = tiergate::auth::KeyStore::open(&keys_db)
+    Files {
+        config: cfg_path,
+        ledger: ledger_path,
+        keys_db,
+    }
+}
+
+/// Creates the key `test` in the store and returns its secret.
+pub fn create_test_key(keys_db: &std::path::Path, limits: tiergate::auth::KeyLimits) -> String {
+    tiergate::auth::KeyStore::open(keys_db)
         .expect("key store")
         .create(&tiergate::auth::NewKey {
             name: "test".into(),
             team: None,
-            limits: setup.key_limits,
+            limits,
         })
-        .expect("create the test key");
+        .expect("create the test key")
+        .1
+}
+
+pub async fn gateway_with(setup: &Setup) -> Gateway {
+    set_env();
+    let (fake_addr, fake) = start_fake().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let Files {
+        config: cfg_path,
+        ledger: ledger_path,
+        keys_db,
+    } = write_config(dir.path(), fake_addr, setup);
+    let config = tiergate::Config::load(&cfg_path).expect("test config is valid");
+    let key = create_test_key(&keys_db, setup.key_limits);
     let state = tiergate::AppState::start(config).expect("gateway starts (run `python3 scripts/provision.py` first)");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await

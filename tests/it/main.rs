@@ -13,3 +13,4 @@ mod otel;
 mod python_sdk;
 mod replay;
 mod report;
+mod secrets;
