@@ -133,10 +133,16 @@ pub enum KeysCommand {
 #[derive(Debug, clap::Args)]
 pub struct KeysDbArgs {
     /// Key store file. Default: `auth.keys_db` of `--config`.
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", global = true)]
     pub keys_db: Option<PathBuf>,
     /// Gateway configuration whose `auth.keys_db` is used when no `--keys-db` is given.
-    #[arg(long, short, env = "TIERGATE_CONFIG", default_value = "examples/tiergate.toml")]
+    #[arg(
+        long,
+        short,
+        env = "TIERGATE_CONFIG",
+        default_value = "examples/tiergate.toml",
+        global = true
+    )]
     pub config: PathBuf,
 }
 
