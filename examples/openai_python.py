@@ -3,8 +3,8 @@
     python examples/openai_python.py
 
 Environment: TIERGATE_BASE_URL (default http://127.0.0.1:8080/v1), OPENAI_API_KEY (a gateway
-key from `tiergate keys create`, not a provider key; any value with `[auth] enabled = false`), TIERGATE_MODEL (default
-`tiergate-auto`, routed by the policy).
+key from `tiergate keys create`, not a provider key; any value with `[auth] enabled = false`),
+TIERGATE_MODEL (default `tiergate-auto`, routed by the policy).
 """
 
 import os
