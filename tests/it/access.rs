@@ -297,3 +297,27 @@ async fn over_budget_downgrades_when_the_policy_says_so() {
             .all(|(_, b)| b["model"] == "fake-small")
     );
 }
+
+#[tokio::test]
+async fn spend_survives_a_restart() {
+    let actual = cloud_cost(crate::common::FAKE_USAGE.0, crate::common::FAKE_USAGE.1);
+    let gw = gateway_with(&Setup {
+        key_limits: KeyLimits {
+            daily_usd: Some(1.0),
+            ..KeyLimits::default()
+        },
+        ..Setup::default()
+    })
+    .await;
+    for r in race(&gw, 3).await {
+        assert_eq!(r.0, 200);
+    }
+    let rows = gw.ledger_rows(3).await;
+    let key_id = rows[0].api_key_id.clone().expect("key id");
+    // A second gateway on the same files, as after a restart, starts from what was spent.
+    let config = tiergate::Config::load(&gw.config_path).expect("config");
+    let restarted = tiergate::AppState::start(config).expect("restart");
+    let (today, month) = restarted.auth.budgets.spent(&key_id, tiergate::report::now_ms());
+    assert!((today - 3.0 * actual).abs() < 1e-12, "{today} vs {}", 3.0 * actual);
+    assert!((month - today).abs() < 1e-12);
+}

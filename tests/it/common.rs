@@ -138,6 +138,7 @@ pub struct Gateway {
     pub fake: Arc<Fake>,
     pub ledger_path: PathBuf,
     pub keys_db: PathBuf,
+    pub config_path: PathBuf,
     /// The secret of the key `test`, created before the gateway starts; every helper
     /// sends it.
     pub key: String,
@@ -284,6 +285,7 @@ pub async fn gateway_with(setup: &Setup) -> Gateway {
         fake,
         ledger_path,
         keys_db,
+        config_path: cfg_path,
         key,
         _dir: dir,
     }
