@@ -584,6 +584,7 @@ impl Accounting {
             .unwrap_or(0.0);
         tracing::info!(
             request_id = %r.request_id,
+            key = r.api_key_id.as_deref().unwrap_or("-"),
             model = r.requested_model.as_deref().unwrap_or("-"),
             tier = r.tier.as_deref().unwrap_or("-"),
             rule = r.rule.as_deref().unwrap_or("-"),
