@@ -1,7 +1,7 @@
 //! Per-key spend against daily and monthly USD budgets (UTC days and months). A request
 //! bound for a paid tier reserves its largest possible cost before the call and settles to
-//! the actual cost after it, so racing requests cannot together overspend by more than the
-//! one whose actual cost exceeded its estimate.
+//! the actual cost after it, so racing requests cannot together overspend: each holds its
+//! worst case until its actual cost is known.
 
 use std::collections::HashMap;
 use std::path::Path;

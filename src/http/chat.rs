@@ -76,11 +76,16 @@ async fn handle(
     if let Some(p) = &principal {
         let max_output = req
             .max_output_tokens()
-            .unwrap_or(rt.config.auth.default_max_output_tokens);
+            .unwrap_or(rt.config.auth.default_max_output_tokens)
+            .saturating_mul(req.choices());
         st.auth
             .rate
             .check_tokens(&p.key.id, &p.limits, prompt_estimate.saturating_add(max_output))?;
-        if admit_spend(st, rt, acct, p, &mut decision, prompt_estimate, max_output)? {
+        // Byte-level BPE tokenizers make at most one token per byte, and everything billed as
+        // input (messages, tools, …) is in the body; the chat template adds a few tokens per
+        // message. So this bounds the prompt from above, where the estimate may fall short.
+        let prompt_bound = (bytes.len() as u64).saturating_add(8 * req.messages.len() as u64 + 8);
+        if admit_spend(st, rt, acct, p, &mut decision, prompt_bound, max_output)? {
             let (tier, _) = tier_backend(rt, &decision.tier)?;
             acct.routed(&decision, &tier.model, tier.price, prompt_estimate);
         }
@@ -153,9 +158,9 @@ fn tier_backend<'a>(rt: &'a Runtime, name: &str) -> Result<(&'a TierConfig, Arc<
     Ok((tier, backend))
 }
 
-/// Budgets: reserves the most this request can cost on the tiers it may reach, or applies
-/// the policy's `over_budget` when that does not fit. Returns whether the request was
-/// downgraded to another tier.
+/// Budgets: reserves the most this request can cost on the tiers it may reach (for at most
+/// `prompt_tokens` in and `max_output` out), or applies the policy's `over_budget` when that
+/// does not fit. Returns whether the request was downgraded to another tier.
 fn admit_spend(
     st: &AppState,
     rt: &Runtime,

@@ -133,6 +133,15 @@ impl ChatRequest {
                 ));
             }
         }
+        if let Some(v) = obj.get("n")
+            && !v.is_null()
+            && v.as_u64().is_none_or(|n| !(1..=128).contains(&n))
+        {
+            return Err(Error::invalid(
+                format!("`n` must be an integer in 1..=128, got `{v}`"),
+                Some("n"),
+            ));
+        }
         for (field, lo, hi) in [("temperature", 0.0, 2.0), ("top_p", 0.0, 1.0)] {
             if let Some(v) = obj.get(field)
                 && !v.is_null()
@@ -165,6 +174,11 @@ impl ChatRequest {
         ["max_completion_tokens", "max_tokens"]
             .iter()
             .find_map(|f| self.rest.get(*f).and_then(Value::as_u64))
+    }
+
+    /// How many answers the request asks for (`n`): each may be up to `max_tokens` long.
+    pub fn choices(&self) -> u64 {
+        self.rest.get("n").and_then(Value::as_u64).unwrap_or(1).max(1)
     }
 
     /// Checks the request against `[limits]`; the error names the limit and its value.

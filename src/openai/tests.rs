@@ -76,6 +76,10 @@ fn roles_content_and_numbers_are_checked_by_name() {
             "`max_tokens` must be a positive integer",
         ),
         (
+            json!({"model": "m", "n": 0, "messages": [{"role": "user", "content": "x"}]}),
+            "`n` must be an integer in 1..=128",
+        ),
+        (
             json!({"model": "m", "temperature": 1e308, "messages": [{"role": "user", "content": "x"}]}),
             "`temperature` must be a number in 0..=2",
         ),

@@ -197,18 +197,24 @@ fn cloud_cost(prompt: u64, completion: u64) -> f64 {
     (prompt as f64 * 2.5 + completion as f64 * 10.0) / 1e6
 }
 
+fn race_body() -> Value {
+    json!({"model": "fake-cloud", "max_tokens": MAX_TOKENS, "messages": [{"role": "user", "content": "hi"}]})
+}
+
+/// What the gateway reserves for `race_body()` on `cloud`: its bytes (+ 8 per message + 8)
+/// bound the prompt's tokens, `max_tokens` the output.
+fn reserved_per_request() -> f64 {
+    let bytes = serde_json::to_vec(&race_body()).expect("json").len() as u64;
+    cloud_cost(bytes + 16, MAX_TOKENS)
+}
+
 async fn race(gw: &Gateway, n: usize) -> Vec<(u16, String, String)> {
     let mut tasks = Vec::new();
     for _ in 0..n {
         let client = gw.client();
         let url = format!("{}/v1/chat/completions", gw.url);
         tasks.push(tokio::spawn(async move {
-            let r = client
-                .post(url)
-                .json(&json!({"model": "fake-cloud", "max_tokens": MAX_TOKENS, "messages": [{"role": "user", "content": "hi"}]}))
-                .send()
-                .await
-                .expect("send");
+            let r = client.post(url).json(&race_body()).send().await.expect("send");
             let status = r.status().as_u16();
             let tier = header(&r, "x-tiergate-tier").to_owned();
             let body: Value = r.json().await.expect("json");
@@ -225,7 +231,12 @@ async fn race(gw: &Gateway, n: usize) -> Vec<(u16, String, String)> {
 #[tokio::test]
 async fn racing_requests_cannot_overspend_a_budget() {
     let actual = cloud_cost(crate::common::FAKE_USAGE.0, crate::common::FAKE_USAGE.1);
-    let budget = 3.0 * actual;
+    // Room for three reservations at once; less than 24 requests actually cost.
+    let budget = 3.5 * reserved_per_request();
+    assert!(
+        24.0 * actual > budget,
+        "the test needs more requests than the budget pays for"
+    );
     let gw = gateway_with(&Setup {
         key_limits: KeyLimits {
             daily_usd: Some(budget),
@@ -237,31 +248,45 @@ async fn racing_requests_cannot_overspend_a_budget() {
     let results = race(&gw, 24).await;
     let ok = results.iter().filter(|r| r.0 == 200).count();
     let refused: Vec<_> = results.iter().filter(|r| r.0 != 200).collect();
-    assert!(ok >= 1, "{results:?}");
-    assert!(!refused.is_empty(), "24 requests cannot fit a budget of 3: {results:?}");
+    assert!(ok >= 3, "three reservations fit at once: {results:?}");
+    assert!(!refused.is_empty(), "{results:?}");
     assert!(
         refused.iter().all(|r| r.0 == 429 && r.2 == "budget_exceeded"),
         "{refused:?}"
     );
     let rows = gw.ledger_rows(24).await;
     assert_eq!(rows.len(), 24, "every request has its row");
-    let spent: f64 = rows.iter().map(|r| r.cost_usd).sum();
-    // The reservation counts the prompt by estimate, so one request may cost more than it
-    // reserved: the budget holds to within one request's cost.
-    assert!(spent <= budget + actual + 1e-12, "spent {spent} of {budget}");
     assert_eq!(
         rows.iter().filter(|r| r.outcome == "budget_exceeded").count(),
         refused.len()
     );
-    // Later requests are still refused: what was spent is remembered.
-    let r = gw
-        .post_chat(
-            &json!({"model": "fake-cloud", "max_tokens": MAX_TOKENS, "messages": [{"role": "user", "content": "hi"}]}),
-        )
-        .await;
-    assert_eq!(r.status(), 429);
+    // Then one at a time until refused: spend is remembered, and the budget never passed.
+    let mut last = None;
+    for _ in 0..24 {
+        let r = gw.post_chat(&race_body()).await;
+        if r.status() == 429 {
+            last = Some(r);
+            break;
+        }
+        assert_eq!(r.status(), 200);
+    }
+    let r = last.expect("the budget runs out");
     let retry: u64 = header(&r, "retry-after").parse().expect("seconds to the UTC day's end");
     assert!((1..=86_400).contains(&retry));
+    let body: Value = r.json().await.expect("json");
+    assert_eq!(body["error"]["type"], "insufficient_quota");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("daily budget"))
+    );
+    let spent: f64 = gw.ledger().await.iter().map(|r| r.cost_usd).sum();
+    // Reservations bound each request's cost from above, so the budget holds exactly.
+    assert!(spent <= budget + 1e-12, "spent {spent} of {budget}");
+    assert!(
+        spent > budget - reserved_per_request(),
+        "refused only when the next one might not fit: {spent}"
+    );
 }
 
 #[tokio::test]
