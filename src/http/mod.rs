@@ -231,6 +231,7 @@ async fn readyz(State(st): State<Arc<AppState>>) -> impl IntoResponse {
             "written": st.ledger.written(),
             "dropped": st.ledger.dropped(),
         },
+        "auth": {"enabled": rt.config.auth.enabled},
         "policy": rt.config.policy.name,
         "scorer": rt.scorer_name,
         "tiers": tiers,

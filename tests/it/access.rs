@@ -346,3 +346,15 @@ async fn spend_survives_a_restart() {
     assert!((today - 3.0 * actual).abs() < 1e-12, "{today} vs {}", 3.0 * actual);
     assert!((month - today).abs() < 1e-12);
 }
+
+#[tokio::test]
+async fn readyz_says_whether_auth_is_on() {
+    let on = gateway().await;
+    assert_eq!(on.get_json("/readyz").await["auth"]["enabled"], true);
+    let off = gateway_with(&Setup {
+        auth: "enabled = false".into(),
+        ..Setup::default()
+    })
+    .await;
+    assert_eq!(off.get_json("/readyz").await["auth"]["enabled"], false);
+}
