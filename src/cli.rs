@@ -177,7 +177,18 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             let addr = config.listen;
             if config.auth.enabled {
-                tracing::info!(keys_db = %config.auth.keys_db.display(), "clients need a key (`tiergate keys create`)");
+                let store = crate::auth::KeyStore::open(&config.auth.keys_db).map_err(anyhow::Error::msg)?;
+                let live = store
+                    .list()
+                    .map_err(anyhow::Error::msg)?
+                    .iter()
+                    .filter(|k| k.revoked_ms.is_none())
+                    .count();
+                if live == 0 {
+                    tracing::warn!(keys_db = %config.auth.keys_db.display(), "no live keys: every request will get a 401; create one with `tiergate keys create --name NAME`");
+                } else {
+                    tracing::info!(keys_db = %config.auth.keys_db.display(), live, "clients need a key (`tiergate keys create`)");
+                }
             } else {
                 tracing::warn!(
                     "AUTH IS OFF (`[auth] enabled = false`): anyone who can reach {addr} can use every tier, paid ones included, without a key, rate limit or budget. Use this only for local development."
