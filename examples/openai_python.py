@@ -2,9 +2,9 @@
 
     python examples/openai_python.py
 
-Environment: TIERGATE_BASE_URL (default http://127.0.0.1:8080/v1), OPENAI_API_KEY (the key
-you give the gateway; any value while gateway keys are off), TIERGATE_MODEL (default
-`tiergate-auto`, routed by the policy).
+Environment: TIERGATE_BASE_URL (default http://127.0.0.1:8080/v1), OPENAI_API_KEY (a gateway
+key from `tiergate keys create`, not a provider key; any value with `[auth] enabled = false`),
+TIERGATE_MODEL (default `tiergate-auto`, routed by the policy).
 """
 
 import os

@@ -88,6 +88,15 @@ pub enum Command {
         #[command(subcommand)]
         command: PolicyCommand,
     },
+    /// Manage virtual API keys: the keys clients send as `Authorization: Bearer tg-…`.
+    /// Stored hashed in `auth.keys_db`, shared with the running gateway, which sees a new or
+    /// revoked key within `auth.cache_ttl_secs` (default 5 s).
+    Keys {
+        #[command(flatten)]
+        store: KeysDbArgs,
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
     /// Send a recorded workload (one chat request body per line) through a running gateway,
     /// then print the report for exactly those requests.
     Replay {
@@ -137,6 +146,56 @@ pub enum PolicyCommand {
     },
 }
 
+#[derive(Debug, Subcommand)]
+pub enum KeysCommand {
+    /// Create a key and print its secret on stdout. The secret is shown once: only its
+    /// hash is stored. Limits left out fall back to `[auth]`'s defaults.
+    Create {
+        /// A unique name (names stay taken after revocation).
+        #[arg(long)]
+        name: String,
+        /// Team the key belongs to, for listings.
+        #[arg(long)]
+        team: Option<String>,
+        /// Requests per minute.
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+        rpm: Option<u32>,
+        /// Tokens per minute (estimated prompt + `max_tokens` of each request).
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+        tpm: Option<u32>,
+        /// USD per UTC day on paid tiers.
+        #[arg(long)]
+        daily_usd: Option<f64>,
+        /// USD per UTC month on paid tiers.
+        #[arg(long)]
+        monthly_usd: Option<f64>,
+    },
+    /// List keys: name, id, prefix, team, limits, created, revoked. Never the secrets.
+    List,
+    /// Revoke a key by name or id. The gateway refuses it within `auth.cache_ttl_secs`.
+    Revoke {
+        /// The key's name or id (`key_…`).
+        key: String,
+    },
+}
+
+/// Which key store to use.
+#[derive(Debug, clap::Args)]
+pub struct KeysDbArgs {
+    /// Key store file. Default: `auth.keys_db` of `--config`.
+    #[arg(long, value_name = "FILE", global = true)]
+    pub keys_db: Option<PathBuf>,
+    /// Gateway configuration whose `auth.keys_db` is used when no `--keys-db` is given.
+    #[arg(
+        long,
+        short,
+        env = "TIERGATE_CONFIG",
+        default_value = "examples/tiergate.toml",
+        global = true
+    )]
+    pub config: PathBuf,
+}
+
 /// Which ledger files to read.
 #[derive(Debug, clap::Args)]
 pub struct LedgerArgs {
@@ -167,6 +226,24 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 config.listen = l;
             }
             let addr = config.listen;
+            if config.auth.enabled {
+                let store = crate::auth::KeyStore::open(&config.auth.keys_db).map_err(anyhow::Error::msg)?;
+                let live = store
+                    .list()
+                    .map_err(anyhow::Error::msg)?
+                    .iter()
+                    .filter(|k| k.revoked_ms.is_none())
+                    .count();
+                if live == 0 {
+                    tracing::warn!(keys_db = %config.auth.keys_db.display(), "no live keys: every request will get a 401; create one with `tiergate keys create --name NAME`");
+                } else {
+                    tracing::info!(keys_db = %config.auth.keys_db.display(), live, "clients need a key (`tiergate keys create`)");
+                }
+            } else {
+                tracing::warn!(
+                    "AUTH IS OFF (`[auth] enabled = false`): anyone who can reach {addr} can use every tier, paid ones included, without a key, rate limit or budget. Use this only for local development."
+                );
+            }
             let state = crate::AppState::start(config).map_err(anyhow::Error::msg)?;
             {
                 let rt = state.runtime.load();
@@ -252,6 +329,14 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             print!("{}", crate::report::render::render(&report, format));
             Ok(())
         }
+        Command::Keys { store, command } => {
+            let path = match store.keys_db {
+                Some(p) => p,
+                None => Config::load(&store.config)?.auth.keys_db,
+            };
+            let store = crate::auth::KeyStore::open(&path).map_err(anyhow::Error::msg)?;
+            keys(&store, command)
+        }
         Command::Replay { args, format } => {
             let _tracing = crate::telemetry::init(None)?;
             let done = crate::replay::run(&args, crate::replay::progress_bar()).await?;
@@ -261,6 +346,96 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+fn keys(store: &crate::auth::KeyStore, command: KeysCommand) -> anyhow::Result<()> {
+    match command {
+        KeysCommand::Create {
+            name,
+            team,
+            rpm,
+            tpm,
+            daily_usd,
+            monthly_usd,
+        } => {
+            for (flag, v) in [("--daily-usd", daily_usd), ("--monthly-usd", monthly_usd)] {
+                if v.is_some_and(|v| !(v.is_finite() && v >= 0.0)) {
+                    anyhow::bail!("`{flag}` must be a number >= 0");
+                }
+            }
+            let new = crate::auth::NewKey {
+                name,
+                team,
+                limits: crate::auth::KeyLimits {
+                    rpm,
+                    tpm,
+                    daily_usd,
+                    monthly_usd,
+                },
+            };
+            let (key, secret) = store.create(&new).map_err(anyhow::Error::msg)?;
+            // The summary goes to stderr, so `$(tiergate keys create …)` captures the secret alone.
+            eprintln!(
+                "created key `{}` ({}) in `{}`; the secret below is shown once, store it now:",
+                key.name,
+                key.id,
+                store.path().display()
+            );
+            println!("{secret}");
+            Ok(())
+        }
+        KeysCommand::List => {
+            let keys = store.list().map_err(anyhow::Error::msg)?;
+            let opt = |v: Option<String>| v.unwrap_or_else(|| "-".to_owned());
+            let mut t = comfy_table::Table::new();
+            t.load_preset(comfy_table::presets::UTF8_FULL_CONDENSED)
+                .set_header(vec![
+                    "name",
+                    "id",
+                    "prefix",
+                    "team",
+                    "rpm",
+                    "tpm",
+                    "daily $",
+                    "monthly $",
+                    "created",
+                    "revoked",
+                ]);
+            for k in keys {
+                t.add_row(vec![
+                    k.name,
+                    k.id,
+                    format!("{}…", k.prefix),
+                    opt(k.team),
+                    opt(k.limits.rpm.map(|v| v.to_string())),
+                    opt(k.limits.tpm.map(|v| v.to_string())),
+                    opt(k.limits.daily_usd.map(|v| v.to_string())),
+                    opt(k.limits.monthly_usd.map(|v| v.to_string())),
+                    utc(k.created_ms),
+                    opt(k.revoked_ms.map(utc)),
+                ]);
+            }
+            println!("{t}");
+            Ok(())
+        }
+        KeysCommand::Revoke { key } => match store.revoke(&key).map_err(anyhow::Error::msg)? {
+            Some(k) => {
+                println!(
+                    "revoked key `{}` ({}); the gateway refuses it within `auth.cache_ttl_secs`",
+                    k.name, k.id
+                );
+                Ok(())
+            }
+            None => anyhow::bail!("no key named `{key}` and no key with that id; see `tiergate keys list`"),
+        },
+    }
+}
+
+fn utc(ms: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(ms / 1000)
+        .ok()
+        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+        .unwrap_or_else(|| ms.to_string())
 }
 
 fn print_explanation(e: &crate::routing::Explanation) {

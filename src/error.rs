@@ -56,6 +56,19 @@ pub enum Error {
     /// The shutdown grace period ran out before the request was answered.
     #[error("the gateway is shutting down and could not finish this request in time; retry it")]
     ShuttingDown,
+    /// No key, an unknown key or a revoked key (the key itself is never echoed).
+    #[error("{0}")]
+    Unauthorized(&'static str),
+    /// The client's key is over its requests- or tokens-per-minute limit.
+    #[error("{message}")]
+    RateLimited { message: String, retry_after_secs: u64 },
+    /// The client's key would exceed its daily or monthly budget. 429 like OpenAI's
+    /// `insufficient_quota`, so clients that handle OpenAI's quota errors handle this one;
+    /// `retry-after` says when the budget resets.
+    #[error("{message}")]
+    BudgetExceeded { message: String, retry_after_secs: u64 },
+    #[error("request headers are {size} bytes, more than the limit of {limit} bytes (`limits.max_header_bytes`)")]
+    HeadersTooLarge { size: usize, limit: usize },
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -85,6 +98,9 @@ impl Error {
             Error::LocalSaturated { .. } => StatusCode::TOO_MANY_REQUESTS,
             Error::LocalEngine { .. } => StatusCode::INTERNAL_SERVER_ERROR,
             Error::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            Error::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            Error::RateLimited { .. } | Error::BudgetExceeded { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Error::HeadersTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -92,9 +108,13 @@ impl Error {
     /// OpenAI's `error.type`.
     fn kind(&self) -> &'static str {
         match self {
-            Error::InvalidRequest { .. } | Error::BodyTooLarge { .. } | Error::UpstreamRejected { .. } => {
-                "invalid_request_error"
-            }
+            Error::InvalidRequest { .. }
+            | Error::BodyTooLarge { .. }
+            | Error::UpstreamRejected { .. }
+            | Error::HeadersTooLarge { .. } => "invalid_request_error",
+            Error::Unauthorized(_) => "authentication_error",
+            Error::RateLimited { .. } => "rate_limit_error",
+            Error::BudgetExceeded { .. } => "insufficient_quota",
             Error::ModelNotFound(_) | Error::PolicyNotFound { .. } => "invalid_request_error",
             Error::UpstreamRateLimited { .. } | Error::LocalSaturated { .. } => "rate_limit_error",
             Error::UpstreamTimeout { .. }
@@ -126,6 +146,10 @@ impl Error {
             Error::LocalSaturated { .. } => "tier_saturated",
             Error::LocalEngine { .. } => "local_engine_error",
             Error::ShuttingDown => "shutting_down",
+            Error::Unauthorized(_) => "invalid_api_key",
+            Error::RateLimited { .. } => "rate_limit_exceeded",
+            Error::BudgetExceeded { .. } => "budget_exceeded",
+            Error::HeadersTooLarge { .. } => "headers_too_large",
             Error::Internal(_) => "internal_error",
         }
     }
@@ -146,6 +170,10 @@ impl Error {
             | Error::LocalSaturated { .. }
             | Error::LocalEngine { .. }
             | Error::ShuttingDown
+            | Error::Unauthorized(_)
+            | Error::RateLimited { .. }
+            | Error::BudgetExceeded { .. }
+            | Error::HeadersTooLarge { .. }
             | Error::Internal(_) => None,
         }
     }
@@ -169,6 +197,10 @@ impl Error {
             | Error::UpstreamRejected { .. }
             | Error::LocalEngine { .. }
             | Error::ShuttingDown
+            | Error::Unauthorized(_)
+            | Error::RateLimited { .. }
+            | Error::BudgetExceeded { .. }
+            | Error::HeadersTooLarge { .. }
             | Error::Internal(_) => false,
         }
     }
@@ -192,6 +224,10 @@ impl Error {
             | Error::LocalSaturated { .. }
             | Error::LocalEngine { .. }
             | Error::ShuttingDown
+            | Error::Unauthorized(_)
+            | Error::RateLimited { .. }
+            | Error::BudgetExceeded { .. }
+            | Error::HeadersTooLarge { .. }
             | Error::Internal(_) => false,
         }
     }
@@ -218,12 +254,23 @@ impl Error {
 impl IntoResponse for Error {
     fn into_response(self) -> Response {
         let mut resp = (self.status_code(), axum::Json(self.envelope())).into_response();
-        if let Error::UpstreamRateLimited {
-            retry_after: Some(v), ..
-        } = &self
-            && let Ok(v) = HeaderValue::from_str(v)
-        {
+        let retry_after = match &self {
+            Error::UpstreamRateLimited { retry_after, .. } => {
+                retry_after.as_deref().and_then(|v| HeaderValue::from_str(v).ok())
+            }
+            Error::RateLimited { retry_after_secs, .. } | Error::BudgetExceeded { retry_after_secs, .. } => {
+                Some(HeaderValue::from(*retry_after_secs))
+            }
+            _ => None,
+        };
+        if let Some(v) = retry_after {
             resp.headers_mut().insert("retry-after", v);
+        }
+        if let Error::Unauthorized(_) = &self {
+            resp.headers_mut().insert(
+                "www-authenticate",
+                HeaderValue::from_static("Bearer realm=\"tiergate\""),
+            );
         }
         resp
     }

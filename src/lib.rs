@@ -1,6 +1,7 @@
 //! tiergate: an OpenAI-compatible gateway that scores each request's difficulty and sends
 //! it to the cheapest tier able to answer it, accounting cost and latency per tier.
 
+pub mod auth;
 pub mod cache;
 pub mod classifier;
 pub mod cli;
@@ -147,6 +148,8 @@ pub struct AppState {
     pub ledger: Ledger,
     pub onnxruntime_version: String,
     pub metrics: Arc<telemetry::Metrics>,
+    /// Keys, rate limits and budgets; kept across reloads so limits and spend carry on.
+    pub auth: Arc<auth::Auth>,
     /// The last reload's outcome, for `/readyz` and `/metrics`.
     pub reload: reload::ReloadState,
     /// Cancelled when the shutdown grace period is over: requests still running end with
@@ -210,6 +213,7 @@ impl AppState {
             config.ledger.queue_capacity,
             config.ledger.batch_size,
         )?;
+        let auth = Arc::new(auth::Auth::start(&config.auth, &config.ledger.path)?);
         let runtime = Runtime::build(config)?;
         let metrics = Arc::new(telemetry::Metrics::new(Some(ledger.clone())));
         Ok(Arc::new(AppState {
@@ -220,6 +224,7 @@ impl AppState {
             reload: reload::ReloadState::default(),
             cut: tokio_util::sync::CancellationToken::new(),
             in_flight: Arc::default(),
+            auth,
         }))
     }
 }

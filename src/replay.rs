@@ -36,6 +36,9 @@ pub struct ReplayArgs {
     /// Seconds one request may take before it counts as failed.
     #[arg(long, default_value_t = 300.0)]
     pub timeout_secs: f64,
+    /// The gateway key to send (`tiergate keys create`); also used for `/report.json`.
+    #[arg(long, env = "TIERGATE_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
 }
 
 /// What a replay did: how the requests ended, and the gateway's report for them.
@@ -126,8 +129,16 @@ pub async fn run(args: &ReplayArgs, bar: ProgressBar) -> anyhow::Result<Replay> 
     }
     let bodies = read_workload(&args.file)?;
     let base = args.url.trim_end_matches('/').to_owned();
+    let mut headers = reqwest::header::HeaderMap::new();
+    if let Some(k) = &args.api_key {
+        let mut v = reqwest::header::HeaderValue::from_str(&format!("Bearer {k}"))
+            .map_err(|_| anyhow::anyhow!("`--api-key` is not a valid header value"))?;
+        v.set_sensitive(true);
+        headers.insert(reqwest::header::AUTHORIZATION, v);
+    }
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs_f64(args.timeout_secs))
+        .default_headers(headers)
         .build()?;
     client
         .get(format!("{base}/healthz"))

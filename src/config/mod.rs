@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::auth::{AuthConfig, KeyLimits};
 use crate::classifier::ClassifierConfig;
 use crate::local::LocalSettings;
 use crate::policy::Policy;
@@ -38,9 +39,26 @@ struct ConfigToml {
     #[serde(default)]
     limits: LimitsToml,
     #[serde(default)]
+    auth: AuthToml,
+    #[serde(default)]
     telemetry: TelemetryToml,
     #[serde(default)]
     reload: ReloadToml,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AuthToml {
+    enabled: Option<bool>,
+    keys_db: Option<PathBuf>,
+    cache_ttl_secs: Option<f64>,
+    protect_reports: Option<bool>,
+    protect_metrics: Option<bool>,
+    default_rpm: Option<u32>,
+    default_tpm: Option<u32>,
+    default_daily_usd: Option<f64>,
+    default_monthly_usd: Option<f64>,
+    default_max_output_tokens: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -162,6 +180,35 @@ struct TierToml {
 #[serde(deny_unknown_fields)]
 struct LimitsToml {
     max_body_bytes: Option<usize>,
+    max_header_bytes: Option<usize>,
+    max_messages: Option<usize>,
+    max_message_chars: Option<usize>,
+    max_tokens: Option<u64>,
+}
+
+/// `[limits]`: the largest request the gateway accepts, each breach a 4xx naming the key.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Limits {
+    pub max_body_bytes: usize,
+    /// Total bytes of request header names and values.
+    pub max_header_bytes: usize,
+    pub max_messages: usize,
+    /// Characters of one message's text (all its text parts together).
+    pub max_message_chars: usize,
+    /// Ceiling on `max_tokens` / `max_completion_tokens`.
+    pub max_tokens: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            max_body_bytes: 4 * 1024 * 1024,
+            max_header_bytes: 32 * 1024,
+            max_messages: 1000,
+            max_message_chars: 1_000_000,
+            max_tokens: 131_072,
+        }
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -195,7 +242,8 @@ pub struct Config {
     /// `None`: the length scorer alone.
     pub classifier: Option<ClassifierConfig>,
     pub tiers: BTreeMap<String, TierConfig>,
-    pub max_body_bytes: usize,
+    pub limits: Limits,
+    pub auth: AuthConfig,
     pub telemetry: TelemetryConfig,
 }
 
@@ -304,6 +352,7 @@ impl Config {
             routing,
             tiers,
             limits,
+            auth,
             telemetry,
             reload,
         } = raw;
@@ -476,8 +525,34 @@ impl Config {
             }
         };
 
-        let LimitsToml { max_body_bytes } = limits;
-        let max_body_bytes = positive(path, "limits.max_body_bytes", max_body_bytes.unwrap_or(4 * 1024 * 1024))?;
+        let LimitsToml {
+            max_body_bytes,
+            max_header_bytes,
+            max_messages,
+            max_message_chars,
+            max_tokens,
+        } = limits;
+        let d = Limits::default();
+        let limits = Limits {
+            max_body_bytes: positive(
+                path,
+                "limits.max_body_bytes",
+                max_body_bytes.unwrap_or(d.max_body_bytes),
+            )?,
+            max_header_bytes: positive(
+                path,
+                "limits.max_header_bytes",
+                max_header_bytes.unwrap_or(d.max_header_bytes),
+            )?,
+            max_messages: positive(path, "limits.max_messages", max_messages.unwrap_or(d.max_messages))?,
+            max_message_chars: positive(
+                path,
+                "limits.max_message_chars",
+                max_message_chars.unwrap_or(d.max_message_chars),
+            )?,
+            max_tokens: positive(path, "limits.max_tokens", max_tokens.unwrap_or(d.max_tokens) as usize)? as u64,
+        };
+        let auth = auth_config(path, auth, &resolve)?;
 
         let TelemetryToml { otlp_endpoint } = telemetry;
         if let Some(e) = &otlp_endpoint
@@ -509,7 +584,8 @@ impl Config {
             length_half_tokens,
             classifier,
             tiers: out_tiers,
-            max_body_bytes,
+            limits,
+            auth,
             telemetry,
         })
     }
@@ -778,6 +854,53 @@ fn classifier_config(
         queue_capacity: positive(file, "routing.classifier.queue_capacity", queue_capacity.unwrap_or(64))?,
         cache_capacity: cache_capacity.unwrap_or(10_000),
         timeout: Duration::from_secs_f64(timeout_ms / 1000.0),
+    })
+}
+
+fn auth_config(file: &Path, a: AuthToml, resolve: &dyn Fn(&Path) -> PathBuf) -> Result<AuthConfig, ConfigError> {
+    let AuthToml {
+        enabled,
+        keys_db,
+        cache_ttl_secs,
+        protect_reports,
+        protect_metrics,
+        default_rpm,
+        default_tpm,
+        default_daily_usd,
+        default_monthly_usd,
+        default_max_output_tokens,
+    } = a;
+    for (key, v) in [("auth.default_rpm", default_rpm), ("auth.default_tpm", default_tpm)] {
+        if v == Some(0) {
+            return Err(err(file, format!("{key} must be > 0; leave it out for no limit")));
+        }
+    }
+    for (key, v) in [
+        ("auth.default_daily_usd", default_daily_usd),
+        ("auth.default_monthly_usd", default_monthly_usd),
+    ] {
+        if let Some(v) = v {
+            price(file, key, v)?;
+        }
+    }
+    Ok(AuthConfig {
+        // On unless switched off: a gateway in front of a paid API must not be open by accident.
+        enabled: enabled.unwrap_or(true),
+        keys_db: resolve(keys_db.as_deref().unwrap_or(Path::new("tiergate-keys.db"))),
+        cache_ttl: secs(file, "auth.cache_ttl_secs", cache_ttl_secs.unwrap_or(5.0))?,
+        protect_reports: protect_reports.unwrap_or(true),
+        protect_metrics: protect_metrics.unwrap_or(false),
+        defaults: KeyLimits {
+            rpm: default_rpm,
+            tpm: default_tpm,
+            daily_usd: default_daily_usd,
+            monthly_usd: default_monthly_usd,
+        },
+        default_max_output_tokens: positive(
+            file,
+            "auth.default_max_output_tokens",
+            default_max_output_tokens.unwrap_or(4096) as usize,
+        )? as u64,
     })
 }
 

@@ -321,3 +321,43 @@ fn fault_settings_are_read_defaulted_and_checked() {
         assert!(e.contains(want), "{e}\n  wanted: {want}");
     }
 }
+
+#[test]
+fn auth_and_limits_default_to_on_and_bounded_and_name_bad_keys() {
+    let text = example();
+    let c = parse(&text).expect("valid");
+    assert!(c.auth.enabled && c.auth.protect_reports && !c.auth.protect_metrics);
+    assert!(c.auth.keys_db.ends_with("examples/tiergate-keys.db"));
+    assert_eq!(c.limits, super::Limits::default());
+    // Without the sections at all: the same defaults, auth on.
+    let start = text.find("[limits]").expect("limits");
+    let end = text.find("[telemetry]").expect("telemetry");
+    let bare = parse(&format!("{}{}", &text[..start], &text[end..])).expect("valid");
+    assert!(bare.auth.enabled);
+    assert_eq!(bare.limits, super::Limits::default());
+    for (from, to, says) in [
+        (
+            "max_messages = 1000",
+            "max_messages = 0",
+            "limits.max_messages must be > 0",
+        ),
+        (
+            "keys_db = \"tiergate-keys.db\"",
+            "keys_db = \"tiergate-keys.db\"\ndefault_rpm = 0",
+            "auth.default_rpm must be > 0",
+        ),
+        (
+            "keys_db = \"tiergate-keys.db\"",
+            "keys_db = \"tiergate-keys.db\"\ndefault_daily_usd = -1",
+            "auth.default_daily_usd must be a number >= 0",
+        ),
+        (
+            "keys_db = \"tiergate-keys.db\"",
+            "keys_db = \"tiergate-keys.db\"\nmaster_key = \"x\"",
+            "unknown field `master_key`",
+        ),
+    ] {
+        let e = parse(&text.replace(from, to)).expect_err(to);
+        assert!(e.contains(says), "{to}: {e}");
+    }
+}

@@ -10,12 +10,12 @@ use axum::extract::State;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use futures::StreamExt;
-use sha2::{Digest, Sha256};
 
 use crate::config::{BackendConfig, Price, TierConfig};
 use crate::error::Error;
 use crate::ledger::{Attempt, Ledger, Record};
 use crate::openai::{ChatRequest, Usage};
+use crate::policy::OverBudget;
 use crate::policy::Then;
 use crate::routing::sticky::{self, HEADER_CONVERSATION};
 use crate::routing::{self, RequestContext, RouteDecision};
@@ -35,7 +35,7 @@ pub async fn chat_completions(State(st): State<Arc<AppState>>, headers: HeaderMa
     acct.in_flight = Some(st.in_flight.enter());
     acct.cut = st.cut.clone();
     let result = tokio::select! {
-        r = handle(&rt, &mut acct, &headers, body).instrument(span) => r,
+        r = handle(&st, &rt, &mut acct, &headers, body).instrument(span) => r,
         () = st.cut.cancelled() => Err(Error::ShuttingDown),
     };
     match result {
@@ -57,12 +57,20 @@ enum Reply {
     Stream(Response),
 }
 
-/// What the policy may read beyond the body: headers, the client's key id, local load.
-pub(super) fn request_context(rt: &Runtime, headers: &HeaderMap) -> RequestContext {
+/// What the policy may read beyond the body: headers, the client's key and team, local load.
+pub(super) fn request_context(
+    rt: &Runtime,
+    headers: &HeaderMap,
+    principal: Option<&crate::auth::Principal>,
+) -> RequestContext {
     let mut ctx = RequestContext::from_headers(headers);
-    // The raw key is a secret: rules see only its id. `team` is filled by virtual keys.
+    // Keys are secrets: rules see only the key's name and team.
     ctx.headers.remove(header::AUTHORIZATION.as_str());
-    ctx.key = api_key_id(headers);
+    ctx.headers.remove("x-api-key");
+    if let Some(p) = principal {
+        ctx.key = Some(p.key.name.clone());
+        ctx.team = p.key.team.clone();
+    }
     for (name, b) in &rt.local_tiers {
         if let Some(BackendConfig::Local(s)) = rt.config.tiers.get(name).map(|t| &t.backend) {
             ctx.local_load
@@ -72,13 +80,27 @@ pub(super) fn request_context(rt: &Runtime, headers: &HeaderMap) -> RequestConte
     ctx
 }
 
-async fn handle(rt: &Arc<Runtime>, acct: &mut Accounting, headers: &HeaderMap, body: Body) -> Result<Reply, Error> {
-    let bytes = super::read_body(body, rt.config.max_body_bytes).await?;
+async fn handle(
+    st: &AppState,
+    rt: &Arc<Runtime>,
+    acct: &mut Accounting,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Reply, Error> {
+    super::check_header_size(headers, rt.config.limits.max_header_bytes)?;
+    let principal = st.auth.authenticate(&rt.config.auth, headers)?;
+    if let Some(p) = &principal {
+        acct.rec.api_key_id = Some(p.key.id.clone());
+        st.auth.rate.check_request(&p.key.id, &p.limits)?;
+    }
+    super::require_json(headers)?;
+    let bytes = super::read_body(body, rt.config.limits.max_body_bytes).await?;
     let mut req = ChatRequest::parse(&bytes)?;
     acct.rec.requested_model = Some(req.model.clone());
     acct.rec.streamed = req.is_stream();
+    req.check_limits(&rt.config.limits)?;
 
-    let ctx = request_context(rt, headers);
+    let ctx = request_context(rt, headers, principal.as_ref());
     let mut decision = routing::route_with(&rt.config, &rt.scorer, &req, &ctx).await?;
     let conversation = sticky::apply(
         rt.stickiness.as_deref(),
@@ -87,8 +109,26 @@ async fn handle(rt: &Arc<Runtime>, acct: &mut Accounting, headers: &HeaderMap, b
         ctx.headers.get(HEADER_CONVERSATION).map(String::as_str),
         &req,
     );
+    let prompt_estimate = tokens::estimate(&req.all_text());
     let (tier, _) = tier_backend(rt, &decision.tier)?;
-    acct.routed(&decision, &tier.model, tier.price, tokens::estimate(&req.all_text()));
+    acct.routed(&decision, &tier.model, tier.price, prompt_estimate);
+    if let Some(p) = &principal {
+        let max_output = req
+            .max_output_tokens()
+            .unwrap_or(rt.config.auth.default_max_output_tokens)
+            .saturating_mul(req.choices());
+        st.auth
+            .rate
+            .check_tokens(&p.key.id, &p.limits, prompt_estimate.saturating_add(max_output))?;
+        // Byte-level BPE tokenizers make at most one token per byte, and everything billed as
+        // input (messages, tools, …) is in the body; the chat template adds a few tokens per
+        // message. So this bounds the prompt from above, where the estimate may fall short.
+        let prompt_bound = (bytes.len() as u64).saturating_add(8 * req.messages.len() as u64 + 8);
+        if admit_spend(st, rt, acct, p, &mut decision, prompt_bound, max_output)? {
+            let (tier, _) = tier_backend(rt, &decision.tier)?;
+            acct.routed(&decision, &tier.model, tier.price, prompt_estimate);
+        }
+    }
 
     remember(rt, conversation.as_deref(), &decision.tier);
     acct.gateway_done();
@@ -158,6 +198,87 @@ fn tier_backend<'a>(rt: &'a Runtime, name: &str) -> Result<(&'a TierConfig, Arc<
         .ok_or_else(|| Error::Internal(format!("no backend for tier `{name}`")))?
         .clone();
     Ok((tier, backend))
+}
+
+/// Budgets: reserves the most this request can cost on the tiers it may reach (for at most
+/// `prompt_tokens` in and `max_output` out), or applies the policy's `over_budget` when that
+/// does not fit. Returns whether the request was downgraded to another tier.
+fn admit_spend(
+    st: &AppState,
+    rt: &Runtime,
+    acct: &mut Accounting,
+    p: &crate::auth::Principal,
+    decision: &mut RouteDecision,
+    prompt_tokens: u64,
+    max_output: u64,
+) -> Result<bool, Error> {
+    if !p.limits.has_budget() {
+        return Ok(false);
+    }
+    acct.spend = Some(SpendAccount {
+        budgets: st.auth.budgets.clone(),
+        key_id: p.key.id.clone(),
+        hold: None,
+    });
+    // Tiers priced per token are the paid ones; a tier priced only by machine time is the
+    // operator's own hardware and is not gated (its cost still counts as spend).
+    let max_cost = |tier: Option<&String>| {
+        tier.and_then(|t| rt.config.tiers.get(t))
+            .map(|t| t.price.cost(prompt_tokens, max_output))
+            .unwrap_or(0.0)
+    };
+    // A spill or fallback replaces the call; an escalation adds a second one.
+    let max_usd = decision
+        .then
+        .fallback
+        .iter()
+        .chain(&decision.then.on_saturated)
+        .fold(max_cost(Some(&decision.tier)), |m, t| m.max(max_cost(Some(t))))
+        + max_cost(decision.then.escalate.as_ref().map(|e| &e.tier));
+    if max_usd <= 0.0 {
+        return Ok(false);
+    }
+    match st
+        .auth
+        .budgets
+        .reserve(&p.key.id, &p.limits, max_usd, crate::report::now_ms())
+    {
+        Ok(hold) => {
+            if let Some(s) = &mut acct.spend {
+                s.hold = Some(hold);
+            }
+            Ok(false)
+        }
+        Err(over) => match &rt.config.policy.over_budget {
+            OverBudget::Refuse => Err(Error::BudgetExceeded {
+                message: over.to_string(),
+                retry_after_secs: over.resets_in_secs,
+            }),
+            OverBudget::Downgrade(to) => {
+                tracing::info!(request_id = %acct.rec.request_id, key = %p.key.id, from = %decision.tier, to = %to, "over budget: downgraded");
+                decision.tier = to.clone();
+                decision.rule = "over-budget".to_owned();
+                decision.then = crate::policy::Then::default();
+                Ok(true)
+            }
+        },
+    }
+}
+
+/// A budgeted key's share of a request: settled to the actual cost when the row is written.
+struct SpendAccount {
+    budgets: Arc<crate::auth::Budgets>,
+    key_id: String,
+    hold: Option<crate::auth::Hold>,
+}
+
+impl SpendAccount {
+    fn settle(self, cost_usd: f64) {
+        match self.hold {
+            Some(h) => h.settle(cost_usd),
+            None => self.budgets.spend(&self.key_id, cost_usd, crate::report::now_ms()),
+        }
+    }
 }
 
 /// Calls the routed tier through its retries and circuit breaker; when it cannot answer,
@@ -393,6 +514,8 @@ struct Accounting {
     cut: tokio_util::sync::CancellationToken,
     /// The request's span: it ends when the request does (for a stream, with the stream).
     span: Option<tracing::Span>,
+    /// Budget reservation of the caller's key, if it has a budget.
+    spend: Option<SpendAccount>,
 }
 
 /// Where an attempt went: enough to record it and to switch back.
@@ -428,7 +551,6 @@ impl Accounting {
         a.rec = Record {
             ts_ms,
             request_id,
-            api_key_id: api_key_id(headers),
             ..Record::default()
         };
         a.start = Some(Instant::now());
@@ -611,6 +733,9 @@ impl Accounting {
         if !self.rec.attempts.is_empty() {
             self.rec.cost_usd = self.rec.attempts.iter().map(|a| a.cost_usd).sum();
         }
+        if let Some(s) = self.spend.take() {
+            s.settle(self.rec.cost_usd);
+        }
         let r = &mut self.rec;
         r.baseline_cost_usd = self
             .baseline
@@ -618,6 +743,7 @@ impl Accounting {
             .unwrap_or(0.0);
         tracing::info!(
             request_id = %r.request_id,
+            key = r.api_key_id.as_deref().unwrap_or("-"),
             model = r.requested_model.as_deref().unwrap_or("-"),
             tier = r.tier.as_deref().unwrap_or("-"),
             rule = r.rule.as_deref().unwrap_or("-"),
@@ -644,20 +770,6 @@ impl Drop for Accounting {
             self.finish("client_disconnected", 499);
         }
     }
-}
-
-/// A stable, non-secret id for the client's key: `key-` + 12 hex digits of its SHA-256.
-fn api_key_id(headers: &HeaderMap) -> Option<String> {
-    let v = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
-    let key = v.strip_prefix("Bearer ").unwrap_or(v).trim();
-    if key.is_empty() {
-        return None;
-    }
-    let digest = Sha256::digest(key.as_bytes());
-    Some(format!(
-        "key-{}",
-        digest.iter().take(6).map(|b| format!("{b:02x}")).collect::<String>()
-    ))
 }
 
 #[cfg(test)]

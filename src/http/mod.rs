@@ -31,10 +31,71 @@ pub fn app(state: Arc<AppState>) -> Router {
         .route("/report.json", get(report::report_json))
         .route("/metrics", get(metrics))
         .fallback(not_found)
+        .layer(axum::middleware::from_fn_with_state(state.clone(), guard))
         // The chat handler reads the body itself with the configured limit, so that an
         // oversized body gets an OpenAI-shaped 413 and a ledger row.
         .layer(DefaultBodyLimit::disable())
         .with_state(state)
+}
+
+/// Runs before every handler: the header size limit, then the key for the endpoints that
+/// need one. `/healthz` and `/readyz` stay open for probes; chat completions check the key
+/// in their handler, so that a refused request still gets its ledger row.
+async fn guard(
+    State(st): State<Arc<AppState>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let rt = st.runtime.load();
+    let chat = req.uri().path() == "/v1/chat/completions";
+    if !chat && let Err(e) = check_header_size(req.headers(), rt.config.limits.max_header_bytes) {
+        return e.into_response();
+    }
+    let auth = &rt.config.auth;
+    let needs_key = match req.uri().path() {
+        "/healthz" | "/readyz" | "/v1/chat/completions" => false,
+        "/report" | "/report.json" => auth.protect_reports,
+        "/metrics" => auth.protect_metrics,
+        p => p.starts_with("/v1/"),
+    };
+    if needs_key && let Err(e) = st.auth.authenticate(auth, req.headers()) {
+        return e.into_response();
+    }
+    next.run(req).await
+}
+
+/// `limits.max_header_bytes` over all request headers.
+fn check_header_size(headers: &axum::http::HeaderMap, limit: usize) -> Result<(), Error> {
+    // Name, value and the `: ` and CRLF around them, as on the wire.
+    let size: usize = headers.iter().map(|(n, v)| n.as_str().len() + v.len() + 4).sum();
+    if size > limit {
+        return Err(Error::HeadersTooLarge { size, limit });
+    }
+    Ok(())
+}
+
+/// Request bodies are JSON: a form post, plain text or a body without a content type is
+/// refused by name rather than with a JSON parse error.
+fn require_json(headers: &axum::http::HeaderMap) -> Result<(), Error> {
+    let ct = headers
+        .get(axum::http::header::CONTENT_TYPE)
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+        .unwrap_or_default();
+    let mime = ct.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    if mime == "application/json" || (mime.starts_with("application/") && mime.ends_with("+json")) {
+        return Ok(());
+    }
+    let message = if mime.is_empty() {
+        "the request has no `content-type`; send the body as JSON with `content-type: application/json`".to_owned()
+    } else {
+        let shown: String = mime.chars().take(80).collect();
+        format!("`content-type` is `{shown}`; send the body as JSON with `content-type: application/json`")
+    };
+    Err(Error::InvalidRequest {
+        message,
+        param: None,
+        code: "unsupported_content_type",
+    })
 }
 
 /// Reads a request body up to `limit` bytes; over it, a 413 in OpenAI's shape.
@@ -69,9 +130,13 @@ async fn route(
 ) -> axum::response::Response {
     let rt = st.runtime.load_full();
     let result = async {
-        let body = read_body(body, rt.config.max_body_bytes).await?;
+        require_json(&headers)?;
+        let body = read_body(body, rt.config.limits.max_body_bytes).await?;
         let req = crate::openai::ChatRequest::parse(&body)?;
-        let ctx = chat::request_context(&rt, &headers);
+        req.check_limits(&rt.config.limits)?;
+        // The middleware has checked the key; the policy may read its name and team.
+        let principal = st.auth.authenticate(&rt.config.auth, &headers)?;
+        let ctx = chat::request_context(&rt, &headers, principal.as_ref());
         crate::routing::explain_with(&rt.config, &rt.scorer, &req, &ctx, rt.stickiness.as_deref()).await
     }
     .await;
@@ -235,6 +300,7 @@ async fn readyz(State(st): State<Arc<AppState>>) -> impl IntoResponse {
             "written": st.ledger.written(),
             "dropped": st.ledger.dropped(),
         },
+        "auth": {"enabled": rt.config.auth.enabled},
         "policy": rt.config.policy.name,
         "policies": rt.config.policies.keys().collect::<Vec<_>>(),
         "reload": st.reload.last(),

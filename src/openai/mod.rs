@@ -5,6 +5,9 @@
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+mod strict;
+
+use crate::config::Limits;
 use crate::error::Error;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -44,10 +47,14 @@ pub struct Usage {
     pub completion_tokens: u64,
 }
 
+/// The message roles of OpenAI's chat-completions API (`function` is its deprecated
+/// predecessor of `tool`).
+pub const ROLES: &[&str] = &["system", "developer", "user", "assistant", "tool", "function"];
+
 impl ChatRequest {
     /// Parses and validates a request body; errors name the offending field.
     pub fn parse(body: &[u8]) -> Result<ChatRequest, Error> {
-        let value: Value = serde_json::from_slice(body).map_err(|e| Error::InvalidRequest {
+        let value: Value = strict::from_slice(body).map_err(|e| Error::InvalidRequest {
             message: format!("request body is not valid JSON: {e}"),
             param: None,
             code: "invalid_json",
@@ -83,13 +90,29 @@ impl ChatRequest {
             let Some(m) = m.as_object() else {
                 return Err(Error::invalid(format!("`{param}` must be an object"), Some(&param)));
             };
-            if !m.get("role").is_some_and(Value::is_string) {
+            let Some(role) = m.get("role").and_then(Value::as_str) else {
                 return Err(Error::invalid(
                     format!("`{param}.role` must be a string"),
                     Some(&format!("{param}.role")),
                 ));
+            };
+            if !ROLES.contains(&role) {
+                return Err(Error::invalid(
+                    format!(
+                        "`{param}.role` = `{role}` is not a role; use one of {}",
+                        ROLES.join(", ")
+                    ),
+                    Some(&format!("{param}.role")),
+                ));
             }
             match m.get("content") {
+                // Only an assistant turn may carry no text (its `tool_calls` are the content).
+                None | Some(Value::Null) if role != "assistant" => {
+                    return Err(Error::invalid(
+                        format!("`{param}.content` is required for a `{role}` message"),
+                        Some(&format!("{param}.content")),
+                    ));
+                }
                 None | Some(Value::Null | Value::String(_) | Value::Array(_)) => {}
                 Some(_) => {
                     return Err(Error::invalid(
@@ -97,6 +120,37 @@ impl ChatRequest {
                         Some(&format!("{param}.content")),
                     ));
                 }
+            }
+        }
+        for field in ["max_tokens", "max_completion_tokens"] {
+            if let Some(v) = obj.get(field)
+                && !v.is_null()
+                && v.as_u64().is_none_or(|n| n == 0)
+            {
+                return Err(Error::invalid(
+                    format!("`{field}` must be a positive integer, got `{v}`"),
+                    Some(field),
+                ));
+            }
+        }
+        if let Some(v) = obj.get("n")
+            && !v.is_null()
+            && v.as_u64().is_none_or(|n| !(1..=128).contains(&n))
+        {
+            return Err(Error::invalid(
+                format!("`n` must be an integer in 1..=128, got `{v}`"),
+                Some("n"),
+            ));
+        }
+        for (field, lo, hi) in [("temperature", 0.0, 2.0), ("top_p", 0.0, 1.0)] {
+            if let Some(v) = obj.get(field)
+                && !v.is_null()
+                && v.as_f64().is_none_or(|x| !(lo..=hi).contains(&x))
+            {
+                return Err(Error::invalid(
+                    format!("`{field}` must be a number in {lo}..={hi}, got `{v}`"),
+                    Some(field),
+                ));
             }
         }
         if let Some(s) = obj.get("stream")
@@ -113,6 +167,63 @@ impl ChatRequest {
             ));
         }
         serde_json::from_value(value).map_err(|e| Error::invalid(format!("invalid request: {e}"), None))
+    }
+
+    /// The most tokens the request lets the model generate, if it says.
+    pub fn max_output_tokens(&self) -> Option<u64> {
+        ["max_completion_tokens", "max_tokens"]
+            .iter()
+            .find_map(|f| self.rest.get(*f).and_then(Value::as_u64))
+    }
+
+    /// How many answers the request asks for (`n`): each may be up to `max_tokens` long.
+    pub fn choices(&self) -> u64 {
+        self.rest.get("n").and_then(Value::as_u64).unwrap_or(1).max(1)
+    }
+
+    /// Checks the request against `[limits]`; the error names the limit and its value.
+    pub fn check_limits(&self, limits: &Limits) -> Result<(), Error> {
+        let limit_error = |message: String, param: &str| Error::InvalidRequest {
+            message,
+            param: Some(param.to_owned()),
+            code: "limit_exceeded",
+        };
+        if self.messages.len() > limits.max_messages {
+            return Err(limit_error(
+                format!(
+                    "`messages` has {} entries; the limit is `limits.max_messages` = {}",
+                    self.messages.len(),
+                    limits.max_messages
+                ),
+                "messages",
+            ));
+        }
+        for (i, m) in self.messages.iter().enumerate() {
+            let chars = content_text(m.content.as_ref()).chars().count();
+            if chars > limits.max_message_chars {
+                return Err(limit_error(
+                    format!(
+                        "`messages[{i}].content` has {chars} characters; the limit is `limits.max_message_chars` = {}",
+                        limits.max_message_chars
+                    ),
+                    &format!("messages[{i}].content"),
+                ));
+            }
+        }
+        for field in ["max_tokens", "max_completion_tokens"] {
+            if let Some(n) = self.rest.get(field).and_then(Value::as_u64)
+                && n > limits.max_tokens
+            {
+                return Err(limit_error(
+                    format!(
+                        "`{field}` is {n}; the limit is `limits.max_tokens` = {}",
+                        limits.max_tokens
+                    ),
+                    field,
+                ));
+            }
+        }
+        Ok(())
     }
 
     pub fn is_stream(&self) -> bool {

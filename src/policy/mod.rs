@@ -21,6 +21,7 @@ struct PolicyToml {
     allow_tier_override: bool,
     /// Whether conversations stay on the strongest tier they reached (on by default).
     stickiness: Option<bool>,
+    over_budget: Option<String>,
     rules: Vec<Spanned<RuleToml>>,
 }
 
@@ -67,6 +68,18 @@ pub struct Policy {
     /// Follow-up turns of a conversation stay at least on the strongest tier it reached.
     pub stickiness: bool,
     pub rules: Vec<Rule>,
+    /// What happens to a request whose key is over its budget.
+    pub over_budget: OverBudget,
+}
+
+/// `over_budget = "refuse"` (the default) or `over_budget = "<tier>"`.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub enum OverBudget {
+    /// A 429 `budget_exceeded`.
+    #[default]
+    Refuse,
+    /// Answer from this tier instead (typically a free local one), without a budget check.
+    Downgrade(String),
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -360,8 +373,19 @@ impl Policy {
             description,
             allow_tier_override,
             stickiness,
+            over_budget,
             rules,
         } = raw;
+        let over_budget = match over_budget.as_deref() {
+            None | Some("refuse") => OverBudget::Refuse,
+            Some(t) if tiers.contains_key(t) => OverBudget::Downgrade(t.to_owned()),
+            Some(t) => {
+                return Err(format!(
+                    "policy `{file}`: over_budget = `{t}` is neither `refuse` nor a configured tier; use `refuse` or one of {}",
+                    tiers.keys().map(String::as_str).collect::<Vec<_>>().join(", ")
+                ));
+            }
+        };
         let name = name.unwrap_or_else(|| {
             path.file_stem()
                 .map(|s| s.to_string_lossy().into_owned())
@@ -423,6 +447,7 @@ impl Policy {
             allow_tier_override,
             stickiness: stickiness.unwrap_or(true),
             rules: out,
+            over_budget,
         })
     }
 

@@ -590,3 +590,16 @@ fn fallback_chain_is_validated_and_carried_by_the_rule() {
         assert!(e.contains(want), "{e}\n  wanted: {want}");
     }
 }
+
+#[test]
+fn over_budget_refuses_by_default_or_names_a_tier() {
+    use super::OverBudget;
+    assert_eq!(parse(TWO_RULES).expect("valid").over_budget, OverBudget::Refuse);
+    let p = parse(&format!("over_budget = \"local\"\n{TWO_RULES}")).expect("valid");
+    assert_eq!(p.over_budget, OverBudget::Downgrade("local".into()));
+    let e = parse(&format!("over_budget = \"free\"\n{TWO_RULES}")).expect_err("unknown tier");
+    assert!(
+        e.contains("over_budget = `free` is neither `refuse` nor a configured tier"),
+        "{e}"
+    );
+}

@@ -17,7 +17,6 @@ use tokio::sync::Notify;
 
 pub const UPSTREAM_KEY: &str = "sk-upstream-SECRET-7f3a9c";
 pub const UPSTREAM_KEY_ENV: &str = "TIERGATE_TEST_UPSTREAM_KEY";
-pub const CLIENT_KEY: &str = "sk-client-SECRET-41b2e8";
 
 /// The fake's answer text, streamed as these pieces.
 pub const PIECES: [&str; 4] = ["Paris", " is", " the", " capital."];
@@ -211,6 +210,11 @@ pub struct Gateway {
     pub state: Arc<tiergate::AppState>,
     pub fake: Arc<Fake>,
     pub ledger_path: PathBuf,
+    pub keys_db: PathBuf,
+    pub config_path: PathBuf,
+    /// The secret of the key `test`, created before the gateway starts; every helper
+    /// sends it.
+    pub key: String,
     _dir: tempfile::TempDir,
 }
 
@@ -258,17 +262,31 @@ pub struct Setup {
     pub policy: Option<String>,
     /// TOML appended to the `[routing]` table (e.g. another scorer).
     pub routing: String,
+    /// TOML appended to the `[auth]` table.
+    pub auth: String,
+    /// Limits of the key `test`.
+    pub key_limits: tiergate::auth::KeyLimits,
 }
 
-/// Writes the test config (and policy) into `dir`, tiers pointing at `fake_addr`; the
-/// ledger is `dir/ledger.db`. Returns the config's path.
-pub fn write_config(dir: &std::path::Path, fake_addr: SocketAddr, setup: &Setup) -> PathBuf {
+/// Where a test gateway's files are.
+pub struct Files {
+    pub config: PathBuf,
+    pub ledger: PathBuf,
+    pub keys_db: PathBuf,
+}
+
+/// Writes the test config into `dir`, with every tier at the fake upstream `fake_addr`.
+pub fn write_config(dir: &std::path::Path, fake_addr: SocketAddr, setup: &Setup) -> Files {
     let ledger_path = dir.join("ledger.db");
+    let keys_db = dir.join("keys.db");
     let mut cfg = format!(
         r#"
 listen = "127.0.0.1:0"
 [ledger]
 path = "{ledger}"
+[auth]
+keys_db = "{keys_db}"
+{auth_extra}
 [baseline]
 model = "gpt-4o"
 input_usd_per_mtok = 2.5
@@ -280,6 +298,8 @@ policy = "{policy}"
 half_tokens = 16
 "#,
         ledger = ledger_path.display(),
+        keys_db = keys_db.display(),
+        auth_extra = setup.auth,
         routing_extra = setup.routing,
         policy = match &setup.policy {
             Some(text) => {
@@ -302,16 +322,37 @@ half_tokens = 16
     cfg.push_str(&setup.extra);
     let cfg_path = dir.join("tiergate.toml");
     std::fs::write(&cfg_path, cfg).expect("write config");
-    cfg_path
+    Files {
+        config: cfg_path,
+        ledger: ledger_path,
+        keys_db,
+    }
+}
+
+/// Creates the key `test` in the store and returns its secret.
+pub fn create_test_key(keys_db: &std::path::Path, limits: tiergate::auth::KeyLimits) -> String {
+    tiergate::auth::KeyStore::open(keys_db)
+        .expect("key store")
+        .create(&tiergate::auth::NewKey {
+            name: "test".into(),
+            team: None,
+            limits,
+        })
+        .expect("create the test key")
+        .1
 }
 
 pub async fn gateway_with(setup: &Setup) -> Gateway {
     set_env();
     let (fake_addr, fake) = start_fake().await;
     let dir = tempfile::tempdir().expect("tempdir");
-    let ledger_path = dir.path().join("ledger.db");
-    let cfg_path = write_config(dir.path(), fake_addr, setup);
+    let Files {
+        config: cfg_path,
+        ledger: ledger_path,
+        keys_db,
+    } = write_config(dir.path(), fake_addr, setup);
     let config = tiergate::Config::load(&cfg_path).expect("test config is valid");
+    let key = create_test_key(&keys_db, setup.key_limits);
     let state = tiergate::AppState::start(config).expect("gateway starts (run `python3 scripts/provision.py` first)");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
@@ -328,19 +369,27 @@ pub async fn gateway_with(setup: &Setup) -> Gateway {
         state,
         fake,
         ledger_path,
+        keys_db,
+        config_path: cfg_path,
+        key,
         _dir: dir,
     }
 }
 
 impl Gateway {
+    /// A client that sends the test key with every request.
     pub fn client(&self) -> reqwest::Client {
-        reqwest::Client::new()
+        let mut h = reqwest::header::HeaderMap::new();
+        h.insert(
+            reqwest::header::AUTHORIZATION,
+            format!("Bearer {}", self.key).parse().expect("header"),
+        );
+        reqwest::Client::builder().default_headers(h).build().expect("client")
     }
 
     pub async fn post_chat(&self, body: &Value) -> reqwest::Response {
         self.client()
             .post(format!("{}/v1/chat/completions", self.url))
-            .bearer_auth(CLIENT_KEY)
             .json(body)
             .send()
             .await

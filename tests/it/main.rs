@@ -1,6 +1,8 @@
 //! The integration test binary: the real gateway on a random port against fake
 //! OpenAI-compatible upstreams (`common`), driven over HTTP.
 
+mod access;
+mod bad_input;
 mod chat;
 mod classifier;
 mod common;
@@ -14,3 +16,4 @@ mod policies;
 mod python_sdk;
 mod replay;
 mod report;
+mod secrets;

@@ -246,6 +246,10 @@ async fn spawn_gateway() -> Process {
 listen = "127.0.0.1:{port}"
 [ledger]
 path = "ledger.db"
+# Reloading, not access, is under test: no client key.
+[auth]
+enabled = false
+keys_db = "keys.db"
 [baseline]
 model = "gpt-4o"
 input_usd_per_mtok = 2.5

@@ -1,7 +1,7 @@
 //! The official OpenAI Python SDK, unchanged but for `base_url`, against the gateway:
 //! runs `examples/openai_python.py` in the venv that `scripts/provision.py --test` makes.
 
-use crate::common::{CLIENT_KEY, FAKE_USAGE, PIECES, gateway, repo};
+use crate::common::{FAKE_USAGE, PIECES, gateway, repo};
 
 #[tokio::test]
 async fn openai_python_example_works_streaming_and_not() {
@@ -15,7 +15,7 @@ async fn openai_python_example_works_streaming_and_not() {
     let out = tokio::process::Command::new(&python)
         .arg(repo().join("examples/openai_python.py"))
         .env("TIERGATE_BASE_URL", format!("{}/v1", gw.url))
-        .env("OPENAI_API_KEY", CLIENT_KEY)
+        .env("OPENAI_API_KEY", &gw.key)
         .output()
         .await
         .expect("run python");

@@ -9,8 +9,9 @@ use serde_json::json;
 use crate::common::{gateway, repo, user};
 use tiergate::replay::{ReplayArgs, read_workload, run};
 
-fn args(url: &str, file: PathBuf) -> ReplayArgs {
+fn args(url: &str, key: &str, file: PathBuf) -> ReplayArgs {
     ReplayArgs {
+        api_key: Some(key.to_owned()),
         file,
         url: url.to_owned(),
         rate: None,
@@ -41,7 +42,7 @@ async fn replay_reports_exactly_its_own_requests() {
     let text: String = lines.iter().map(|l| format!("{l}\n\n")).collect();
     std::fs::write(&file, text).expect("write workload");
 
-    let mut a = args(&gw.url, file);
+    let mut a = args(&gw.url, &gw.key, file);
     a.rate = Some(500.0);
     let done = run(&a, ProgressBar::hidden()).await.expect("replay");
     assert_eq!(done.sent, 5);
@@ -82,7 +83,9 @@ async fn the_shipped_workload_goes_through_whole() {
     let file = repo().join("examples/workloads/mixed.jsonl");
     let n = read_workload(&file).expect("valid workload").len();
     assert!((60..=100).contains(&n), "{n} requests");
-    let done = run(&args(&gw.url, file), ProgressBar::hidden()).await.expect("replay");
+    let done = run(&args(&gw.url, &gw.key, file), ProgressBar::hidden())
+        .await
+        .expect("replay");
     assert_eq!(done.statuses.get(&200), Some(&n), "{:?}", done.statuses);
     assert_eq!(done.report.totals.stats.requests as usize, n);
     // A mix: both tiers get work, and streamed requests are accounted with real usage.
@@ -108,8 +111,11 @@ async fn bad_workloads_and_missing_gateways_are_named() {
         .and_then(|l| l.local_addr())
         .expect("port")
         .port();
-    let e = run(&args(&format!("http://127.0.0.1:{port}"), file), ProgressBar::hidden())
-        .await
-        .expect_err("no gateway");
+    let e = run(
+        &args(&format!("http://127.0.0.1:{port}"), "tg-none", file),
+        ProgressBar::hidden(),
+    )
+    .await
+    .expect_err("no gateway");
     assert!(format!("{e:#}").contains("no gateway answers at"), "{e:#}");
 }

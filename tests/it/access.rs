@@ -1,0 +1,360 @@
+//! Access and spend over HTTP: gateway keys (401s, revocation, auth off), per-key rate
+//! limits (429 with `retry-after`) and budgets that hold under concurrent requests.
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use crate::common::{Gateway, Setup, gateway, gateway_with, header, user};
+use tiergate::auth::{KeyLimits, KeyStore, NewKey};
+
+async fn post_with(gw: &Gateway, auth: Option<&str>, body: &Value) -> reqwest::Response {
+    let mut r = reqwest::Client::new()
+        .post(format!("{}/v1/chat/completions", gw.url))
+        .json(body);
+    if let Some(a) = auth {
+        r = r.header("authorization", a);
+    }
+    r.send().await.expect("gateway answers")
+}
+
+async fn assert_401(r: reqwest::Response, says: &str) {
+    assert_eq!(r.status(), 401);
+    let body: Value = r.json().await.expect("json");
+    assert_eq!(body["error"]["type"], "authentication_error");
+    assert_eq!(body["error"]["code"], "invalid_api_key");
+    let m = body["error"]["message"].as_str().expect("message");
+    assert!(m.contains(says), "{m}");
+}
+
+#[tokio::test]
+async fn chat_needs_a_live_gateway_key_and_refusals_are_accounted() {
+    let gw = gateway().await;
+    let store = KeyStore::open(&gw.keys_db).expect("store");
+    let (_, revoked) = store
+        .create(&NewKey {
+            name: "old".into(),
+            ..NewKey::default()
+        })
+        .expect("create");
+    store.revoke("old").expect("revoke");
+    let body = user("tiergate-auto", "hi");
+
+    assert_401(post_with(&gw, None, &body).await, "didn't provide an API key").await;
+    // A provider key is not a gateway key.
+    assert_401(
+        post_with(&gw, Some(&format!("Bearer {}", crate::common::UPSTREAM_KEY)), &body).await,
+        "Incorrect API key",
+    )
+    .await;
+    assert_401(
+        post_with(&gw, Some(&format!("Bearer {revoked}")), &body).await,
+        "revoked",
+    )
+    .await;
+    assert_eq!(
+        post_with(&gw, Some(&format!("bearer {}", gw.key)), &body)
+            .await
+            .status(),
+        200
+    );
+    let r = reqwest::Client::new()
+        .post(format!("{}/v1/chat/completions", gw.url))
+        .header("x-api-key", &gw.key)
+        .json(&body)
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status(), 200, "x-api-key works too");
+    assert!(
+        gw.fake.requests.lock().expect("lock").len() == 2,
+        "refused requests never reach a tier"
+    );
+
+    let rows = gw.ledger().await;
+    let outcomes: Vec<(&str, u16)> = rows.iter().map(|r| (r.outcome.as_str(), r.http_status)).collect();
+    assert_eq!(
+        outcomes,
+        [
+            ("invalid_api_key", 401),
+            ("invalid_api_key", 401),
+            ("invalid_api_key", 401),
+            ("ok", 200),
+            ("ok", 200)
+        ]
+    );
+    assert!(rows[..3].iter().all(|r| r.api_key_id.is_none()));
+}
+
+#[tokio::test]
+async fn other_endpoints_need_a_key_except_probes_and_metrics() {
+    let gw = gateway().await;
+    let anon = reqwest::Client::new();
+    for (path, status) in [
+        ("/healthz", 200),
+        ("/readyz", 200),
+        ("/metrics", 200),
+        ("/v1/models", 401),
+        ("/report.json", 401),
+        ("/report", 401),
+    ] {
+        let r = anon.get(format!("{}{path}", gw.url)).send().await.expect("send");
+        assert_eq!(r.status(), status, "{path}");
+    }
+    let r = anon
+        .post(format!("{}/v1/route", gw.url))
+        .json(&user("tiergate-auto", "hi"))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status(), 401);
+    for path in ["/v1/models", "/report.json"] {
+        let r = gw.client().get(format!("{}{path}", gw.url)).send().await.expect("send");
+        assert_eq!(r.status(), 200, "{path} with the key");
+    }
+}
+
+#[tokio::test]
+async fn auth_off_lets_requests_in_without_a_key() {
+    let gw = gateway_with(&Setup {
+        auth: "enabled = false".into(),
+        ..Setup::default()
+    })
+    .await;
+    let r = post_with(&gw, None, &user("tiergate-auto", "hi")).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(gw.ledger().await[0].api_key_id, None);
+}
+
+#[tokio::test]
+async fn a_revoked_key_is_refused_once_its_cache_entry_expires() {
+    let gw = gateway_with(&Setup {
+        auth: "cache_ttl_secs = 0.2".into(),
+        ..Setup::default()
+    })
+    .await;
+    assert_eq!(gw.post_chat(&user("tiergate-auto", "hi")).await.status(), 200);
+    KeyStore::open(&gw.keys_db)
+        .expect("store")
+        .revoke("test")
+        .expect("revoke");
+    // Bounded wait: passes as soon as the cache entry expires.
+    for _ in 0..100 {
+        if gw.post_chat(&user("tiergate-auto", "hi")).await.status() == 401 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the revoked key still works");
+}
+
+#[tokio::test]
+async fn requests_over_the_per_minute_limit_get_429_with_retry_after() {
+    let gw = gateway_with(&Setup {
+        key_limits: KeyLimits {
+            rpm: Some(2),
+            ..KeyLimits::default()
+        },
+        ..Setup::default()
+    })
+    .await;
+    for _ in 0..2 {
+        assert_eq!(gw.post_chat(&user("tiergate-auto", "hi")).await.status(), 200);
+    }
+    let r = gw.post_chat(&user("tiergate-auto", "hi")).await;
+    assert_eq!(r.status(), 429);
+    let retry: u64 = header(&r, "retry-after").parse().expect("retry-after in seconds");
+    assert!((1..=30).contains(&retry), "one request per 30 s: {retry}");
+    let body: Value = r.json().await.expect("json");
+    assert_eq!(body["error"]["code"], "rate_limit_exceeded");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("2 requests per minute"))
+    );
+
+    let tokens = gateway_with(&Setup {
+        key_limits: KeyLimits {
+            tpm: Some(1000),
+            ..KeyLimits::default()
+        },
+        ..Setup::default()
+    })
+    .await;
+    let mut body = user("tiergate-auto", "hi");
+    body["max_tokens"] = json!(600);
+    assert_eq!(tokens.post_chat(&body).await.status(), 200);
+    let r = tokens.post_chat(&body).await;
+    assert_eq!(r.status(), 429, "600 + 600 tokens > 1000 per minute");
+    assert!(!header(&r, "retry-after").is_empty());
+}
+
+/// The most one `hi` request with `max_tokens` 4 can cost on the `cloud` tier, as the
+/// gateway reserves it, and what it actually costs (the fake reports 11 + 4 tokens).
+const MAX_TOKENS: u64 = 4;
+
+fn cloud_cost(prompt: u64, completion: u64) -> f64 {
+    (prompt as f64 * 2.5 + completion as f64 * 10.0) / 1e6
+}
+
+fn race_body() -> Value {
+    json!({"model": "fake-cloud", "max_tokens": MAX_TOKENS, "messages": [{"role": "user", "content": "hi"}]})
+}
+
+/// What the gateway reserves for `race_body()` on `cloud`: its bytes (+ 8 per message + 8)
+/// bound the prompt's tokens, `max_tokens` the output.
+fn reserved_per_request() -> f64 {
+    let bytes = serde_json::to_vec(&race_body()).expect("json").len() as u64;
+    cloud_cost(bytes + 16, MAX_TOKENS)
+}
+
+async fn race(gw: &Gateway, n: usize) -> Vec<(u16, String, String)> {
+    let mut tasks = Vec::new();
+    for _ in 0..n {
+        let client = gw.client();
+        let url = format!("{}/v1/chat/completions", gw.url);
+        tasks.push(tokio::spawn(async move {
+            let r = client.post(url).json(&race_body()).send().await.expect("send");
+            let status = r.status().as_u16();
+            let tier = header(&r, "x-tiergate-tier").to_owned();
+            let body: Value = r.json().await.expect("json");
+            (status, tier, body["error"]["code"].as_str().unwrap_or("").to_owned())
+        }));
+    }
+    let mut out = Vec::new();
+    for t in tasks {
+        out.push(t.await.expect("task"));
+    }
+    out
+}
+
+#[tokio::test]
+async fn racing_requests_cannot_overspend_a_budget() {
+    let actual = cloud_cost(crate::common::FAKE_USAGE.0, crate::common::FAKE_USAGE.1);
+    // Room for three reservations at once; less than 24 requests actually cost.
+    let budget = 3.5 * reserved_per_request();
+    assert!(
+        24.0 * actual > budget,
+        "the test needs more requests than the budget pays for"
+    );
+    let gw = gateway_with(&Setup {
+        key_limits: KeyLimits {
+            daily_usd: Some(budget),
+            ..KeyLimits::default()
+        },
+        ..Setup::default()
+    })
+    .await;
+    let results = race(&gw, 24).await;
+    let ok = results.iter().filter(|r| r.0 == 200).count();
+    let refused: Vec<_> = results.iter().filter(|r| r.0 != 200).collect();
+    assert!(ok >= 3, "three reservations fit at once: {results:?}");
+    assert!(!refused.is_empty(), "{results:?}");
+    assert!(
+        refused.iter().all(|r| r.0 == 429 && r.2 == "budget_exceeded"),
+        "{refused:?}"
+    );
+    let rows = gw.ledger_rows(24).await;
+    assert_eq!(rows.len(), 24, "every request has its row");
+    assert_eq!(
+        rows.iter().filter(|r| r.outcome == "budget_exceeded").count(),
+        refused.len()
+    );
+    // Then one at a time until refused: spend is remembered, and the budget never passed.
+    let mut last = None;
+    for _ in 0..24 {
+        let r = gw.post_chat(&race_body()).await;
+        if r.status() == 429 {
+            last = Some(r);
+            break;
+        }
+        assert_eq!(r.status(), 200);
+    }
+    let r = last.expect("the budget runs out");
+    let retry: u64 = header(&r, "retry-after").parse().expect("seconds to the UTC day's end");
+    assert!((1..=86_400).contains(&retry));
+    let body: Value = r.json().await.expect("json");
+    assert_eq!(body["error"]["type"], "insufficient_quota");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("daily budget"))
+    );
+    let spent: f64 = gw.ledger().await.iter().map(|r| r.cost_usd).sum();
+    // Reservations bound each request's cost from above, so the budget holds exactly.
+    assert!(spent <= budget + 1e-12, "spent {spent} of {budget}");
+    assert!(
+        spent > budget - reserved_per_request(),
+        "refused only when the next one might not fit: {spent}"
+    );
+}
+
+#[tokio::test]
+async fn over_budget_downgrades_when_the_policy_says_so() {
+    let policy = std::fs::read_to_string(crate::common::repo().join("policies/test.toml")).expect("policy");
+    let actual = cloud_cost(crate::common::FAKE_USAGE.0, crate::common::FAKE_USAGE.1);
+    let gw = gateway_with(&Setup {
+        policy: Some(format!("over_budget = \"small\"\n{policy}")),
+        key_limits: KeyLimits {
+            // Less than one cloud request may cost: every request is over budget for cloud.
+            daily_usd: Some(actual / 10.0),
+            ..KeyLimits::default()
+        },
+        ..Setup::default()
+    })
+    .await;
+    let results = race(&gw, 6).await;
+    assert!(
+        results.iter().all(|r| r.0 == 200 && r.1 == "small"),
+        "answered by the downgrade tier: {results:?}"
+    );
+    let rows = gw.ledger_rows(6).await;
+    assert!(
+        rows.iter()
+            .all(|r| r.rule.as_deref() == Some("over-budget") && r.tier.as_deref() == Some("small"))
+    );
+    assert!(
+        gw.fake
+            .requests
+            .lock()
+            .expect("lock")
+            .iter()
+            .all(|(_, b)| b["model"] == "fake-small")
+    );
+}
+
+#[tokio::test]
+async fn spend_survives_a_restart() {
+    let actual = cloud_cost(crate::common::FAKE_USAGE.0, crate::common::FAKE_USAGE.1);
+    let gw = gateway_with(&Setup {
+        key_limits: KeyLimits {
+            daily_usd: Some(1.0),
+            ..KeyLimits::default()
+        },
+        ..Setup::default()
+    })
+    .await;
+    for r in race(&gw, 3).await {
+        assert_eq!(r.0, 200);
+    }
+    let rows = gw.ledger_rows(3).await;
+    let key_id = rows[0].api_key_id.clone().expect("key id");
+    // A second gateway on the same files, as after a restart, starts from what was spent.
+    let config = tiergate::Config::load(&gw.config_path).expect("config");
+    let restarted = tiergate::AppState::start(config).expect("restart");
+    let (today, month) = restarted.auth.budgets.spent(&key_id, tiergate::report::now_ms());
+    assert!((today - 3.0 * actual).abs() < 1e-12, "{today} vs {}", 3.0 * actual);
+    assert!((month - today).abs() < 1e-12);
+}
+
+#[tokio::test]
+async fn readyz_says_whether_auth_is_on() {
+    let on = gateway().await;
+    assert_eq!(on.get_json("/readyz").await["auth"]["enabled"], true);
+    let off = gateway_with(&Setup {
+        auth: "enabled = false".into(),
+        ..Setup::default()
+    })
+    .await;
+    assert_eq!(off.get_json("/readyz").await["auth"]["enabled"], false);
+}
