@@ -4,14 +4,17 @@
 //! side by side with the Python onnxruntime loop on the same model file.
 //!
 //!   cargo bench --bench local_generator -- MODEL_DIR [--repeat N] [--threads N] [--no-spin]
-//!       [--draft N] [--prompts FILE] [--raw] [--profile]
+//!       [--draft N] [--prompts FILE [--serve]] [--raw] [--profile]
 //!
 //! `--draft N` sets the prompt-lookup draft length of the speculative runs (default 8;
 //! 0 leaves only plain runs). `--prompts FILE` (JSON lines with
 //! `name`, `messages`, `max_tokens`, `ignore_eos`, as `benches/local_prompts.jsonl`) runs
 //! each prompt once plain and once speculative, and prints one `RESULT` line each, like
-//! `python_greedy.py --prompts`. `--raw` times a bare greedy loop over the session instead
-//! (no engine thread, sampler, detokenizer), to show what the engine costs on top.
+//! `python_greedy.py --prompts`; with `--serve` it reads prompt names from stdin instead
+//! (one per line, answered by a `DONE` line), so that `benches/local_generator_paired.py`
+//! can alternate the two sides prompt by prompt. `--raw` times a bare greedy loop over the
+//! session instead (no engine thread, sampler, detokenizer), to show what the engine costs
+//! on top.
 //! `--profile` splits a decode step: forward pass, picking the token, detokenizing, and
 //! the cost of verifying 1 + k tokens in one pass and of rolling the cache back.
 
@@ -40,6 +43,7 @@ struct Args {
     profile: bool,
     draft: usize,
     prompts: Option<PathBuf>,
+    serve: bool,
 }
 
 fn args() -> Args {
@@ -52,6 +56,7 @@ fn args() -> Args {
         profile: false,
         draft: SUGGESTED_DRAFT_TOKENS,
         prompts: None,
+        serve: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -63,6 +68,7 @@ fn args() -> Args {
             "--profile" => a.profile = true,
             "--draft" => a.draft = it.next().and_then(|v| v.parse().ok()).unwrap_or(SUGGESTED_DRAFT_TOKENS),
             "--prompts" => a.prompts = it.next().map(PathBuf::from),
+            "--serve" => a.serve = true,
             // cargo bench passes `--bench`.
             "--bench" => {}
             other => a.model_dir = PathBuf::from(other),
@@ -319,7 +325,8 @@ fn main() {
     if let Some(path) = &a.prompts {
         // One warm-up generation, then each prompt plain and speculative.
         run(&engine, job(&prompt, 8, 0));
-        for p in read_prompts(path) {
+        let prompts = read_prompts(path);
+        let run_prompt = |p: &BenchPrompt| {
             let ids = encode(&files, &template, &p.turns);
             let mut plain_ids = None;
             for (mode, draft) in [("plain", 0), ("spec", a.draft)] {
@@ -344,6 +351,20 @@ fn main() {
                 );
                 plain_ids.get_or_insert(f.output_ids);
             }
+        };
+        if a.serve {
+            // Driven by benches/local_generator_paired.py: one prompt name per line.
+            println!("READY");
+            for line in std::io::stdin().lines() {
+                let name = line.expect("stdin");
+                match prompts.iter().find(|p| p.name == name.trim()) {
+                    Some(p) => run_prompt(p),
+                    None => println!("ERROR no prompt {name:?}"),
+                }
+                println!("DONE");
+            }
+        } else {
+            prompts.iter().for_each(run_prompt);
         }
         println!(
             "rss_mib={} peak_rss_mib={}",

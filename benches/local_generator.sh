@@ -11,11 +11,12 @@
 # By default each round runs every prompt of benches/local_prompts.jsonl (PROMPTS=FILE for
 # others): the generic bench prompt (64 decoded tokens, EOS ignored) and gateway prompts
 # from examples/workloads/mixed.jsonl (FAQ with context, extraction, translation, bullet
-# points, code; up to 128 tokens, ending at EOS), once on each side. The engine runs each
-# prompt plain (one token per step) and with prompt-lookup speculation (DRAFT tokens,
-# default 8), and prints the drafted/accepted counts. At the end,
-# benches/local_generator_summary.py tabulates decode ratios (engine / Python) per prompt
-# and round, and their medians. Odd rounds run the engine first, even rounds Python.
+# points, code; up to 128 tokens, ending at EOS), once on each side. Both sides stay loaded
+# and benches/local_generator_paired.py alternates them prompt by prompt (the side going
+# first alternates too). The engine runs each prompt plain (one token per step) and with
+# prompt-lookup speculation (DRAFT tokens, default 8), and prints the drafted/accepted
+# counts. At the end, benches/local_generator_summary.py tabulates decode ratios
+# (engine / Python) per prompt and round, and their medians.
 #
 # MODE=generic runs the older bench instead: the generic prompt only, prefill best of 3,
 # decode median of 3, TTFT, RSS and throughput at 1, 2, 4, 8 concurrent requests.
@@ -28,8 +29,6 @@ py="$cache/venv-convert/bin/python"
 rounds="${1:-3}"
 spin=()
 [ "${SPIN:-1}" = 0 ] && spin=(--no-spin)
-draft=()
-[ -n "${DRAFT:-}" ] && draft=(--draft "$DRAFT")
 prompts="${PROMPTS:-benches/local_prompts.jsonl}"
 log="$(mktemp /tmp/local_generator.XXXXXX.log)"
 shift || true
@@ -44,28 +43,26 @@ bin="$(cargo bench --locked --bench local_generator --no-run 2>&1 | sed -n 's/.*
 echo "# $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"
 engine() {
   echo "== $m round $r: tiergate (loadavg $(cut -d' ' -f1-3 /proc/loadavg))"
-  if [ "${MODE:-prompts}" = generic ]; then
-    "$bin" "$dir" --repeat 3 "${spin[@]}" --draft "${DRAFT:-0}"
-  else
-    "$bin" "$dir" --prompts "$prompts" "${spin[@]}" "${draft[@]}" | sed "s/^RESULT /RESULT model=$m round=$r /"
-  fi
+  "$bin" "$dir" --repeat 3 "${spin[@]}" --draft "${DRAFT:-0}"
 }
 python() {
   echo "== $m round $r: python (loadavg $(cut -d' ' -f1-3 /proc/loadavg))"
-  if [ "${MODE:-prompts}" = generic ]; then
-    "$py" scripts/local_model/python_greedy.py "$dir" --bench --repeat 3 "${spin[@]}"
-  else
-    "$py" scripts/local_model/python_greedy.py "$dir" --prompts "$prompts" "${spin[@]}" \
-      | sed "s/^RESULT /RESULT model=$m round=$r /"
-  fi
+  "$py" scripts/local_model/python_greedy.py "$dir" --bench --repeat 3 "${spin[@]}"
 }
-for r in $(seq 1 "$rounds"); do
-  for m in "${models[@]}"; do
-    dir="$cache/models/$m"
-    # Odd rounds run the engine first, even rounds Python first, so a load that rises or
-    # falls during a round does not favour one side.
-    if [ $((r % 2)) = 1 ]; then engine; python; else python; engine; fi
+if [ "${MODE:-prompts}" = generic ]; then
+  for r in $(seq 1 "$rounds"); do
+    for m in "${models[@]}"; do
+      dir="$cache/models/$m"
+      # Odd rounds run the engine first, even rounds Python first, so a load that rises or
+      # falls during a round does not favour one side.
+      if [ $((r % 2)) = 1 ]; then engine; python; else python; engine; fi
+    done
   done
+  exit 0
+fi
+for m in "${models[@]}"; do
+  python3 benches/local_generator_paired.py --engine "$bin" --python "$py" --model-dir "$cache/models/$m" \
+    --prompts "$prompts" --rounds "$rounds" "${spin[@]}" ${DRAFT:+--draft "$DRAFT"}
 done | tee "$log"
-[ "${MODE:-prompts}" = generic ] || python3 benches/local_generator_summary.py "$log"
+python3 benches/local_generator_summary.py "$log"
 echo "# log: $log"

@@ -142,6 +142,8 @@ def main(argv=None):
     ap.add_argument("--json", help="write results to this file")
     ap.add_argument("--prompts", dest="prompts_file",
                     help="JSON lines (name, messages, max_tokens, ignore_eos): one timed greedy run each")
+    ap.add_argument("--serve", action="store_true",
+                    help="with --prompts: read prompt names from stdin, one run per line, each answered by DONE")
     args = ap.parse_args(argv)
 
     m = Model(args.model_dir, args.onnx, args.threads, spin=not args.no_spin)
@@ -152,7 +154,7 @@ def main(argv=None):
         m.generate(m.chat_ids(BENCH_PROMPT)[1], 8, ignore_eos=True)  # warm-up
         with open(args.prompts_file) as f:
             prompts = [json.loads(line) for line in f if line.strip()]
-        for p in prompts:
+        def run_prompt(p):
             _, ids = m.messages_ids(p["messages"])
             out, times, _ = m.generate(ids, p.get("max_tokens", 128), ignore_eos=p.get("ignore_eos", False))
             rate = (len(times) - 1) / sum(times[1:]) if len(times) > 1 else float("nan")
@@ -160,6 +162,20 @@ def main(argv=None):
             ids_sum = sum((i + 1) * t for i, t in enumerate(out))
             print(f"RESULT side=python prompt={p['name']} prompt_tokens={len(ids)} new_tokens={len(out)} "
                   f"prefill_ms={times[0] * 1000:.1f} decode_tok_s={rate:.2f} ids_sum={ids_sum}", flush=True)
+        if args.serve:
+            # driven by benches/local_generator_paired.py: one prompt name per line on stdin
+            by_name = {p["name"]: p for p in prompts}
+            print("READY", flush=True)
+            for line in iter(sys.stdin.readline, ""):
+                p = by_name.get(line.strip())
+                if p:
+                    run_prompt(p)
+                else:
+                    print(f"ERROR no prompt {line.strip()!r}", flush=True)
+                print("DONE", flush=True)
+        else:
+            for p in prompts:
+                run_prompt(p)
         cur, peak = rss_mib()
         print(f"rss_mib={cur:.0f} peak_rss_mib={peak:.0f}")
         return
