@@ -3,19 +3,31 @@
 //! throughput with 1, 2, 4, 8 concurrent requests. `benches/local_generator.sh` runs it
 //! side by side with the Python onnxruntime loop on the same model file.
 //!
-//!   cargo bench --bench local_generator -- MODEL_DIR [--repeat N] [--threads N] [--no-spin] [--raw]
+//!   cargo bench --bench local_generator -- MODEL_DIR [--repeat N] [--threads N] [--no-spin]
+//!       [--draft N] [--prompts FILE [--serve]] [--raw] [--profile]
 //!
-//! `--raw` times a bare greedy loop over the session instead (no engine thread, sampler,
-//! detokenizer), to show what the engine costs on top.
+//! `--draft N` sets the prompt-lookup draft length of the speculative runs (default 8;
+//! 0 leaves only plain runs). `--prompts FILE` (JSON lines with
+//! `name`, `messages`, `max_tokens`, `ignore_eos`, as `benches/local_prompts.jsonl`) runs
+//! each prompt once plain and once speculative, and prints one `RESULT` line each, like
+//! `python_greedy.py --prompts`; with `--serve` it reads prompt names from stdin instead
+//! (one per line, answered by a `DONE` line), so that `benches/local_generator_paired.py`
+//! can alternate the two sides prompt by prompt. `--raw` times a bare greedy loop over the
+//! session instead (no engine thread, sampler, detokenizer), to show what the engine costs
+//! on top.
+//! `--profile` splits a decode step: forward pass, picking the token, detokenizing, and
+//! the cost of verifying 1 + k tokens in one pass and of rolling the cache back.
 
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tiergate::local::engine::{Engine, EngineSettings, Event, Finish, Job};
+use tiergate::local::lookup::SUGGESTED_DRAFT_TOKENS;
 use tiergate::local::model::{Graph, KvCache, ModelFiles, SessionSettings};
-use tiergate::local::sampling::{SamplingParams, argmax};
+use tiergate::local::sampling::{Sampler, SamplingParams, argmax};
 use tiergate::local::template::{ChatTemplate, TurnView};
+use tiergate::local::text::Detokenizer;
 
 /// The prompt of `scripts/local_model/python_greedy.py --bench` (kept identical, so both
 /// sides run the same tokens).
@@ -28,6 +40,10 @@ struct Args {
     threads: usize,
     spinning: bool,
     raw: bool,
+    profile: bool,
+    draft: usize,
+    prompts: Option<PathBuf>,
+    serve: bool,
 }
 
 fn args() -> Args {
@@ -37,6 +53,10 @@ fn args() -> Args {
         threads: 2,
         spinning: true,
         raw: false,
+        profile: false,
+        draft: SUGGESTED_DRAFT_TOKENS,
+        prompts: None,
+        serve: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -45,6 +65,10 @@ fn args() -> Args {
             "--threads" => a.threads = it.next().and_then(|v| v.parse().ok()).unwrap_or(2),
             "--no-spin" => a.spinning = false,
             "--raw" => a.raw = true,
+            "--profile" => a.profile = true,
+            "--draft" => a.draft = it.next().and_then(|v| v.parse().ok()).unwrap_or(SUGGESTED_DRAFT_TOKENS),
+            "--prompts" => a.prompts = it.next().map(PathBuf::from),
+            "--serve" => a.serve = true,
             // cargo bench passes `--bench`.
             "--bench" => {}
             other => a.model_dir = PathBuf::from(other),
@@ -69,7 +93,7 @@ fn run(engine: &Engine, job: Job) -> (Finish, Option<Duration>) {
     }
 }
 
-fn job(prompt: &[u32], max_tokens: usize) -> Job {
+fn job(prompt: &[u32], max_tokens: usize, draft_tokens: usize) -> Job {
     Job {
         prompt: prompt.to_vec(),
         max_tokens,
@@ -77,6 +101,7 @@ fn job(prompt: &[u32], max_tokens: usize) -> Job {
         stop: Vec::new(),
         // Like the Python loop's `ignore_eos`: always 64 decode steps.
         ignore_eos: true,
+        draft_tokens,
     }
 }
 
@@ -88,14 +113,21 @@ fn raw_loop(files: &ModelFiles, prompt: &[u32], a: &Args) {
     let mut g = Graph::load(files, settings).expect("graph loads");
     for r in 0..=a.repeat {
         let mut kv = KvCache::default();
-        let mut logits = Vec::new();
+        let mut token = 0;
         let t0 = Instant::now();
-        g.step(&mut kv, prompt, &mut logits).expect("prefill");
-        let mut token = argmax(&logits).0 as u32;
+        g.step(&mut kv, prompt, 1, |row| {
+            token = argmax(row).0 as u32;
+            false
+        })
+        .expect("prefill");
         let t1 = Instant::now();
         for _ in 0..NEW_TOKENS {
-            g.step(&mut kv, &[token], &mut logits).expect("decode");
-            token = argmax(&logits).0 as u32;
+            let input = [token];
+            g.step(&mut kv, &input, 1, |row| {
+                token = argmax(row).0 as u32;
+                false
+            })
+            .expect("decode");
         }
         if r > 0 {
             println!(
@@ -105,6 +137,138 @@ fn raw_loop(files: &ModelFiles, prompt: &[u32], a: &Args) {
             );
         }
     }
+}
+
+fn encode(files: &ModelFiles, template: &ChatTemplate, turns: &[TurnView]) -> Vec<u32> {
+    let text = template.render(turns).expect("renders");
+    files
+        .tokenizer
+        .encode(text.as_str(), false)
+        .expect("encodes")
+        .get_ids()
+        .to_vec()
+}
+
+struct BenchPrompt {
+    name: String,
+    turns: Vec<TurnView>,
+    max_tokens: usize,
+    ignore_eos: bool,
+}
+
+fn read_prompts(path: &std::path::Path) -> Vec<BenchPrompt> {
+    let text = std::fs::read_to_string(path).expect("prompts file");
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).expect("a JSON line");
+            let turns = v["messages"]
+                .as_array()
+                .expect("messages")
+                .iter()
+                .map(|m| TurnView {
+                    role: m["role"].as_str().unwrap_or_default().to_owned(),
+                    content: m["content"].as_str().unwrap_or_default().to_owned(),
+                })
+                .collect();
+            BenchPrompt {
+                name: v["name"].as_str().expect("name").to_owned(),
+                turns,
+                max_tokens: v["max_tokens"].as_u64().unwrap_or(128) as usize,
+                ignore_eos: v["ignore_eos"].as_bool().unwrap_or(false),
+            }
+        })
+        .collect()
+}
+
+/// Same formula as `python_greedy.py`, so both sides' outputs can be compared at a glance.
+fn checksum(ids: &[u32]) -> u64 {
+    ids.iter()
+        .enumerate()
+        .map(|(i, &t)| (i as u64 + 1) * u64::from(t))
+        .sum()
+}
+
+/// Where a decode step's time goes, on the bench prompt.
+fn profile(files: &ModelFiles, prompt: &[u32], a: &Args) {
+    let settings = SessionSettings {
+        threads: a.threads,
+        spinning: a.spinning,
+    };
+    let mut g = Graph::load(files, settings).expect("graph loads");
+    let allowed = files.real_vocab.min(g.vocab);
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    let mut kv = KvCache::default();
+    let mut token = 0;
+    let mut row0 = Vec::new();
+    g.step(&mut kv, prompt, 1, |row| {
+        token = argmax(row).0 as u32;
+        row0 = row.to_vec();
+        false
+    })
+    .expect("prefill");
+    // Plain steps: the forward pass (with feeding and reading outputs), then the product's
+    // pick (argmax + log-softmax) on the same row, then the detokenizer.
+    let mut sampler = Sampler::new(SamplingParams::GREEDY);
+    let mut detok = Detokenizer::default();
+    let (mut fwd, mut pick, mut text) = (Duration::ZERO, Duration::ZERO, Duration::ZERO);
+    let steps = 48;
+    for _ in 0..steps {
+        let t0 = Instant::now();
+        let input = [token];
+        let mut picked = None;
+        g.step(&mut kv, &input, 1, |row| {
+            let t = Instant::now();
+            picked = Some(sampler.pick(row, allowed));
+            pick += t.elapsed();
+            false
+        })
+        .expect("decode");
+        fwd += t0.elapsed();
+        token = picked.expect("picked").token;
+        let t = Instant::now();
+        let _ = detok.push(&files.tokenizer, token);
+        text += t.elapsed();
+    }
+    fwd -= pick;
+    let per = |d: Duration| ms(d) / steps as f64;
+    println!(
+        "profile: vocab={} cache={} tokens; per decode step: forward {:.2} ms, pick (argmax + log-softmax) {:.3} ms, detokenize {:.3} ms",
+        g.vocab,
+        kv.len,
+        per(fwd),
+        per(pick),
+        per(text)
+    );
+    // Verifying 1 + k tokens in one pass, and rolling back the k drafted positions.
+    for k in [0usize, 1, 2, 4, 8] {
+        let reps = 6;
+        let (mut fwd, mut back) = (Duration::ZERO, Duration::ZERO);
+        for _ in 0..reps {
+            let input: Vec<u32> = std::iter::repeat_n(token, k + 1).collect();
+            let len = kv.len;
+            let t0 = Instant::now();
+            g.step(&mut kv, &input, k + 1, |_| true).expect("verify");
+            fwd += t0.elapsed();
+            let t1 = Instant::now();
+            kv.truncate(len + 1).expect("truncate");
+            back += t1.elapsed();
+        }
+        println!(
+            "profile: 1+{k} tokens in one pass: forward {:.2} ms, roll back {:.3} ms (cache {} tokens)",
+            ms(fwd) / reps as f64,
+            ms(back) / reps as f64,
+            kv.len
+        );
+    }
+    let t = Instant::now();
+    for _ in 0..100 {
+        std::hint::black_box(sampler.pick(&row0, allowed));
+    }
+    println!(
+        "profile: pick over the full vocabulary, in isolation: {:.3} ms",
+        ms(t.elapsed()) / 100.0
+    );
 }
 
 fn status_kib(key: &str) -> u64 {
@@ -125,18 +289,14 @@ fn main() {
     let t_load = Instant::now();
     let files = Arc::new(ModelFiles::load(&a.model_dir).expect("model loads"));
     let template = ChatTemplate::new(&files.chat_template, &files.bos_token, &files.eos_token).expect("template");
-    let text = template
-        .render(&[TurnView {
+    let prompt = encode(
+        &files,
+        &template,
+        &[TurnView {
             role: "user".into(),
             content: BENCH_PROMPT.into(),
-        }])
-        .expect("renders");
-    let prompt = files
-        .tokenizer
-        .encode(text.as_str(), false)
-        .expect("encodes")
-        .get_ids()
-        .to_vec();
+        }],
+    );
     let engine = Engine::start(
         files.clone(),
         EngineSettings {
@@ -150,12 +310,69 @@ fn main() {
     )
     .expect("engine starts");
     println!(
-        "# tiergate engine: {} loaded in {:.2}s, intra_op_threads={}, spinning={}",
+        "# tiergate engine: {} loaded in {:.2}s, intra_op_threads={}, spinning={}, draft_tokens={}",
         a.model_dir.display(),
         t_load.elapsed().as_secs_f64(),
         a.threads,
-        a.spinning
+        a.spinning,
+        a.draft
     );
+    if a.profile {
+        drop(engine);
+        profile(&files, &prompt, &a);
+        return;
+    }
+    if let Some(path) = &a.prompts {
+        // One warm-up generation, then each prompt plain and speculative.
+        run(&engine, job(&prompt, 8, 0));
+        let prompts = read_prompts(path);
+        let run_prompt = |p: &BenchPrompt| {
+            let ids = encode(&files, &template, &p.turns);
+            let mut plain_ids = None;
+            for (mode, draft) in [("plain", 0), ("spec", a.draft)] {
+                if mode == "spec" && draft == 0 {
+                    continue;
+                }
+                let mut j = job(&ids, p.max_tokens, draft);
+                j.ignore_eos = p.ignore_eos;
+                let (f, _) = run(&engine, j);
+                let same = plain_ids.as_ref().is_none_or(|ids: &Vec<u32>| *ids == f.output_ids);
+                println!(
+                    "RESULT side=tiergate-{mode} prompt={} prompt_tokens={} new_tokens={} prefill_ms={:.1} decode_tok_s={:.2} steps={} drafted={} accepted={} same_as_plain={same} ids_sum={}",
+                    p.name,
+                    ids.len(),
+                    f.completion_tokens,
+                    f.prefill.as_secs_f64() * 1000.0,
+                    (f.completion_tokens.saturating_sub(1)) as f64 / f.decode.as_secs_f64(),
+                    f.decode_steps,
+                    f.drafted,
+                    f.accepted,
+                    checksum(&f.output_ids),
+                );
+                plain_ids.get_or_insert(f.output_ids);
+            }
+        };
+        if a.serve {
+            // Driven by benches/local_generator_paired.py: one prompt name per line.
+            println!("READY");
+            for line in std::io::stdin().lines() {
+                let name = line.expect("stdin");
+                match prompts.iter().find(|p| p.name == name.trim()) {
+                    Some(p) => run_prompt(p),
+                    None => println!("ERROR no prompt {name:?}"),
+                }
+                println!("DONE");
+            }
+        } else {
+            prompts.iter().for_each(run_prompt);
+        }
+        println!(
+            "rss_mib={} peak_rss_mib={}",
+            status_kib("VmRSS:") / 1024,
+            status_kib("VmHWM:") / 1024
+        );
+        return;
+    }
 
     // NEW_TOKENS + 1 generated tokens: the first comes from the prefill step, the other 64
     // from decode steps (as in the Python loop).
@@ -164,7 +381,7 @@ fn main() {
     let mut decodes = Vec::new();
     let mut out_ids = Vec::new();
     for r in 0..=a.repeat {
-        let (f, ttft) = run(&engine, job(&prompt, NEW_TOKENS + 1));
+        let (f, ttft) = run(&engine, job(&prompt, NEW_TOKENS + 1, a.draft));
         if r == 0 {
             continue; // warm-up
         }
@@ -207,7 +424,7 @@ fn main() {
     for n in [1usize, 2, 4, 8] {
         let t0 = Instant::now();
         let rxs: Vec<_> = (0..n)
-            .map(|_| engine.submit(job(&prompt, NEW_TOKENS)).expect("room"))
+            .map(|_| engine.submit(job(&prompt, NEW_TOKENS, a.draft)).expect("room"))
             .collect();
         let mut tokens = 0;
         for mut rx in rxs {

@@ -7,6 +7,7 @@ same greedy ids) and the baseline of the local-tier benchmark.
   python_greedy.py MODEL_DIR --prompt "What is the capital of France?" --max-new-tokens 32
   python_greedy.py MODEL_DIR --bench            # ~50-token prompt, 64 decoded tokens, timings, RSS
   python_greedy.py MODEL_DIR --json out.json    # machine-readable result (ids, text, timings)
+  python_greedy.py MODEL_DIR --prompts benches/local_prompts.jsonl   # one RESULT line per prompt
 
 The chat template comes from tokenizer_config.json and is rendered with Jinja2 the way
 transformers does it (sandboxed, trim_blocks + lstrip_blocks, add_generation_prompt=True).
@@ -73,6 +74,9 @@ class Model:
 
     def chat_ids(self, user: str, system: str | None = None) -> tuple[str, list[int]]:
         msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
+        return self.messages_ids(msgs)
+
+    def messages_ids(self, msgs) -> tuple[str, list[int]]:
         text = render_chat(self.tok_config["chat_template"], msgs, add_generation_prompt=True,
                            bos_token=self.tok_config.get("bos_token") or "",
                            eos_token=self.tok_config.get("eos_token") or "")
@@ -136,12 +140,45 @@ def main(argv=None):
                     help="~50-token prompt, 64 new tokens ignoring EOS, report prefill ms and decode tok/s")
     ap.add_argument("--repeat", type=int, default=3, help="bench repetitions (best prefill / median decode)")
     ap.add_argument("--json", help="write results to this file")
+    ap.add_argument("--prompts", dest="prompts_file",
+                    help="JSON lines (name, messages, max_tokens, ignore_eos): one timed greedy run each")
+    ap.add_argument("--serve", action="store_true",
+                    help="with --prompts: read prompt names from stdin, one run per line, each answered by DONE")
     args = ap.parse_args(argv)
 
     m = Model(args.model_dir, args.onnx, args.threads, spin=not args.no_spin)
     print(f"# model {args.model_dir}/{args.onnx}: loaded in {m.load_s:.2f}s, "
           f"ORT {ort.__version__}, intra_op_threads={args.threads}, spinning={not args.no_spin}", flush=True)
     results = []
+    if args.prompts_file:
+        m.generate(m.chat_ids(BENCH_PROMPT)[1], 8, ignore_eos=True)  # warm-up
+        with open(args.prompts_file) as f:
+            prompts = [json.loads(line) for line in f if line.strip()]
+        def run_prompt(p):
+            _, ids = m.messages_ids(p["messages"])
+            out, times, _ = m.generate(ids, p.get("max_tokens", 128), ignore_eos=p.get("ignore_eos", False))
+            rate = (len(times) - 1) / sum(times[1:]) if len(times) > 1 else float("nan")
+            # the same checksum as benches/local_generator.rs, to see that both sides generated the same ids
+            ids_sum = sum((i + 1) * t for i, t in enumerate(out))
+            print(f"RESULT side=python prompt={p['name']} prompt_tokens={len(ids)} new_tokens={len(out)} "
+                  f"prefill_ms={times[0] * 1000:.1f} decode_tok_s={rate:.2f} ids_sum={ids_sum}", flush=True)
+        if args.serve:
+            # driven by benches/local_generator_paired.py: one prompt name per line on stdin
+            by_name = {p["name"]: p for p in prompts}
+            print("READY", flush=True)
+            for line in iter(sys.stdin.readline, ""):
+                p = by_name.get(line.strip())
+                if p:
+                    run_prompt(p)
+                else:
+                    print(f"ERROR no prompt {line.strip()!r}", flush=True)
+                print("DONE", flush=True)
+        else:
+            for p in prompts:
+                run_prompt(p)
+        cur, peak = rss_mib()
+        print(f"rss_mib={cur:.0f} peak_rss_mib={peak:.0f}")
+        return
     if args.bench:
         text, ids = m.chat_ids(BENCH_PROMPT)
         prefills, decodes = [], []

@@ -170,6 +170,7 @@ struct TierToml {
     model_dir: Option<PathBuf>,
     threads: Option<usize>,
     spinning: Option<bool>,
+    draft_tokens: Option<usize>,
     max_concurrent: Option<usize>,
     queue_capacity: Option<usize>,
     max_context_tokens: Option<usize>,
@@ -615,6 +616,7 @@ fn tier(file: &Path, name: &str, t: TierToml, resolve: &dyn Fn(&Path) -> PathBuf
         model_dir,
         threads,
         spinning,
+        draft_tokens,
         max_concurrent,
         queue_capacity,
         max_context_tokens,
@@ -662,6 +664,7 @@ fn tier(file: &Path, name: &str, t: TierToml, resolve: &dyn Fn(&Path) -> PathBuf
                     ("model_dir", model_dir.is_some()),
                     ("threads", threads.is_some()),
                     ("spinning", spinning.is_some()),
+                    ("draft_tokens", draft_tokens.is_some()),
                     ("max_concurrent", max_concurrent.is_some()),
                     ("queue_capacity", queue_capacity.is_some()),
                     ("max_context_tokens", max_context_tokens.is_some()),
@@ -781,6 +784,7 @@ fn tier(file: &Path, name: &str, t: TierToml, resolve: &dyn Fn(&Path) -> PathBuf
                 // Off by default: on a machine shared with other work, spinning ONNX Runtime
                 // threads halve decode speed (BENCHMARKS.md, "Local generator").
                 spinning: spinning.unwrap_or(false),
+                draft_tokens: draft_tokens.unwrap_or(crate::local::lookup::DEFAULT_DRAFT_TOKENS),
                 max_concurrent: positive(file, &key("max_concurrent"), max_concurrent.unwrap_or(4))?,
                 queue_capacity: queue_capacity.unwrap_or(16),
                 max_context_tokens: optional_positive("max_context_tokens", max_context_tokens)?,

@@ -99,12 +99,14 @@ fn a_local_tier_gets_defaults_and_a_model_dir_under_the_cache() {
     assert_eq!(s.max_concurrent, 2);
     assert_eq!(s.queue_capacity, 16);
     assert!(s.threads >= 1 && !s.spinning);
+    assert_eq!(s.draft_tokens, 0, "speculative decoding is opt-in");
     assert!(s.model_dir.ends_with("examples/models/x"), "{}", s.model_dir.display());
-    let c = parse(&format!("{}{LOCAL_TIER}", example())).expect("valid");
+    let c = parse(&format!("{}{LOCAL_TIER}draft_tokens = 6\n", example())).expect("valid");
     let super::BackendConfig::Local(s) = &c.tiers["local"].backend else {
         panic!("local backend");
     };
     assert!(s.model_dir.ends_with("models/smollm2-135m-instruct"));
+    assert_eq!(s.draft_tokens, 6);
 }
 
 #[test]
@@ -125,6 +127,12 @@ fn keys_of_the_other_backend_are_rejected_with_their_path() {
         .expect_err("threads on an openai tier");
     assert!(
         e.contains("tiers.small.threads is only valid for backend `local`"),
+        "{e}"
+    );
+    let e = parse(&example().replace("timeout_secs = 120", "timeout_secs = 120\ndraft_tokens = 4"))
+        .expect_err("draft_tokens on an openai tier");
+    assert!(
+        e.contains("tiers.small.draft_tokens is only valid for backend `local`"),
         "{e}"
     );
 }

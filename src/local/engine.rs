@@ -11,8 +11,9 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 
 use super::confidence::{self, Confidence};
+use super::lookup::PromptLookup;
 use super::model::{Graph, KvCache, ModelFiles, SessionSettings};
-use super::sampling::{Sampler, SamplingParams};
+use super::sampling::{Pick, Sampler, SamplingParams};
 use super::text::{Detokenizer, StopMatcher};
 
 /// How the engine is sized.
@@ -35,6 +36,9 @@ pub struct Job {
     pub stop: Vec<String>,
     /// Keep going past the model's stop ids (vLLM's `ignore_eos`; benchmarks use it).
     pub ignore_eos: bool,
+    /// Most tokens prompt lookup drafts per decode step for the model to verify (0: plain
+    /// one-token steps). Greedy jobs only: a sampled job never drafts.
+    pub draft_tokens: usize,
 }
 
 /// What the engine reports for a sequence, in order: text pieces, then one `Done` or
@@ -74,6 +78,11 @@ pub struct Finish {
     /// Time of the prompt's forward pass, and of the decode steps after it.
     pub prefill: Duration,
     pub decode: Duration,
+    /// Forward passes after the prompt's (fewer than the tokens when drafts were accepted).
+    pub decode_steps: usize,
+    /// Tokens drafted by prompt lookup, and how many of them the model confirmed.
+    pub drafted: usize,
+    pub accepted: usize,
 }
 
 /// The admission was refused: every sequence slot and every queue place is taken.
@@ -168,16 +177,28 @@ struct Seq {
     sampler: Sampler,
     detok: Detokenizer,
     stop: StopMatcher,
+    /// The prompt, then every generated token: what prompt lookup searches.
+    history: Vec<u32>,
     out: Vec<u32>,
     logprobs: Vec<f32>,
+    lookup: PromptLookup,
     prefill: Duration,
     decode: Duration,
+    decode_steps: usize,
     done: bool,
+}
+
+/// Buffers the engine thread reuses across steps.
+#[derive(Default)]
+struct Scratch {
+    input: Vec<u32>,
+    draft: Vec<u32>,
+    picks: Vec<Pick>,
 }
 
 fn run(mut graph: Graph, files: &ModelFiles, rx: &Receiver<Queued>, max_concurrent: usize) {
     let mut active: Vec<Seq> = Vec::with_capacity(max_concurrent);
-    let mut logits: Vec<f32> = Vec::new();
+    let mut scratch = Scratch::default();
     let mut open = true;
     loop {
         while open && active.len() < max_concurrent {
@@ -202,7 +223,7 @@ fn run(mut graph: Graph, files: &ModelFiles, rx: &Receiver<Queued>, max_concurre
             return;
         }
         for seq in active.iter_mut() {
-            seq.advance(&mut graph, files, &mut logits);
+            seq.advance(&mut graph, files, &mut scratch);
         }
         // Dropping a finished sequence releases its admission permit.
         active.retain(|s| !s.done);
@@ -213,7 +234,14 @@ impl Seq {
     fn new(q: Queued) -> Seq {
         let sampler = Sampler::new(q.job.sampling);
         let stop = StopMatcher::new(q.job.stop.clone());
+        // Drafts are checked against the greedy choice; a sampled answer never drafts.
+        let draft_tokens = if q.job.sampling.is_greedy() {
+            q.job.draft_tokens
+        } else {
+            0
+        };
         Seq {
+            history: q.job.prompt.clone(),
             q,
             kv: KvCache::default(),
             sampler,
@@ -221,50 +249,97 @@ impl Seq {
             stop,
             out: Vec::new(),
             logprobs: Vec::new(),
+            lookup: PromptLookup::new(draft_tokens),
             prefill: Duration::ZERO,
             decode: Duration::ZERO,
+            decode_steps: 0,
             done: false,
         }
     }
 
-    /// One forward step: the prompt first, then the last generated token.
-    fn advance(&mut self, graph: &mut Graph, files: &ModelFiles, logits: &mut Vec<f32>) {
+    /// One forward step: the prompt first, then the last generated token followed by any
+    /// drafted tokens. Gives out every token the step settled: the greedy choice after
+    /// each confirmed draft token, exactly what one-token steps would have chosen.
+    fn advance(&mut self, graph: &mut Graph, files: &ModelFiles, scratch: &mut Scratch) {
         if self.q.events.is_closed() {
             // Cancelled: the client went away.
             self.done = true;
             return;
         }
         let t0 = Instant::now();
+        let Scratch { input, draft, picks } = scratch;
+        input.clear();
+        draft.clear();
+        picks.clear();
         let first = self.out.is_empty();
-        let input: &[u32] = match self.out.last() {
-            Some(last) => std::slice::from_ref(last),
-            None => &self.q.job.prompt,
-        };
-        if let Err(e) = graph.step(&mut self.kv, input, logits) {
-            self.fail(e);
-            return;
+        match self.out.last() {
+            Some(&last) => {
+                // Every drafted token that is confirmed brings one more token after it:
+                // keep within `max_tokens` and the context window.
+                let produced = self.q.job.prompt.len() + self.out.len();
+                let room = (self.q.job.max_tokens.saturating_sub(self.out.len()))
+                    .min(files.context_tokens.saturating_sub(produced))
+                    .saturating_sub(1);
+                self.lookup.draft(&self.history, room, draft);
+                input.push(last);
+                input.extend_from_slice(draft);
+            }
+            None => input.extend_from_slice(&self.q.job.prompt),
         }
-        let pick = self.sampler.pick(logits, files.real_vocab.min(graph.vocab));
+        let allowed = files.real_vocab.min(graph.vocab);
+        let sampler = &mut self.sampler;
+        let visited = graph.step(&mut self.kv, input, 1 + draft.len(), |row| {
+            let pick = sampler.pick(row, allowed);
+            let confirmed = draft.get(picks.len()) == Some(&pick.token);
+            picks.push(pick);
+            confirmed
+        });
+        let accepted = match visited {
+            Ok(visited) => visited - 1,
+            Err(e) => return self.fail(e),
+        };
+        if accepted < draft.len() {
+            // The cache holds every drafted position; keep the confirmed ones.
+            let keep = self.kv.len - (draft.len() - accepted);
+            if let Err(e) = self.kv.truncate(keep) {
+                return self.fail(e);
+            }
+        }
+        self.lookup.record(draft.len(), accepted);
         if first {
             self.prefill = t0.elapsed();
         } else {
             self.decode += t0.elapsed();
+            self.decode_steps += 1;
         }
+        for &pick in picks.iter() {
+            if self.emit(files, pick) {
+                return;
+            }
+        }
+    }
+
+    /// Gives out one generated token. True when the sequence ended with it.
+    fn emit(&mut self, files: &ModelFiles, pick: Pick) -> bool {
         self.out.push(pick.token);
+        self.history.push(pick.token);
         self.logprobs.push(pick.logprob);
 
         if !self.q.job.ignore_eos && files.stop_ids.contains(&pick.token) {
             self.finish(files, FinishReason::Stop);
-            return;
+            return true;
         }
         let piece = self.detok.push(&files.tokenizer, pick.token);
         if self.release(piece) {
-            return;
+            return true;
         }
-        let full_context = self.kv.len + 1 >= files.context_tokens;
+        // Every generated token but the last one is in the cache; the next step feeds it.
+        let full_context = self.q.job.prompt.len() + self.out.len() >= files.context_tokens;
         if self.out.len() >= self.q.job.max_tokens || full_context {
             self.finish(files, FinishReason::Length);
+            return true;
         }
+        false
     }
 
     /// Passes detokenized text through the stop matcher to the client. True when the
@@ -315,6 +390,9 @@ impl Seq {
             confidence,
             prefill: self.prefill,
             decode: self.decode,
+            decode_steps: self.decode_steps,
+            drafted: self.lookup.drafted,
+            accepted: self.lookup.accepted,
         }));
         self.done = true;
     }

@@ -5,6 +5,7 @@
 
 pub mod confidence;
 pub mod engine;
+pub mod lookup;
 pub mod model;
 pub mod sampling;
 pub mod template;
@@ -37,6 +38,8 @@ pub struct LocalSettings {
     /// Whether idle ONNX Runtime threads spin (lower latency on an idle machine, wasted CPU
     /// on a busy one).
     pub spinning: bool,
+    /// Most tokens prompt lookup drafts per greedy decode step (0: no speculative decoding).
+    pub draft_tokens: usize,
     pub max_concurrent: usize,
     pub queue_capacity: usize,
     /// Tokens (prompt + answer) allowed per request; at most the model's context window.
@@ -51,6 +54,7 @@ struct Shared {
     template: ChatTemplate,
     context_tokens: usize,
     default_max_tokens: usize,
+    draft_tokens: usize,
 }
 
 pub struct LocalBackend {
@@ -97,6 +101,7 @@ impl LocalBackend {
                 template,
                 context_tokens,
                 default_max_tokens,
+                draft_tokens: s.draft_tokens,
             }),
         })
     }
@@ -208,6 +213,7 @@ fn prepare(shared: &Shared, req: &ChatRequest) -> Result<Job, Error> {
                 return Err(invalid("`ignore_eos` must be a boolean".into(), "ignore_eos"));
             }
         },
+        draft_tokens: shared.draft_tokens,
     })
 }
 

@@ -285,9 +285,18 @@ impl Graph {
         })
     }
 
-    /// Runs `ids` (the whole prompt on the first step, then one token) on top of `kv`,
-    /// appends them to the cache, and writes the last position's logits to `logits`.
-    pub fn step(&mut self, kv: &mut KvCache, ids: &[u32], logits: &mut Vec<f32>) -> Result<(), String> {
+    /// Runs `ids` on top of `kv` (the whole prompt on the first step, then the last token,
+    /// possibly followed by drafted tokens to verify), appends them all to the cache, and
+    /// hands the logits of the last `rows` positions to `visit`, in order, until it returns
+    /// false. Returns how many rows were visited. The rows are read in place from the
+    /// output: nothing vocabulary-sized is copied.
+    pub fn step(
+        &mut self,
+        kv: &mut KvCache,
+        ids: &[u32],
+        rows: usize,
+        mut visit: impl FnMut(&[f32]) -> bool,
+    ) -> Result<usize, String> {
         let Graph {
             session,
             inputs,
@@ -336,17 +345,23 @@ impl Graph {
         let mut outputs = session
             .run(SessionInputs::from(values.as_slice()))
             .map_err(ort_err("the model failed"))?;
-        {
+        let visited = {
             let (shape, data) = outputs["logits"]
                 .try_extract_tensor::<f32>()
                 .map_err(ort_err("logits"))?;
             let vocab = shape.last().copied().unwrap_or(0).max(0) as usize;
-            if vocab == 0 || data.len() < n * vocab {
+            if vocab == 0 || data.len() < n * vocab || rows == 0 || rows > n {
                 return Err(format!("unexpected logits shape {shape:?}"));
             }
-            logits.clear();
-            logits.extend_from_slice(&data[(n - 1) * vocab..n * vocab]);
-        }
+            let mut visited = 0;
+            for row in data[(n - rows) * vocab..n * vocab].chunks_exact(vocab) {
+                visited += 1;
+                if !visit(row) {
+                    break;
+                }
+            }
+            visited
+        };
         let mut past = Vec::with_capacity(present_names.len());
         for name in present_names.iter() {
             past.push(
@@ -359,6 +374,47 @@ impl Graph {
         drop(values);
         kv.past = past;
         kv.len = total;
+        Ok(visited)
+    }
+}
+
+impl KvCache {
+    /// A copy of every layer's keys and values (key then value per layer), for checks.
+    pub fn tensors(&self) -> Result<Vec<Vec<f32>>, String> {
+        self.past
+            .iter()
+            .map(|v| {
+                let (_, data) = v.try_extract_tensor::<f32>().map_err(ort_err("KV cache"))?;
+                Ok(data.to_vec())
+            })
+            .collect()
+    }
+
+    /// Forgets every position from `len` on (drafted tokens the model did not confirm).
+    /// Copies the kept part of each layer's tensors: a cache is a few MiB, a forward step
+    /// copies as much in its `Concat`s, and this only runs after a rejected draft.
+    pub fn truncate(&mut self, len: usize) -> Result<(), String> {
+        if len >= self.len {
+            return Ok(());
+        }
+        for v in self.past.iter_mut() {
+            let (shape, data) = v.try_extract_tensor::<f32>().map_err(ort_err("KV cache"))?;
+            let dims: Vec<usize> = shape.iter().map(|&d| d.max(0) as usize).collect();
+            let [b, h, t, d] = dims[..] else {
+                return Err(format!("unexpected KV cache shape {shape:?}"));
+            };
+            if t != self.len || data.len() != b * h * t * d {
+                return Err(format!("KV cache shape {shape:?} does not hold {} positions", self.len));
+            }
+            let mut kept = Vec::with_capacity(b * h * len * d);
+            for head in data.chunks_exact(t * d) {
+                kept.extend_from_slice(&head[..len * d]);
+            }
+            *v = Tensor::from_array(([b, h, len, d], kept))
+                .map_err(ort_err("KV cache"))?
+                .into_dyn();
+        }
+        self.len = len;
         Ok(())
     }
 }

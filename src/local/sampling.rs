@@ -138,17 +138,51 @@ impl Sampler {
     }
 }
 
-/// `ln Σ exp(l − max)`. Logits more than 30 below the maximum add under e⁻³⁰ each (below
-/// 1e-8 of the sum even for a 150k vocabulary), so they are skipped: a comparison is much
-/// cheaper than an `exp`, and this runs once per generated token.
+/// `ln Σ exp(l − max)` over every logit. Runs once per generated token over the whole
+/// vocabulary (152k for Qwen), so it avoids libm's scalar `expf`: `exp_le0` is plain
+/// arithmetic the compiler vectorizes, summed in independent lanes (picking a Qwen token
+/// went from 0.67 to 0.35 ms with it, a SmolLM2 one from 0.30 to 0.10 ms).
 fn log_sum_exp_shifted(logits: &[f32], max: f32) -> f32 {
-    let floor = max - 30.0;
-    logits
-        .iter()
-        .filter(|&&l| l > floor)
-        .map(|&l| (l - max).exp())
-        .sum::<f32>()
-        .ln()
+    const LANES: usize = 8;
+    // Lanes sum a block in f32, blocks add up in f64: over 152k terms a single f32 sum
+    // would drift in the fifth digit.
+    const BLOCK: usize = 256 * LANES;
+    let mut total = 0f64;
+    for block in logits.chunks(BLOCK) {
+        let mut acc = [0f32; LANES];
+        let chunks = block.chunks_exact(LANES);
+        let rest = chunks.remainder();
+        for c in chunks {
+            for (a, &l) in acc.iter_mut().zip(c) {
+                *a += exp_le0(l - max);
+            }
+        }
+        total += f64::from(acc.iter().sum::<f32>() + rest.iter().map(|&l| exp_le0(l - max)).sum::<f32>());
+    }
+    total.ln() as f32
+}
+
+/// `e^x` for `x ≤ 0` within a few ulp: `x = n·ln 2 + r` with `|r| ≤ ln 2 / 2`, `e^r` by its
+/// Taylor series to degree 7 (error below 5e-9), `2^n` written into the exponent bits.
+/// Below −87 it gives e^−87 (~1.6e-38), which adds nothing next to the maximum's 1.
+#[inline(always)]
+fn exp_le0(x: f32) -> f32 {
+    const LOG2_E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_145_75;
+    const LN2_LO: f32 = 1.428_606_8e-6;
+    // Adding 1.5 × 2²³ rounds to the nearest integer without a `round` call (which SSE2
+    // lacks); the integer sits in the low mantissa bits.
+    const ROUND: f32 = 12_582_912.0;
+    let x = if x < -87.0 { -87.0 } else { x };
+    let t = x * LOG2_E + ROUND;
+    let n = t - ROUND;
+    let ni = t.to_bits() as i32 - ROUND.to_bits() as i32;
+    let r = x - n * LN2_HI - n * LN2_LO;
+    let p = 1.0
+        + r * (1.0
+            + r * (0.5
+                + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
+    p * f32::from_bits(((ni + 127) << 23) as u32)
 }
 
 /// A uniform number in [0, 1) from 53 random bits.
@@ -189,6 +223,23 @@ mod tests {
         assert_eq!(p.token, 1);
         let lse = (1f32.exp() + 2.0 * 3f32.exp() + 1.0).ln();
         assert!((p.logprob - (3.0 - lse)).abs() < 1e-5);
+    }
+
+    #[test]
+    fn the_vectorizable_exp_and_log_sum_exp_match_f64() {
+        for i in 0..=20_000 {
+            let x = -(i as f32) * 0.0043;
+            let want = f64::from(x).exp();
+            let got = f64::from(exp_le0(x));
+            assert!((got - want).abs() <= want * 4e-7, "exp({x}) = {got}, want {want}");
+        }
+        let logits: Vec<f32> = (0..151_939)
+            .map(|i| ((i * 7919) % 4001) as f32 / 200.0 - 10.0)
+            .collect();
+        let max = argmax(&logits).1;
+        let want = logits.iter().map(|&l| f64::from(l - max).exp()).sum::<f64>().ln();
+        let got = f64::from(log_sum_exp_shifted(&logits, max));
+        assert!((got - want).abs() < 1e-5, "{got} vs {want}");
     }
 
     #[test]

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::sync::OnceLock;
 
 use serde_json::{Value, json};
-use tiergate::local::engine::{Event, Finish};
+use tiergate::local::engine::{Event, Finish, Job};
 use tiergate::local::{LocalBackend, LocalSettings};
 use tiergate::openai::ChatRequest;
 
@@ -27,6 +27,7 @@ pub fn settings() -> LocalSettings {
         model_dir: model_dir(),
         threads: 2,
         spinning: true,
+        draft_tokens: tiergate::local::lookup::DEFAULT_DRAFT_TOKENS,
         max_concurrent: 4,
         queue_capacity: 16,
         max_context_tokens: None,
@@ -62,7 +63,10 @@ async fn generate(req: ChatRequest) -> (String, Finish) {
 }
 
 async fn generate_on(b: &LocalBackend, req: ChatRequest) -> (String, Finish) {
-    let job = b.prepare(&req).expect("valid job");
+    run_job(b, b.prepare(&req).expect("valid job")).await
+}
+
+async fn run_job(b: &LocalBackend, job: Job) -> (String, Finish) {
     let mut rx = b.engine().submit(job).expect("not saturated");
     let mut text = String::new();
     loop {
@@ -144,6 +148,101 @@ async fn default_model_greedy_output_matches_the_python_reference() {
         serde_json::from_str(&std::fs::read_to_string(dir.join("reference_greedy.json")).expect("reference"))
             .expect("parses");
     check_reference(&b, model, &r).await;
+}
+
+/// Prompt-lookup speculation on prompts whose answers copy from them: it drafts, the
+/// model confirms drafts, an answer takes fewer forward passes than tokens, and the limits
+/// and counts hold. Its tokens are NOT pinned to one-token greedy: on this quantized model
+/// a pass over several tokens computes slightly different numbers than one-token passes
+/// (dynamic activation quantization and CPU kernels depend on the number of rows), so
+/// answers can drift apart; hence `draft_tokens` is off by default.
+#[tokio::test]
+async fn speculative_decoding_confirms_drafts_and_keeps_limits_and_counts() {
+    let b = backend();
+    let cases = [
+        (
+            "Extract the key fields from the user's text as a flat JSON object with snake_case keys. Output JSON only.",
+            "Invoice INV-2024-0931 from Acme Tools GmbH, dated 2024-11-02, total EUR 1,249.90 including 19% VAT, due within 30 days, IBAN DE44 5001 0517 5407 3249 31.",
+        ),
+        (
+            "Repeat the user's list exactly, one item per line.",
+            "apples, pears, plums, cherries, apricots, peaches, figs, dates, grapes, melons",
+        ),
+    ];
+    let mut accepted = 0;
+    for (system, user) in cases {
+        let req = request(json!({"model": TEST_MODEL, "max_tokens": 40, "messages": [
+            {"role": "system", "content": system}, {"role": "user", "content": user}]}));
+        let spec = || Job {
+            draft_tokens: 8,
+            ..b.prepare(&req).expect("job")
+        };
+        let (text, s) = run_job(b, spec()).await;
+        let (again, s2) = run_job(b, spec()).await;
+        assert_eq!((&again, &s2.output_ids), (&text, &s.output_ids), "deterministic");
+        assert!(
+            s.completion_tokens <= 40 && s.completion_tokens == s.output_ids.len(),
+            "{s:?}"
+        );
+        assert_eq!(s.reason.as_str() == "length", s.completion_tokens == 40, "{s:?}");
+        assert!(s.accepted <= s.drafted, "{s:?}");
+        // Every pass gives its own token plus the confirmed drafts (a stop id ends early).
+        assert!(s.completion_tokens <= 1 + s.decode_steps + s.accepted, "{s:?}");
+        assert!(s.completion_tokens > s.decode_steps + s.accepted.min(1), "{s:?}");
+        accepted += s.accepted;
+        // A sampled request never drafts.
+        let mut sampled = spec();
+        sampled.sampling.temperature = 0.8;
+        let (_, f) = run_job(b, sampled).await;
+        assert_eq!((f.drafted, f.decode_steps), (0, f.completion_tokens - 1));
+    }
+    assert!(
+        accepted > 0,
+        "no draft was ever confirmed: the test must exercise verification"
+    );
+}
+
+/// Rolling the cache back keeps exactly the first positions: a cache of A + B cut to A
+/// holds A's keys and values bit for bit.
+#[test]
+fn kv_cache_truncation_keeps_the_exact_prefix() {
+    use tiergate::local::model::{Graph, KvCache, SessionSettings};
+    let b = backend();
+    let files = &b.engine().files;
+    let mut g = Graph::load(
+        files,
+        SessionSettings {
+            threads: 1,
+            spinning: false,
+        },
+    )
+    .expect("graph");
+    let ids = files
+        .tokenizer
+        .encode("one two three four five six", false)
+        .expect("ids")
+        .get_ids()
+        .to_vec();
+    let mut kv = KvCache::default();
+    g.step(&mut kv, &ids, 1, |_| false).expect("step");
+    let full: Vec<Vec<f32>> = kv.tensors().expect("tensors");
+    kv.truncate(2).expect("truncate");
+    assert_eq!(kv.len, 2);
+    let cut = kv.tensors().expect("tensors");
+    let (h, d) = (files.kv_heads, files.head_dim);
+    for (f, c) in full.iter().zip(&cut) {
+        assert_eq!(c.len(), h * 2 * d);
+        for head in 0..h {
+            let t = ids.len();
+            assert_eq!(
+                c[head * 2 * d..(head + 1) * 2 * d],
+                f[head * t * d..head * t * d + 2 * d]
+            );
+        }
+    }
+    // Past the end, nothing changes.
+    kv.truncate(5).expect("no-op");
+    assert_eq!(kv.len, 2);
 }
 
 #[tokio::test]
