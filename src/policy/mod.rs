@@ -127,8 +127,8 @@ impl PartialEq for Pattern {
     }
 }
 
-/// A rule's second chances, for a `local` tier: where to spill when it is saturated, and
-/// when to re-ask another tier because its answer is too weak.
+/// A rule's second chances: where to spill when a local tier is saturated, which tiers to try
+/// when the tier cannot answer, and when to re-ask another tier because its answer is too weak.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Then {
     /// Tier to send the request to when the rule's tier is saturated (otherwise a 429).
