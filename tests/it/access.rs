@@ -358,3 +358,64 @@ async fn readyz_says_whether_auth_is_on() {
     .await;
     assert_eq!(off.get_json("/readyz").await["auth"]["enabled"], false);
 }
+
+/// Issue 5 × 7: a policy's `teams` and `api_keys` conditions read the virtual key's team
+/// and name (never its secret), over HTTP and in `/v1/route`.
+#[tokio::test]
+async fn policy_rules_see_the_key_name_and_team() {
+    let policy = r#"
+[[rules]]
+name = "research-team"
+teams = ["research"]
+tier = "cloud"
+
+[[rules]]
+name = "vip-key"
+api_keys = ["vip"]
+tier = "cloud"
+
+[[rules]]
+name = "default"
+tier = "small"
+"#;
+    let gw = gateway_with(&Setup {
+        policy: Some(policy.into()),
+        ..Setup::default()
+    })
+    .await;
+    let store = KeyStore::open(&gw.keys_db).expect("store");
+    let (_, alice) = store
+        .create(&NewKey {
+            name: "alice".into(),
+            team: Some("research".into()),
+            ..NewKey::default()
+        })
+        .expect("create alice");
+    let (_, vip) = store
+        .create(&NewKey {
+            name: "vip".into(),
+            ..NewKey::default()
+        })
+        .expect("create vip");
+    let body = user("tiergate-auto", "hi");
+    for (secret, tier, rule) in [
+        (gw.key.as_str(), "small", "default"),
+        (alice.as_str(), "cloud", "research-team"),
+        (vip.as_str(), "cloud", "vip-key"),
+    ] {
+        let r = post_with(&gw, Some(&format!("Bearer {secret}")), &body).await;
+        assert_eq!(r.status(), 200);
+        assert_eq!((header(&r, "x-tiergate-tier"), header(&r, "x-tiergate-rule")), (tier, rule));
+        let explained: Value = reqwest::Client::new()
+            .post(format!("{}/v1/route", gw.url))
+            .bearer_auth(secret)
+            .json(&body)
+            .send()
+            .await
+            .expect("route")
+            .json()
+            .await
+            .expect("json");
+        assert_eq!(explained["rule"], rule, "{explained}");
+    }
+}
