@@ -405,7 +405,10 @@ tier = "small"
     ] {
         let r = post_with(&gw, Some(&format!("Bearer {secret}")), &body).await;
         assert_eq!(r.status(), 200);
-        assert_eq!((header(&r, "x-tiergate-tier"), header(&r, "x-tiergate-rule")), (tier, rule));
+        assert_eq!(
+            (header(&r, "x-tiergate-tier"), header(&r, "x-tiergate-rule")),
+            (tier, rule)
+        );
         let explained: Value = reqwest::Client::new()
             .post(format!("{}/v1/route", gw.url))
             .bearer_auth(secret)
