@@ -29,6 +29,8 @@ pub fn init(otlp_endpoint: Option<&str>) -> anyhow::Result<Tracing> {
     // attributes would otherwise prefix every line logged inside a request.
     let logs = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
+        // Colour codes only for a person at a terminal, not in log files and collectors.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_filter(filter.and(filter_fn(|m| m.is_event())));
     let provider = otlp_endpoint.map(trace::provider).transpose()?;
     let otel = provider.as_ref().map(trace::layer);
