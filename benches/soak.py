@@ -100,7 +100,8 @@ def main() -> None:
     gens = [
         subprocess.Popen([str(bins["bench-loadgen"]), "--url", url, "--body", body("tiergate-auto", stream),
                           "--rate", str(rate), "--duration", str(duration), "--warmup", "0",
-                          "--timeout", "10"], stdout=subprocess.PIPE, env=bench.child_env())
+                          "--timeout", "10", "--header", "content-type: application/json"],
+                         stdout=subprocess.PIPE, env=bench.child_env())
         for stream, rate in ((False, a.rate), (True, a.rate / 2))
     ]
     results = []
