@@ -62,11 +62,11 @@ async fn start_fake() -> SocketAddr {
 fn gateway(fake: SocketAddr, dir: &std::path::Path) -> Arc<tiergate::AppState> {
     let policy = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("policies/test.toml");
     let mut cfg = format!(
-        "listen = \"127.0.0.1:0\"\n[ledger]\npath = \"{}\"\n[baseline]\nmodel = \"m\"\ninput_usd_per_mtok = 1.0\noutput_usd_per_mtok = 1.0\n[routing]\npolicy = \"{}\"\n",
+        "listen = \"127.0.0.1:0\"\n[auth]\nenabled = false\n[ledger]\npath = \"{}\"\n[baseline]\nmodel = \"m\"\ninput_usd_per_mtok = 1.0\noutput_usd_per_mtok = 1.0\n[routing]\npolicy = \"{}\"\n",
         dir.join("ledger.db").display(),
         policy.display()
     );
-    // `policies/test.toml` routes to tiers `small` and `cloud`; each tier streams a
+    // Auth off: the relay is measured, not the key lookup. `policies/test.toml` routes to tiers `small` and `cloud`; each tier streams a
     // different number of chunks, and the bench names the tier's model explicitly.
     for (name, n) in [("small", CHUNKS[0]), ("cloud", CHUNKS[1]), ("long", CHUNKS[2])] {
         cfg.push_str(&format!(
