@@ -419,13 +419,7 @@ impl Gateway {
     }
 
     pub async fn get_json(&self, path: &str) -> Value {
-        let r = self
-            .client()
-            .get(format!("{}{path}", self.url))
-            .send()
-            .await
-            .expect("send");
-        r.json().await.expect("JSON answer")
+        serde_json::from_str(&self.get_text(path).await).expect("JSON answer")
     }
 
     /// All ledger rows, after everything queued so far is committed.
