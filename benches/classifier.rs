@@ -32,7 +32,7 @@ fn featurizer() -> Featurizer {
     tiergate::onnx::init(None).expect("run `python3 scripts/provision.py` first");
     let spec = Spec::load(&repo().join("router-model/head.json")).expect("spec");
     let encoder = tiergate::cache::cache_dir().join("models/all-minilm-l6-v2-int8");
-    Featurizer::load(&encoder, &repo().join("router-model/head.onnx"), spec, 2).expect("router model")
+    Featurizer::load(&encoder, &repo().join("router-model/head.onnx"), spec, 2, false).expect("router model")
 }
 
 fn classifier() -> Classifier {
@@ -42,6 +42,7 @@ fn classifier() -> Classifier {
         spec: repo().join("router-model/head.json"),
         workers: 1,
         threads_per_worker: 2,
+        spinning: false,
         max_batch: 8,
         queue_capacity: 64,
         // No cache hits: every call is a model pass.

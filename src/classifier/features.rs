@@ -83,7 +83,7 @@ pub struct Featurizer {
     hidden: usize,
 }
 
-fn session(path: &Path, threads: usize) -> Result<Session, String> {
+fn session(path: &Path, threads: usize, spinning: bool) -> Result<Session, String> {
     let err = |e: ort::Error| format!("cannot load `{}`: {e}", path.display());
     Session::builder(crate::onnx::environment().ok_or("ONNX Runtime is not loaded")?)
         .map_err(err)?
@@ -93,20 +93,30 @@ fn session(path: &Path, threads: usize) -> Result<Session, String> {
         .map_err(|e| err(e.into()))?
         .with_inter_threads(1)
         .map_err(|e| err(e.into()))?
+        .with_config_entry("session.intra_op.allow_spinning", if spinning { "1" } else { "0" })
+        .map_err(|e| err(e.into()))?
         .commit_from_file(path)
         .map_err(err)
 }
 
 impl Featurizer {
-    pub fn load(encoder_dir: &Path, head: &Path, spec: Spec, threads: usize) -> Result<Featurizer, String> {
+    /// `spinning`: ONNX Runtime's intra-op threads busy-wait for work after each run; that
+    /// shaves wake-ups off a score but burns the CPU the gateway's async workers need.
+    pub fn load(
+        encoder_dir: &Path,
+        head: &Path,
+        spec: Spec,
+        threads: usize,
+        spinning: bool,
+    ) -> Result<Featurizer, String> {
         let tok_path = encoder_dir.join("tokenizer.json");
         let mut tokenizer = tokenizers::Tokenizer::from_file(&tok_path)
             .map_err(|e| format!("cannot load `{}`: {e}", tok_path.display()))?;
         // The shipped tokenizer.json pads and truncates to 128; the recipe does its own cut.
         tokenizer.with_padding(None);
         tokenizer.with_truncation(None).map_err(|e| format!("tokenizer: {e}"))?;
-        let encoder = session(&encoder_dir.join("model.onnx"), threads)?;
-        let head = session(head, 1)?;
+        let encoder = session(&encoder_dir.join("model.onnx"), threads, spinning)?;
+        let head = session(head, 1, false)?;
         Ok(Featurizer {
             tokenizer,
             encoder,

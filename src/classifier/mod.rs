@@ -26,6 +26,8 @@ pub struct ClassifierConfig {
     pub spec: PathBuf,
     pub workers: usize,
     pub threads_per_worker: usize,
+    /// Let ONNX Runtime's threads spin between runs (see `Featurizer::load`).
+    pub spinning: bool,
     pub max_batch: usize,
     pub queue_capacity: usize,
     pub cache_capacity: u64,
@@ -46,6 +48,18 @@ pub struct Stats {
     pub shed: AtomicU64,
     pub timeouts: AtomicU64,
     pub errors: AtomicU64,
+    /// Recent model time per scored text, in µs (moving average), for shedding early.
+    pub per_text_us: AtomicU64,
+    /// Jobs queued or in a worker's current batch.
+    pub in_flight: AtomicU64,
+}
+
+/// Whether a job joining `depth` others (queued or being scored) would wait past `timeout`
+/// for its score: then the request is scored by length at once, instead of waiting `timeout` first to
+/// fall back anyway (under overload every request would pay the whole time-out).
+fn hopeless(depth: u64, per_text_us: u64, workers: usize, timeout: Duration) -> bool {
+    let wait_us = (depth + 1).saturating_mul(per_text_us) / workers.max(1) as u64;
+    depth > 0 && wait_us > timeout.as_micros() as u64
 }
 
 pub struct Classifier {
@@ -53,6 +67,7 @@ pub struct Classifier {
     cache: moka::sync::Cache<u64, f32>,
     fallback: LengthScorer,
     timeout: Duration,
+    workers: usize,
     pub stats: Arc<Stats>,
 }
 
@@ -63,13 +78,21 @@ impl Classifier {
         let spec = Spec::load(&cfg.spec)?;
         let (tx, rx) = mpsc::channel::<Job>(cfg.queue_capacity.max(1));
         let rx = Arc::new(Mutex::new(rx));
+        let stats = Arc::new(Stats::default());
         for i in 0..cfg.workers.max(1) {
-            let f = Featurizer::load(&cfg.encoder_dir, &cfg.head, spec.clone(), cfg.threads_per_worker.max(1))?;
+            let f = Featurizer::load(
+                &cfg.encoder_dir,
+                &cfg.head,
+                spec.clone(),
+                cfg.threads_per_worker.max(1),
+                cfg.spinning,
+            )?;
             let rx = rx.clone();
+            let stats = stats.clone();
             let max_batch = cfg.max_batch.max(1);
             std::thread::Builder::new()
                 .name(format!("tiergate-classifier-{i}"))
-                .spawn(move || worker(f, &rx, max_batch))
+                .spawn(move || worker(f, &rx, max_batch, &stats))
                 .map_err(|e| format!("cannot start classifier worker: {e}"))?;
         }
         Ok(Classifier {
@@ -77,7 +100,8 @@ impl Classifier {
             cache: moka::sync::Cache::new(cfg.cache_capacity),
             fallback,
             timeout: cfg.timeout,
-            stats: Arc::new(Stats::default()),
+            workers: cfg.workers.max(1),
+            stats,
         })
     }
 
@@ -85,10 +109,12 @@ impl Classifier {
     /// text must be scored by the model.
     pub async fn score_exact(&self, text: String) -> Result<f32, String> {
         let (reply, rx) = oneshot::channel();
-        self.tx
-            .send(Job { text, reply })
-            .await
-            .map_err(|_| "classifier stopped".to_owned())?;
+        // Counted like any job: the worker takes every job it dequeues off `in_flight`.
+        self.stats.in_flight.fetch_add(1, Ordering::Relaxed);
+        if self.tx.send(Job { text, reply }).await.is_err() {
+            self.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
+            return Err("classifier stopped".to_owned());
+        }
         rx.await.map_err(|_| "classifier stopped".to_owned())?
     }
 }
@@ -115,7 +141,14 @@ impl Scorer for Classifier {
                     scorer: "classifier",
                 };
             }
+            let depth = self.stats.in_flight.load(Ordering::Relaxed);
+            let per_text_us = self.stats.per_text_us.load(Ordering::Relaxed);
+            if hopeless(depth, per_text_us, self.workers, self.timeout) {
+                self.stats.shed.fetch_add(1, Ordering::Relaxed);
+                return fallback();
+            }
             let (reply, rx) = oneshot::channel();
+            self.stats.in_flight.fetch_add(1, Ordering::Relaxed);
             if self
                 .tx
                 .try_send(Job {
@@ -124,6 +157,7 @@ impl Scorer for Classifier {
                 })
                 .is_err()
             {
+                self.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
                 self.stats.shed.fetch_add(1, Ordering::Relaxed);
                 return fallback();
             }
@@ -154,7 +188,7 @@ impl Scorer for Classifier {
     }
 }
 
-fn worker(mut f: Featurizer, rx: &Mutex<mpsc::Receiver<Job>>, max_batch: usize) {
+fn worker(mut f: Featurizer, rx: &Mutex<mpsc::Receiver<Job>>, max_batch: usize, stats: &Stats) {
     loop {
         let mut jobs = Vec::with_capacity(max_batch);
         {
@@ -170,13 +204,21 @@ fn worker(mut f: Featurizer, rx: &Mutex<mpsc::Receiver<Job>>, max_batch: usize) 
                 }
             }
         }
+        let taken = jobs.len() as u64;
         // Requests whose caller already gave up are not worth a model pass.
         jobs.retain(|j| !j.reply.is_closed());
         if jobs.is_empty() {
+            stats.in_flight.fetch_sub(taken, Ordering::Relaxed);
             continue;
         }
         let texts: Vec<&str> = jobs.iter().map(|j| j.text.as_str()).collect();
-        match f.score(&texts) {
+        let started = std::time::Instant::now();
+        let scored = f.score(&texts);
+        let us = started.elapsed().as_micros() as u64 / texts.len() as u64;
+        let old = stats.per_text_us.load(Ordering::Relaxed);
+        let avg = if old == 0 { us } else { (old * 7 + us) / 8 };
+        stats.per_text_us.store(avg, Ordering::Relaxed);
+        match scored {
             Ok(scores) => {
                 for (j, s) in jobs.into_iter().zip(scores) {
                     let _ = j.reply.send(Ok(s));
@@ -188,5 +230,26 @@ fn worker(mut f: Featurizer, rx: &Mutex<mpsc::Receiver<Job>>, max_batch: usize) 
                 }
             }
         }
+        stats.in_flight.fetch_sub(taken, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sheds_only_when_the_queue_cannot_be_served_in_time() {
+        let t = Duration::from_millis(50);
+        // An empty queue always waits: the job is next.
+        assert!(!hopeless(0, 1_000_000, 1, t));
+        // 4 ahead + this one at 10 ms each = 50 ms: just in time.
+        assert!(!hopeless(4, 10_000, 1, t));
+        assert!(hopeless(5, 10_000, 1, t));
+        // Two workers share the queue.
+        assert!(!hopeless(9, 10_000, 2, t));
+        assert!(hopeless(10, 10_000, 2, t));
+        // Before any score was timed nothing is shed.
+        assert!(!hopeless(60, 0, 1, t));
     }
 }

@@ -126,6 +126,7 @@ struct ClassifierToml {
     spec: Option<PathBuf>,
     workers: Option<usize>,
     threads_per_worker: Option<usize>,
+    spinning: Option<bool>,
     max_batch: Option<usize>,
     queue_capacity: Option<usize>,
     cache_capacity: Option<u64>,
@@ -821,6 +822,7 @@ fn classifier_config(
         spec,
         workers,
         threads_per_worker,
+        spinning,
         max_batch,
         queue_capacity,
         cache_capacity,
@@ -852,8 +854,12 @@ fn classifier_config(
         threads_per_worker: positive(
             file,
             "routing.classifier.threads_per_worker",
-            threads_per_worker.unwrap_or(2),
+            // Never more threads than the CPUs this process may run on (taskset, cgroups).
+            threads_per_worker.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get().min(2))),
         )?,
+        // Off by default, as for the local tier: spinning threads take CPU from the async
+        // workers that relay every other request.
+        spinning: spinning.unwrap_or(false),
         max_batch: positive(file, "routing.classifier.max_batch", max_batch.unwrap_or(8))?,
         queue_capacity: positive(file, "routing.classifier.queue_capacity", queue_capacity.unwrap_or(64))?,
         cache_capacity: cache_capacity.unwrap_or(10_000),

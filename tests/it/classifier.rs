@@ -10,7 +10,8 @@ fn featurizer() -> Featurizer {
     tiergate::onnx::init(None).expect("ONNX Runtime provisioned");
     let encoder = tiergate::cache::cache_dir().join("models/all-minilm-l6-v2-int8");
     let spec = Spec::load(&repo().join("router-model/head.json")).expect("spec");
-    Featurizer::load(&encoder, &repo().join("router-model/head.onnx"), spec, 2).expect("router model provisioned")
+    Featurizer::load(&encoder, &repo().join("router-model/head.onnx"), spec, 2, false)
+        .expect("router model provisioned")
 }
 
 #[test]
