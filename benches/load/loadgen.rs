@@ -8,6 +8,9 @@
 //!     --body '{"model":"m","messages":[{"role":"user","content":"hi"}]}' --rate 500 --duration 10
 //! ```
 //! Prints one JSON object with the counts and latency percentiles on stdout.
+//!
+//! `--unique`: every request gets its own body, `{n}` in `--body` replaced by a token unique
+//! to this run and request, so a gateway's caches (e.g. of routing scores) never hit.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -19,6 +22,8 @@ use serde_json::json;
 struct Args {
     url: String,
     body: Bytes,
+    /// With `--unique`: the body around its `{n}`, spliced per request.
+    unique: Option<(String, String)>,
     headers: Vec<(String, String)>,
     rate: f64,
     duration: Duration,
@@ -31,6 +36,7 @@ struct Args {
 fn parse_args() -> Result<Args, String> {
     let mut url = None;
     let mut body = None;
+    let mut unique = false;
     let mut headers = Vec::new();
     let mut rate = None;
     let mut duration = 10.0;
@@ -56,6 +62,7 @@ fn parse_args() -> Result<Args, String> {
             "--warmup" => warmup = num(value()?)?,
             "--timeout" => timeout = num(value()?)?,
             "--max-inflight" => max_inflight = num(value()?)? as usize,
+            "--unique" => unique = true,
             other => {
                 return Err(format!(
                     "unknown argument `{other}`; see the header of benches/load/loadgen.rs"
@@ -83,6 +90,14 @@ fn parse_args() -> Result<Args, String> {
         .get("stream")
         .and_then(serde_json::Value::as_bool)
         .unwrap_or(false);
+    let unique = if unique {
+        let (head, tail) = body
+            .split_once("{n}")
+            .ok_or("`--unique` needs `{n}` in `--body`, where each request's token goes")?;
+        Some((head.to_owned(), tail.to_owned()))
+    } else {
+        None
+    };
     let rate = rate.ok_or("`--rate` is required")?;
     if !(rate > 0.0 && duration > 0.0 && warmup >= 0.0 && warmup < duration && timeout > 0.0) {
         return Err("need `--rate` > 0, `--duration` > `--warmup` >= 0 and `--timeout` > 0".to_owned());
@@ -90,6 +105,7 @@ fn parse_args() -> Result<Args, String> {
     Ok(Args {
         url,
         body: Bytes::from(body),
+        unique,
         headers,
         rate,
         duration: Duration::from_secs_f64(duration),
@@ -145,9 +161,20 @@ impl Shared {
     }
 }
 
-async fn one(client: reqwest::Client, args: Arc<Args>, shared: Arc<Shared>, scheduled: Instant, record: bool) {
+async fn one(
+    client: reqwest::Client,
+    args: Arc<Args>,
+    shared: Arc<Shared>,
+    scheduled: Instant,
+    record: bool,
+    token: String,
+) {
     let send_lag_us = scheduled.elapsed().as_micros() as u64;
-    let mut req = client.post(&args.url).body(args.body.clone());
+    let body = match &args.unique {
+        Some((head, tail)) => Bytes::from(format!("{head}{token}{tail}")),
+        None => args.body.clone(),
+    };
+    let mut req = client.post(&args.url).body(body);
     for (k, v) in &args.headers {
         req = req.header(k, v);
     }
@@ -257,6 +284,11 @@ fn main() -> std::process::ExitCode {
     let total = (args.duration.as_secs_f64() * args.rate).round() as u64;
     let start = Instant::now() + Duration::from_millis(50);
     let measured_from = start + args.warmup;
+    // Unique across runs too: the same gateway serves every step of a benchmark.
+    let run = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or_default();
 
     // The schedule runs on its own OS thread: `thread::sleep` wakes within tens of
     // microseconds, where tokio's timer wheel rounds to whole milliseconds.
@@ -281,7 +313,19 @@ fn main() -> std::process::ExitCode {
             continue;
         }
         shared.inflight.fetch_add(1, Ordering::Relaxed);
-        rt.spawn(one(client.clone(), args.clone(), shared.clone(), scheduled, record));
+        let token = if args.unique.is_some() {
+            format!("{run:x}-{i}")
+        } else {
+            String::new()
+        };
+        rt.spawn(one(
+            client.clone(),
+            args.clone(),
+            shared.clone(),
+            scheduled,
+            record,
+            token,
+        ));
     }
     // Every request ends by its own timeout; wait for them, bounded.
     let deadline = Instant::now() + args.timeout + Duration::from_secs(2);
