@@ -354,6 +354,35 @@ async fn a_weak_streamed_local_answer_is_replaced_by_the_escalation_tiers_stream
 }
 
 #[tokio::test]
+async fn an_escalated_stream_cancels_the_local_generation_and_frees_its_slot() {
+    // One sequence slot, no queue. The local answer would run for thousands of tokens; it
+    // is judged weak after 3 and the cloud answers instead.
+    let p = policy("min_confidence = 1.0\nescalate_to = \"cloud\"\nhold_tokens = 3");
+    let gw = local_gateway(1, 0, Some(p)).await;
+    let mut long = user("tiergate-auto", "Tell me a long story.");
+    long["stream"] = json!(true);
+    long["ignore_eos"] = json!(true);
+    long["max_tokens"] = json!(4000);
+    let r = gw.post_chat(&long).await;
+    assert_eq!(header(&r, "x-tiergate-tier"), "cloud");
+    let body = r.text().await.expect("body");
+    assert!(body.ends_with("data: [DONE]\n\n"), "{body}");
+    // The slot is released at the engine's next step, not when 4000 tokens are done.
+    let mut status = 0;
+    for _ in 0..100 {
+        status = gw.post_chat(&user(TEST_MODEL, PROMPT)).await.status().as_u16();
+        if status == 200 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(status, 200, "the abandoned sequence released its slot");
+    let rows = gw.ledger_rows(2).await;
+    let escalated = rows.iter().find(|r| r.escalated).expect("escalated row");
+    assert_eq!(escalated.attempts[0].completion_tokens, 3);
+}
+
+#[tokio::test]
 async fn a_confident_streamed_local_answer_is_held_then_sent_unchanged() {
     // No confidence is below 0: the held prefix is always kept. `hold_tokens = 3` keeps a
     // prefix and streams the rest; `hold_tokens = 0` does not hold (nor escalate) at all.
