@@ -87,6 +87,7 @@ fn run(engine: &Engine, job: Job) -> (Finish, Option<Duration>) {
             Event::Text(_) => {
                 ttft.get_or_insert_with(|| t0.elapsed());
             }
+            Event::Prefix(_) => {}
             Event::Done(f) => return (f, ttft),
             Event::Failed(e) => panic!("generation failed: {e}"),
         }
@@ -102,6 +103,7 @@ fn job(prompt: &[u32], max_tokens: usize, draft_tokens: usize) -> Job {
         // Like the Python loop's `ignore_eos`: always 64 decode steps.
         ignore_eos: true,
         draft_tokens,
+        assess_after: 0,
     }
 }
 

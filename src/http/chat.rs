@@ -21,7 +21,7 @@ use crate::routing::sticky::{self, HEADER_CONVERSATION};
 use crate::routing::{self, RequestContext, RouteDecision};
 use crate::telemetry::trace;
 use crate::upstream::resilience::{Breaker, with_retries};
-use crate::upstream::{Backend, Completion, Guard, StreamItem};
+use crate::upstream::{Backend, Guard, StreamItem};
 use crate::{AppState, Runtime, tokens};
 use futures::future::BoxFuture;
 use tracing::Instrument;
@@ -138,10 +138,38 @@ async fn handle(
             .as_ref()
             .and_then(|o| o.include_usage)
             .unwrap_or(false);
-        let (upstream, tier, tier_span) = call_tiers(rt, acct, &decision, &mut req, |b, r| {
-            Box::pin(async move { b.stream(r).await })
+        let hold = decision.then.escalate.as_ref().map_or(0, |e| e.hold_tokens);
+        let (mut upstream, mut tier, mut tier_span) = call_tiers(rt, acct, &decision, &mut req, move |b, r| {
+            Box::pin(async move { b.stream_assessed(r, hold).await })
         })
         .await?;
+        if let Some(esc) = &decision.then.escalate
+            && hold > 0
+            && matches!(tier.backend, BackendConfig::Local(_))
+        {
+            // Nothing has been sent yet: the prefix is held until it is judged, so that a
+            // weak answer can still be replaced by another tier's whole.
+            let (held, assessed) = hold_prefix(&mut upstream).await;
+            let mut replaced = false;
+            if let Some((confidence, used)) = assessed {
+                acct.confidence = Some(confidence);
+                if confidence < esc.min_confidence
+                    && let Some(s) = escalate(rt, acct, used, Some(confidence), &esc.tier, req, |b, r| {
+                        Box::pin(async move { b.stream(r).await })
+                    })
+                    .await
+                {
+                    // Dropping the local stream cancels its generation at the next step.
+                    (upstream, tier, tier_span) = s;
+                    acct.confidence = None;
+                    replaced = true;
+                    remember(rt, conversation.as_deref(), &esc.tier);
+                }
+            }
+            if !replaced {
+                upstream = futures::stream::iter(held).chain(upstream).boxed();
+            }
+        }
         acct.called_tier = true;
         let breaker = rt.guards.get(&tier.name).and_then(|g| g.breaker.clone());
         Ok(Reply::Stream(stream_response(
@@ -159,8 +187,13 @@ async fn handle(
         if let Some(esc) = &decision.then.escalate
             && done.confidence.is_some_and(|c| c < esc.min_confidence)
         {
-            done = escalate(rt, acct, done, &esc.tier, req).await;
-            if acct.rec.tier.as_deref() == Some(esc.tier.as_str()) {
+            let used = done.usage.unwrap_or_default();
+            if let Some((better, _, _)) = escalate(rt, acct, used, done.confidence, &esc.tier, req, |b, r| {
+                Box::pin(async move { b.complete(r).await })
+            })
+            .await
+            {
+                done = better;
                 remember(rt, conversation.as_deref(), &esc.tier);
             }
         }
@@ -357,35 +390,40 @@ fn next_tier<'a>(then: &'a Then, tried: &[&str], e: &Error) -> Option<&'a str> {
         .find(|t| !tried.contains(t))
 }
 
-/// The first answer is too weak: re-ask `to`. If that tier fails, the first answer is
-/// still better than an error, so it is returned (the failed attempt stays in the ledger).
-async fn escalate(
-    rt: &Runtime,
+/// The first answer is too weak: re-ask `to`, recording the first call as a
+/// `low_confidence` attempt (with what it `used`). If that tier fails, the first answer is
+/// still better than an error: the request is back on the first tier, the failed attempts
+/// stay in the ledger, and `None` is returned.
+async fn escalate<'a, T>(
+    rt: &'a Runtime,
     acct: &mut Accounting,
-    first: Completion,
+    used: Usage,
+    confidence: Option<f64>,
     to: &str,
     mut req: ChatRequest,
-) -> Completion {
+    call: impl Fn(Arc<dyn Backend>, ChatRequest) -> BoxFuture<'static, Result<T, Error>>,
+) -> Option<(T, &'a TierConfig, tracing::Span)> {
     let Ok((tier, backend)) = tier_backend(rt, to) else {
-        return first;
+        return None;
     };
     let first_tier = acct.current_tier();
     let first_attempt = acct.rec.attempts.len();
-    acct.attempt_failed("low_confidence", first.usage.unwrap_or_default(), first.confidence);
+    acct.attempt_failed("low_confidence", used, confidence);
     acct.rec.escalated = true;
     acct.switch_tier(tier);
     req.model = tier.model.clone();
     let guard = rt.guards.get(to).cloned().unwrap_or_else(Guard::none);
+    let span = trace::tier_span(tier);
     let result = with_retries(
         to,
         &guard.retry,
         guard.breaker.as_deref(),
-        || backend.complete(req.clone()),
+        || call(backend.clone(), req.clone()).instrument(span.clone()),
         |e| acct.retried(e),
     )
     .await;
     match result {
-        Ok(done) => done,
+        Ok(v) => Some((v, tier, span)),
         Err(e) => {
             tracing::warn!(request_id = %acct.rec.request_id, code = e.code(), "escalation failed; answering with the first tier's answer");
             // The first attempt gives the answer after all: it is already recorded (so
@@ -395,10 +433,30 @@ async fn escalate(
             }
             acct.attempt_failed(e.code(), Usage::default(), None);
             acct.restore_tier(first_tier);
-            acct.answer_recorded = true;
-            first
+            acct.answer_attempt = Some(first_attempt);
+            None
         }
     }
+}
+
+/// Reads a stream until its tier judges the answer so far (`StreamItem::Assessed`), or it
+/// ends or fails first. Returns what was read (to send if the answer is kept) and the
+/// judgement: confidence and usage so far.
+async fn hold_prefix(
+    upstream: &mut crate::upstream::ChunkStream,
+) -> (Vec<Result<StreamItem, Error>>, Option<(f64, Usage)>) {
+    let mut held = Vec::new();
+    while let Some(item) = upstream.next().await {
+        match item {
+            Ok(StreamItem::Assessed { confidence, usage }) => return (held, Some((confidence, usage))),
+            Ok(StreamItem::Done) | Err(_) => {
+                held.push(item);
+                break;
+            }
+            Ok(chunk) => held.push(Ok(chunk)),
+        }
+    }
+    (held, None)
 }
 
 fn stream_response(
@@ -443,6 +501,8 @@ fn stream_response(
                     saw_done = true;
                     break;
                 }
+                // Judged before the first byte was sent (or not asked for): not for the client.
+                Ok(StreamItem::Assessed { .. }) => {}
                 Err(e) => {
                     tracing::warn!(request_id = %acct.rec.request_id, code = e.code(), "stream failed mid-way");
                     if let Some(b) = breaker.as_ref().filter(|_| !matches!(e, Error::ShuttingDown)) {
@@ -504,8 +564,10 @@ struct Accounting {
     confidence: Option<f64>,
     /// When the current tier was called (for per-attempt latency).
     attempt_start: Option<Instant>,
-    /// The answering call is already in `rec.attempts` (an escalation that failed).
-    answer_recorded: bool,
+    /// The answering call is already in `rec.attempts`, at this index (an escalation that
+    /// failed). A stream goes on after it is recorded: its usage and time are completed
+    /// when the row is written.
+    answer_attempt: Option<usize>,
     done: bool,
     metrics: Option<Arc<crate::telemetry::Metrics>>,
     /// Held until the row is written (fields drop after `Drop::drop`).
@@ -524,6 +586,7 @@ struct TierRef {
     tier: Option<String>,
     backend_model: Option<String>,
     price: Option<Price>,
+    started: Option<Instant>,
 }
 
 pub const HEADER_TIER: &str = "x-tiergate-tier";
@@ -533,6 +596,7 @@ pub const HEADER_SCORER: &str = "x-tiergate-scorer";
 pub const HEADER_POLICY: &str = "x-tiergate-policy";
 pub const HEADER_REQUEST_ID: &str = "x-request-id";
 pub const HEADER_CONFIDENCE: &str = "x-tiergate-confidence";
+pub const HEADER_ESCALATED: &str = "x-tiergate-escalated";
 
 impl Accounting {
     fn new(ledger: Ledger, headers: &HeaderMap, baseline: Price) -> Self {
@@ -589,6 +653,7 @@ impl Accounting {
             tier: self.rec.tier.clone(),
             backend_model: self.rec.backend_model.clone(),
             price: self.price,
+            started: self.attempt_start,
         }
     }
 
@@ -596,6 +661,7 @@ impl Accounting {
         self.rec.tier = t.tier;
         self.rec.backend_model = t.backend_model;
         self.price = t.price;
+        self.attempt_start = t.started;
     }
 
     /// The request moves on to another tier (spill or escalation).
@@ -662,6 +728,9 @@ impl Accounting {
         if let Some(c) = self.confidence {
             put(HEADER_CONFIDENCE, &format!("{c:.4}"));
         }
+        if self.rec.escalated {
+            put(HEADER_ESCALATED, "true");
+        }
     }
 
     /// Queues the row without waiting (the client is gone; nobody waits for the answer).
@@ -720,7 +789,22 @@ impl Accounting {
             .unwrap_or(0.0);
         // Several tiers were called: the row's tokens are the final answer's, its cost is
         // what every call cost together.
-        if !r.attempts.is_empty() && !self.answer_recorded {
+        if let Some(i) = self.answer_attempt
+            && r.streamed
+        {
+            // The stream kept going after its attempt was recorded: it used what the row says.
+            let final_usage = Usage {
+                prompt_tokens: r.prompt_tokens,
+                completion_tokens: r.completion_tokens,
+            };
+            let outcome = r.outcome.clone();
+            let whole = self.attempt(&outcome, final_usage, self.confidence);
+            if let Some(a) = self.rec.attempts.get_mut(i) {
+                *a = whole;
+            }
+        }
+        let r = &mut self.rec;
+        if !r.attempts.is_empty() && self.answer_attempt.is_none() {
             let final_usage = Usage {
                 prompt_tokens: r.prompt_tokens,
                 completion_tokens: r.completion_tokens,

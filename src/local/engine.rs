@@ -39,15 +39,28 @@ pub struct Job {
     /// Most tokens prompt lookup drafts per decode step for the model to verify (0: plain
     /// one-token steps). Greedy jobs only: a sampled job never drafts.
     pub draft_tokens: usize,
+    /// After this many generated tokens, report the answer's confidence so far
+    /// (`Event::Prefix`) unless the answer ended there; 0: never.
+    pub assess_after: usize,
 }
 
-/// What the engine reports for a sequence, in order: text pieces, then one `Done` or
-/// `Failed`.
+/// What the engine reports for a sequence, in order: text pieces (with at most one
+/// `Prefix` among them, for a job with `assess_after`), then one `Done` or `Failed`.
 #[derive(Debug)]
 pub enum Event {
     Text(String),
+    /// The first `assess_after` tokens are generated and the answer goes on.
+    Prefix(Prefix),
     Done(Finish),
     Failed(String),
+}
+
+/// The answer so far, judged: what a caller needs to decide whether to keep it.
+#[derive(Debug, Clone, Copy)]
+pub struct Prefix {
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+    pub confidence: Confidence,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -338,6 +351,13 @@ impl Seq {
         if self.out.len() >= self.q.job.max_tokens || full_context {
             self.finish(files, FinishReason::Length);
             return true;
+        }
+        if self.out.len() == self.q.job.assess_after {
+            let _ = self.q.events.send(Event::Prefix(Prefix {
+                prompt_tokens: self.q.job.prompt.len(),
+                completion_tokens: self.out.len(),
+                confidence: confidence::assess(&self.out, &self.logprobs),
+            }));
         }
         false
     }

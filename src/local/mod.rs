@@ -123,11 +123,12 @@ impl LocalBackend {
 
     /// Validates the request, renders and tokenizes the prompt (off the async workers: it
     /// is CPU work), and admits it to the engine.
-    async fn admit(&self, req: ChatRequest) -> Result<UnboundedReceiver<Event>, Error> {
+    async fn admit(&self, req: ChatRequest, assess_after: usize) -> Result<UnboundedReceiver<Event>, Error> {
         let shared = self.shared.clone();
         let job = tokio::task::spawn_blocking(move || prepare(&shared, &req))
             .await
             .map_err(|e| self.engine_error(format!("request preparation failed: {e}")))??;
+        let job = Job { assess_after, ..job };
         self.shared.engine.submit(job).map_err(|_| Error::LocalSaturated {
             tier: self.tier.clone(),
         })
@@ -214,6 +215,7 @@ fn prepare(shared: &Shared, req: &ChatRequest) -> Result<Job, Error> {
             }
         },
         draft_tokens: shared.draft_tokens,
+        assess_after: 0,
     })
 }
 
@@ -386,11 +388,13 @@ fn usage_of(f: &Finish) -> Usage {
 impl Backend for LocalBackend {
     fn complete(&self, req: ChatRequest) -> BoxFuture<'_, Result<Completion, Error>> {
         async move {
-            let mut rx = self.admit(req).await?;
+            let mut rx = self.admit(req, 0).await?;
             let mut content = String::new();
             let finish = loop {
                 match rx.recv().await {
                     Some(Event::Text(t)) => content.push_str(&t),
+                    // Not asked for (`assess_after` 0).
+                    Some(Event::Prefix(_)) => {}
                     Some(Event::Done(f)) => break f,
                     Some(Event::Failed(e)) => return Err(self.engine_error(e)),
                     None => return Err(self.engine_error("the local engine stopped".into())),
@@ -421,6 +425,10 @@ impl Backend for LocalBackend {
     }
 
     fn stream(&self, req: ChatRequest) -> BoxFuture<'_, Result<ChunkStream, Error>> {
+        self.stream_assessed(req, 0)
+    }
+
+    fn stream_assessed(&self, req: ChatRequest, hold_tokens: usize) -> BoxFuture<'_, Result<ChunkStream, Error>> {
         async move {
             // OpenAI puts `"usage": null` on every chunk when the client asked for usage;
             // mirror that so the shapes are the cloud's.
@@ -429,7 +437,7 @@ impl Backend for LocalBackend {
                 .as_ref()
                 .and_then(|o| o.include_usage)
                 .unwrap_or(false);
-            let mut rx = self.admit(req).await?;
+            let mut rx = self.admit(req, hold_tokens).await?;
             let id = completion_id();
             let created = now_secs();
             let model = self.model.clone();
@@ -470,7 +478,20 @@ impl Backend for LocalBackend {
                                 usage_only: false,
                             });
                         }
+                        Some(Event::Prefix(p)) => {
+                            yield Ok(StreamItem::Assessed {
+                                confidence: p.confidence.score,
+                                usage: Usage {
+                                    prompt_tokens: p.prompt_tokens as u64,
+                                    completion_tokens: p.completion_tokens as u64,
+                                },
+                            });
+                        }
                         Some(Event::Done(f)) => {
+                            // An answer that ended within the held prefix is judged whole.
+                            if hold_tokens > 0 && f.completion_tokens <= hold_tokens {
+                                yield Ok(StreamItem::Assessed { confidence: f.confidence.score, usage: usage_of(&f) });
+                            }
                             yield Ok(StreamItem::Chunk {
                                 json: chunk(delta(json!({}), Some(f.reason.as_str())), None),
                                 usage: None,

@@ -38,6 +38,7 @@ struct RuleToml {
     fallback: Option<Vec<String>>,
     min_confidence: Option<f64>,
     escalate_to: Option<String>,
+    hold_tokens: Option<i64>,
     // Conditions over the request.
     models: Option<Vec<String>>,
     min_turns: Option<u64>,
@@ -136,7 +137,7 @@ pub struct Then {
     /// Tiers to try in order when the rule's tier cannot answer (down, timed out, 5xx,
     /// 429, circuit open, saturated) before any byte reached the client.
     pub fallback: Vec<String>,
-    /// Re-ask `tier` when a non-streamed answer's confidence is below `min_confidence`.
+    /// Re-ask `tier` when an answer's confidence is below `min_confidence`.
     pub escalate: Option<Escalate>,
 }
 
@@ -144,7 +145,18 @@ pub struct Then {
 pub struct Escalate {
     pub min_confidence: f64,
     pub tier: String,
+    /// A stream from a tier that judges its answers is held back for this many generated
+    /// tokens, then judged on them; 0: streams are not escalated.
+    pub hold_tokens: usize,
 }
+
+/// `hold_tokens` when a rule with `min_confidence` does not set it: enough tokens for the
+/// mean log-probability to mean something, few enough that the wait before the first
+/// token stays short.
+pub const DEFAULT_HOLD_TOKENS: usize = 16;
+/// Most tokens a stream may be held back for: beyond this the client waits as long as for
+/// a whole short answer.
+pub const MAX_HOLD_TOKENS: usize = 256;
 
 /// Limits a rule puts on the request it routes.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -496,6 +508,7 @@ fn rule(
         fallback,
         min_confidence,
         escalate_to,
+        hold_tokens,
         models,
         min_turns,
         max_turns,
@@ -563,11 +576,29 @@ fn rule(
             return Err(format!("{} = `{t}` is already in the fallback list", at()));
         }
     }
+    let hold_tokens_given = hold_tokens.is_some();
+    let hold_tokens = match hold_tokens {
+        None => DEFAULT_HOLD_TOKENS,
+        Some(n) if (0..=MAX_HOLD_TOKENS as i64).contains(&n) => n as usize,
+        Some(n) => {
+            return Err(format!(
+                "{} = {n} must be in 0..={MAX_HOLD_TOKENS} (0: streams are not escalated)",
+                at("hold_tokens")
+            ));
+        }
+    };
+    if hold_tokens_given && min_confidence.is_none() {
+        return Err(format!(
+            "{}: `hold_tokens` needs `min_confidence` and `escalate_to`: it holds back streams to judge them",
+            at("hold_tokens")
+        ));
+    }
     let escalate = match (min_confidence, escalate_to) {
         (None, None) => None,
         (Some(c), Some(t)) if (0.0..=1.0).contains(&c) => Some(Escalate {
             min_confidence: c,
             tier: t,
+            hold_tokens,
         }),
         (Some(c), Some(_)) => {
             return Err(format!("{} = {c} must be in 0..=1", at("min_confidence")));

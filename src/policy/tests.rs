@@ -143,6 +143,7 @@ fn spill_and_escalation_are_validated_and_carried_by_the_rule() {
     assert_eq!(then.on_saturated.as_deref(), Some("cloud"));
     let esc = then.escalate.as_ref().expect("escalation");
     assert_eq!((esc.min_confidence, esc.tier.as_str()), (0.4, "cloud"));
+    assert_eq!(esc.hold_tokens, super::DEFAULT_HOLD_TOKENS);
     // Not conditions: the rule still matches by score alone.
     assert_eq!(p.decide(&facts(0.1, 5)).name, "easy");
 
@@ -158,9 +159,37 @@ fn spill_and_escalation_are_validated_and_carried_by_the_rule() {
             "min_confidence = 2.0\nescalate_to = \"cloud\"",
             "rules[0].min_confidence (line 6) = 2 must be in 0..=1",
         ),
+        (
+            "min_confidence = 0.4\nescalate_to = \"cloud\"\nhold_tokens = 257",
+            "rules[0].hold_tokens (line 8) = 257 must be in 0..=256 (0: streams are not escalated)",
+        ),
+        (
+            "min_confidence = 0.4\nescalate_to = \"cloud\"\nhold_tokens = -1",
+            "rules[0].hold_tokens (line 8) = -1 must be in 0..=256",
+        ),
+        (
+            "hold_tokens = 8",
+            "rules[0].hold_tokens (line 6): `hold_tokens` needs `min_confidence` and `escalate_to`",
+        ),
+        ("hold_tokens = \"8\"", "hold_tokens"),
     ] {
         let e = parse(&with(extra)).expect_err(extra);
         assert!(e.contains(want), "{e}\n  wanted: {want}");
+    }
+}
+
+#[test]
+fn hold_tokens_sets_how_much_of_a_stream_is_judged_and_zero_turns_stream_escalation_off() {
+    let with = |n: &str| {
+        TWO_RULES.replace(
+            "tier = \"small\"",
+            &format!("tier = \"small\"\nmin_confidence = 0.4\nescalate_to = \"cloud\"\nhold_tokens = {n}"),
+        )
+    };
+    for (n, want) in [("0", 0), ("1", 1), ("32", 32), ("256", 256)] {
+        let p = parse(&with(n)).unwrap_or_else(|e| panic!("{n}: {e}"));
+        let esc = p.rules[0].then.escalate.as_ref().expect("escalation");
+        assert_eq!(esc.hold_tokens, want);
     }
 }
 

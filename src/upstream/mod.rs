@@ -35,6 +35,10 @@ pub enum StreamItem {
     },
     /// The end of the stream (`data: [DONE]`).
     Done,
+    /// The tier's confidence in the answer so far, and what it used so far: sent once, by
+    /// a tier that can judge its answers, when asked to (`Backend::stream_assessed`).
+    /// Not forwarded to the client.
+    Assessed { confidence: f64, usage: Usage },
 }
 
 /// What stands between a request and a tier's backend: its retry policy and its circuit
@@ -65,6 +69,12 @@ pub trait Backend: Send + Sync {
     /// Sends a streaming request; usage must be reported in the stream when the backend
     /// can (the OpenAI backend asks for it with `stream_options.include_usage`).
     fn stream(&self, req: ChatRequest) -> BoxFuture<'_, Result<ChunkStream, Error>>;
+    /// `stream`, plus one `StreamItem::Assessed` after the first `hold_tokens` generated
+    /// tokens (or before the end of an answer that is not longer), from a tier that can
+    /// judge its answers (the local tier); other tiers stream as `stream` does.
+    fn stream_assessed(&self, req: ChatRequest, _hold_tokens: usize) -> BoxFuture<'_, Result<ChunkStream, Error>> {
+        self.stream(req)
+    }
 }
 
 /// Removes things that look like credentials from text that came from an upstream, so

@@ -72,6 +72,7 @@ async fn run_job(b: &LocalBackend, job: Job) -> (String, Finish) {
     loop {
         match rx.recv().await.expect("engine answers") {
             Event::Text(t) => text.push_str(&t),
+            Event::Prefix(p) => panic!("a prefix was reported unasked: {p:?}"),
             Event::Done(f) => return (text, f),
             Event::Failed(e) => panic!("generation failed: {e}"),
         }
@@ -251,6 +252,40 @@ async fn max_tokens_ends_the_answer_with_finish_reason_length() {
     assert_eq!(f.reason.as_str(), "length");
     assert_eq!(f.completion_tokens, 3);
     assert_eq!(f.output_ids, reference().output_ids[..3]);
+}
+
+/// A held-back stream is judged on its first tokens: the engine reports the prefix once,
+/// between the text pieces, and the answer itself does not change.
+#[tokio::test]
+async fn the_prefix_is_judged_once_after_its_tokens_and_the_answer_goes_on() {
+    let b = backend();
+    let req = ask(&reference().prompt, json!({}));
+    let (whole, plain) = generate_on(b, req.clone()).await;
+    let assessed = |n: usize| Job {
+        assess_after: n,
+        ..b.prepare(&req).expect("job")
+    };
+    let mut rx = b.engine().submit(assessed(3)).expect("not saturated");
+    let (mut before, mut after, mut prefixes) = (String::new(), String::new(), Vec::new());
+    let finish = loop {
+        match rx.recv().await.expect("engine answers") {
+            Event::Text(t) if prefixes.is_empty() => before.push_str(&t),
+            Event::Text(t) => after.push_str(&t),
+            Event::Prefix(p) => prefixes.push(p),
+            Event::Done(f) => break f,
+            Event::Failed(e) => panic!("generation failed: {e}"),
+        }
+    };
+    let [p] = prefixes[..] else {
+        panic!("one prefix: {prefixes:?}")
+    };
+    assert_eq!((p.prompt_tokens, p.completion_tokens), (plain.prompt_tokens, 3));
+    assert!(p.confidence.score > 0.0 && p.confidence.score <= 1.0, "{p:?}");
+    assert!(!before.is_empty() && !after.is_empty(), "{before:?} | {after:?}");
+    assert_eq!((before + &after, &finish.output_ids), (whole, &plain.output_ids));
+    // An answer that ends at the prefix's last token is judged whole, by its `Done`.
+    let (_, f) = run_job(b, assessed(plain.completion_tokens)).await;
+    assert_eq!(f.output_ids, plain.output_ids);
 }
 
 #[tokio::test]

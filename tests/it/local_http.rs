@@ -1,6 +1,6 @@
 //! The `local` tier through the gateway over HTTP with the real test model: OpenAI shapes
 //! (whole and streamed), exact usage in the ledger, 400s, saturation (429 or spill) and
-//! escalation of weak answers.
+//! escalation of weak answers (whole, and streamed by holding back a prefix).
 
 use futures::StreamExt;
 use serde_json::{Value, json};
@@ -254,14 +254,202 @@ async fn a_weak_local_answer_is_escalated_and_both_attempts_are_accounted() {
     // The cloud was asked the client's request, not the local tier's model name.
     let sent = gw.fake.requests.lock().expect("lock")[0].1.clone();
     assert_eq!(sent["model"], "fake-cloud");
+}
 
-    // Streams are not escalated: the local answer is streamed as generated.
-    let mut req = user("tiergate-auto", PROMPT);
+/// A streamed request: its parsed chunks before `[DONE]` (which must end the body).
+async fn stream_chunks(gw: &Gateway, model: &str) -> (reqwest::header::HeaderMap, Vec<Value>) {
+    let mut req = user(model, PROMPT);
     req["stream"] = json!(true);
+    req["stream_options"] = json!({"include_usage": true});
     let r = gw.post_chat(&req).await;
-    assert_eq!(header(&r, "x-tiergate-tier"), "local");
-    let text = r.text().await.expect("body");
-    assert!(text.ends_with("data: [DONE]\n\n"));
+    assert_eq!(r.status(), 200);
+    let headers = r.headers().clone();
+    let body = r.text().await.expect("body");
+    let events = sse_payloads(&body);
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"), "{body}");
+    assert_eq!(events.iter().filter(|e| *e == "[DONE]").count(), 1, "{body}");
+    let chunks = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(e).unwrap_or_else(|_| panic!("chunk json: {e}")))
+        .collect();
+    (headers, chunks)
+}
+
+/// What a client reads from chunks: one id, one role chunk (the first), the text, the
+/// finish reason and the usage (last chunk).
+fn read_stream(chunks: &[Value]) -> (String, String, Value) {
+    let id = &chunks[0]["id"];
+    assert!(chunks.iter().all(|c| c["id"] == *id), "one id: {chunks:?}");
+    let roles: Vec<usize> = (0..chunks.len())
+        .filter(|&i| chunks[i]["choices"][0]["delta"].get("role").is_some())
+        .collect();
+    assert_eq!(roles, [0], "one role chunk, first: {chunks:?}");
+    let text = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    let finish: Vec<&str> = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["finish_reason"].as_str())
+        .collect();
+    let [finish] = finish[..] else {
+        panic!("one finish reason: {chunks:?}")
+    };
+    let (last, _) = chunks.split_last().expect("chunks");
+    assert_eq!(last["choices"], json!([]), "usage chunk last: {chunks:?}");
+    (text, finish.to_owned(), last["usage"].clone())
+}
+
+#[tokio::test]
+async fn a_weak_streamed_local_answer_is_replaced_by_the_escalation_tiers_stream() {
+    // A threshold no answer reaches. `hold_tokens = 3` judges the answer (8 tokens) on its
+    // first 3 and cancels the rest; the default (16) judges it whole.
+    for (hold, judged) in [("hold_tokens = 3", 3), ("", 8)] {
+        let p = format!(
+            "stickiness = false\n{}",
+            policy(&format!("min_confidence = 1.0\nescalate_to = \"cloud\"\n{hold}"))
+        );
+        let gw = local_gateway(2, 4, Some(p)).await;
+        let (h, chunks) = stream_chunks(&gw, "tiergate-auto").await;
+        assert_eq!(h["x-tiergate-tier"], "cloud");
+        assert_eq!(h["x-tiergate-rule"], "local-first");
+        assert_eq!(h["x-tiergate-escalated"], "true");
+        assert!(h.get("x-tiergate-confidence").is_none(), "the cloud answered");
+        // Exactly the fake cloud's stream: nothing of the abandoned local answer.
+        let (text, finish, usage) = read_stream(&chunks);
+        assert_eq!((text.as_str(), finish.as_str()), (PIECES.concat().as_str(), "stop"));
+        assert_eq!(
+            usage,
+            json!({"prompt_tokens": 11, "completion_tokens": 4, "total_tokens": 15})
+        );
+        assert!(
+            chunks
+                .iter()
+                .all(|c| c["id"] == "chatcmpl-fake" && c["model"] == "fake-cloud"),
+            "{chunks:?}"
+        );
+
+        let rows = gw.ledger().await;
+        let row = &rows[0];
+        assert!(row.streamed && row.escalated && !row.fallback, "{row:?}");
+        assert_eq!((row.tier.as_deref(), row.outcome.as_str()), (Some("cloud"), "ok"));
+        assert_eq!((row.prompt_tokens, row.completion_tokens), (11, 4));
+        let [local, cloud] = &row.attempts[..] else {
+            panic!("two attempts: {:?}", row.attempts);
+        };
+        assert_eq!(
+            (local.tier.as_str(), local.outcome.as_str()),
+            ("local", "low_confidence")
+        );
+        assert_eq!((local.prompt_tokens, local.completion_tokens), (37, judged), "{hold}");
+        let c = local.confidence.expect("local confidence recorded");
+        assert!((0.0..1.0).contains(&c), "{c}");
+        assert!((local.cost_usd - (37.0 * 0.05 + judged as f64 * 0.1) / 1e6).abs() < 1e-15);
+        assert_eq!((cloud.tier.as_str(), cloud.outcome.as_str()), ("cloud", "ok"));
+        assert!((cloud.cost_usd - (11.0 * 2.5 + 4.0 * 10.0) / 1e6).abs() < 1e-15);
+        assert!((row.cost_usd - (local.cost_usd + cloud.cost_usd)).abs() < 1e-15);
+        let sent = gw.fake.requests.lock().expect("lock")[0].1.clone();
+        assert_eq!((&sent["model"], &sent["stream"]), (&json!("fake-cloud"), &json!(true)));
+    }
+}
+
+#[tokio::test]
+async fn an_escalated_stream_cancels_the_local_generation_and_frees_its_slot() {
+    // One sequence slot, no queue. The local answer would run for thousands of tokens; it
+    // is judged weak after 3 and the cloud answers instead.
+    let p = policy("min_confidence = 1.0\nescalate_to = \"cloud\"\nhold_tokens = 3");
+    let gw = local_gateway(1, 0, Some(p)).await;
+    let mut long = user("tiergate-auto", "Tell me a long story.");
+    long["stream"] = json!(true);
+    long["ignore_eos"] = json!(true);
+    long["max_tokens"] = json!(4000);
+    let r = gw.post_chat(&long).await;
+    assert_eq!(header(&r, "x-tiergate-tier"), "cloud");
+    let body = r.text().await.expect("body");
+    assert!(body.ends_with("data: [DONE]\n\n"), "{body}");
+    // The slot is released at the engine's next step, not when 4000 tokens are done.
+    let mut status = 0;
+    for _ in 0..100 {
+        status = gw.post_chat(&user(TEST_MODEL, PROMPT)).await.status().as_u16();
+        if status == 200 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(status, 200, "the abandoned sequence released its slot");
+    let rows = gw.ledger_rows(2).await;
+    let escalated = rows.iter().find(|r| r.escalated).expect("escalated row");
+    assert_eq!(escalated.attempts[0].completion_tokens, 3);
+}
+
+#[tokio::test]
+async fn a_confident_streamed_local_answer_is_held_then_sent_unchanged() {
+    // No confidence is below 0: the held prefix is always kept. `hold_tokens = 3` keeps a
+    // prefix and streams the rest; `hold_tokens = 0` does not hold (nor escalate) at all.
+    for hold in ["hold_tokens = 3", "", "hold_tokens = 0"] {
+        let p = policy(&format!("min_confidence = 0.0\nescalate_to = \"cloud\"\n{hold}"));
+        let gw = local_gateway(2, 4, Some(p)).await;
+        // Named by its model, the local tier streams without a rule's escalation.
+        let (_, plain) = stream_chunks(&gw, TEST_MODEL).await;
+        let (h, held) = stream_chunks(&gw, "tiergate-auto").await;
+        assert_eq!(h["x-tiergate-tier"], "local");
+        assert!(h.get("x-tiergate-escalated").is_none());
+        let confidence = h.get("x-tiergate-confidence").map(|v| v.to_str().expect("ascii"));
+        assert_eq!(confidence.is_some(), !hold.ends_with('0'), "{hold}: judged prefix");
+        let read = read_stream(&held);
+        assert_eq!(read, read_stream(&plain), "{hold}");
+        assert_eq!(read.0, ANSWER);
+        assert_eq!(
+            read.2,
+            json!({"prompt_tokens": 37, "completion_tokens": 8, "total_tokens": 45})
+        );
+        // Chunk for chunk the same stream (but for its id and time).
+        let strip = |cs: &[Value]| -> Vec<Value> { cs.iter().map(|c| c["choices"].clone()).collect() };
+        assert_eq!(strip(&held), strip(&plain), "{hold}");
+        assert!(
+            gw.fake.requests.lock().expect("lock").is_empty(),
+            "the cloud was not asked"
+        );
+        let rows = gw.ledger_rows(2).await;
+        let row = rows
+            .iter()
+            .find(|r| r.rule.as_deref() == Some("local-first"))
+            .expect("row");
+        assert!(!row.escalated && row.attempts.is_empty(), "{row:?}");
+        assert_eq!(
+            (row.outcome.as_str(), row.prompt_tokens, row.completion_tokens),
+            ("ok", 37, 8)
+        );
+    }
+}
+
+#[tokio::test]
+async fn when_a_streams_escalation_fails_the_held_local_answer_is_streamed_whole() {
+    let p = policy("min_confidence = 1.0\nescalate_to = \"broken\"\nhold_tokens = 3");
+    let gw = local_gateway(2, 4, Some(p)).await;
+    let (h, chunks) = stream_chunks(&gw, "tiergate-auto").await;
+    assert_eq!(h["x-tiergate-tier"], "local");
+    assert_eq!(h["x-tiergate-escalated"], "true");
+    let (text, _, usage) = read_stream(&chunks);
+    assert_eq!(text, ANSWER);
+    assert_eq!(usage["completion_tokens"], 8);
+
+    let rows = gw.ledger().await;
+    let row = &rows[0];
+    assert!(row.escalated);
+    assert_eq!((row.tier.as_deref(), row.outcome.as_str()), (Some("local"), "ok"));
+    let calls: Vec<(&str, &str, u64)> = row
+        .attempts
+        .iter()
+        .map(|a| (a.tier.as_str(), a.outcome.as_str(), a.completion_tokens))
+        .collect();
+    // The local call was judged on 3 tokens, then gave the whole answer: 8.
+    let failed = ("broken", "upstream_error", 0);
+    assert_eq!(calls, [("local", "ok", 8), failed, failed, failed]);
+    assert!(
+        (row.cost_usd - (37.0 * 0.05 + 8.0 * 0.1) / 1e6).abs() < 1e-15,
+        "the failed call cost nothing"
+    );
 }
 
 #[tokio::test]
