@@ -39,29 +39,48 @@ pub fn app(state: Arc<AppState>) -> Router {
 }
 
 /// Runs before every handler: the header size limit, then the key for the endpoints that
-/// need one. `/healthz` and `/readyz` stay open for probes; chat completions check the key
-/// in their handler, so that a refused request still gets its ledger row.
+/// need one, and after it the key's `x-ratelimit-*` headers on the response. `/healthz` and
+/// `/readyz` stay open for probes; a chat completion refused for its key is refused by its
+/// handler, so that it still gets its ledger row.
 async fn guard(
     State(st): State<Arc<AppState>>,
     req: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> axum::response::Response {
+    let principal = match admit(&st, &req) {
+        Ok(p) => p,
+        Err(e) => return e.into_response(),
+    };
+    let mut resp = next.run(req).await;
+    if let Some(p) = principal {
+        crate::auth::rate::put_headers(resp.headers_mut(), st.auth.rate.windows(&p.key.id, &p.limits));
+    }
+    resp
+}
+
+/// The caller of a request that needs a key, if it is let in. A chat completion is let in
+/// whatever its key: its handler refuses it, so that a refused one still gets a ledger row.
+fn admit(st: &AppState, req: &axum::extract::Request) -> Result<Option<crate::auth::Principal>, Error> {
     let rt = st.runtime.load();
     let chat = req.uri().path() == "/v1/chat/completions";
-    if !chat && let Err(e) = check_header_size(req.headers(), rt.config.limits.max_header_bytes) {
-        return e.into_response();
+    if !chat {
+        check_header_size(req.headers(), rt.config.limits.max_header_bytes)?;
     }
     let auth = &rt.config.auth;
     let needs_key = match req.uri().path() {
-        "/healthz" | "/readyz" | "/v1/chat/completions" => false,
+        "/healthz" | "/readyz" => false,
         "/report" | "/report.json" => auth.protect_reports,
         "/metrics" => auth.protect_metrics,
         p => p.starts_with("/v1/"),
     };
-    if needs_key && let Err(e) = st.auth.authenticate(auth, req.headers()) {
-        return e.into_response();
+    if !needs_key {
+        return Ok(None);
     }
-    next.run(req).await
+    match st.auth.authenticate(auth, req.headers()) {
+        Ok(p) => Ok(p),
+        Err(_) if chat => Ok(None),
+        Err(e) => Err(e),
+    }
 }
 
 /// `limits.max_header_bytes` over all request headers.

@@ -408,14 +408,17 @@ impl Gateway {
         r.json().await.expect("JSON answer")
     }
 
-    pub async fn get_text(&self, path: &str) -> String {
-        let r = self
-            .client()
+    /// GETs `path` with the test key.
+    pub async fn get(&self, path: &str) -> reqwest::Response {
+        self.client()
             .get(format!("{}{path}", self.url))
             .send()
             .await
-            .expect("send");
-        r.text().await.expect("text answer")
+            .expect("send")
+    }
+
+    pub async fn get_text(&self, path: &str) -> String {
+        self.get(path).await.text().await.expect("text answer")
     }
 
     pub async fn get_json(&self, path: &str) -> Value {
