@@ -117,9 +117,6 @@ async fn handle(
             .max_output_tokens()
             .unwrap_or(rt.config.auth.default_max_output_tokens)
             .saturating_mul(req.choices());
-        st.auth
-            .rate
-            .check_tokens(&p.key.id, &p.limits, prompt_estimate.saturating_add(max_output))?;
         // Byte-level BPE tokenizers make at most one token per byte, and everything billed as
         // input (messages, tools, …) is in the body; the chat template adds a few tokens per
         // message. So this bounds the prompt from above, where the estimate may fall short.
@@ -128,6 +125,11 @@ async fn handle(
             let (tier, _) = tier_backend(rt, &decision.tier)?;
             acct.routed(&decision, &tier.model, tier.price, prompt_estimate);
         }
+        // After the budget: tokens counted here stay counted, so a request refused for its
+        // budget must not get this far. One refused here releases its budget hold with its row.
+        st.auth
+            .rate
+            .check_tokens(&p.key.id, &p.limits, prompt_estimate.saturating_add(max_output))?;
     }
 
     remember(rt, conversation.as_deref(), &decision.tier);

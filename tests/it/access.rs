@@ -383,6 +383,57 @@ async fn over_budget_downgrades_when_the_policy_says_so() {
 }
 
 #[tokio::test]
+async fn a_request_refused_for_its_budget_uses_no_tokens_per_minute_and_vice_versa() {
+    let limits = KeyLimits {
+        tpm: Some(1000),
+        // Less than one cloud request may cost.
+        daily_usd: Some(reserved_per_request() / 2.0),
+        ..KeyLimits::default()
+    };
+    let gw = gateway_with(&Setup {
+        key_limits: limits,
+        ..Setup::default()
+    })
+    .await;
+    let r = gw.post_chat(&race_body()).await;
+    assert_eq!(r.status(), 429);
+    assert_eq!(header(&r, "x-ratelimit-remaining-tokens"), "1000", "nothing counted");
+    let key_id = gw.ledger().await[0].api_key_id.clone().expect("key id");
+    gw.state
+        .auth
+        .rate
+        .check_tokens(&key_id, &limits, 1000)
+        .expect("the whole minute's tokens are still there");
+
+    // The other way round: a request refused for its tokens holds none of the budget.
+    let limits = KeyLimits {
+        tpm: Some(1000),
+        daily_usd: Some(1.0),
+        ..KeyLimits::default()
+    };
+    let gw = gateway_with(&Setup {
+        key_limits: limits,
+        ..Setup::default()
+    })
+    .await;
+    let mut body = race_body();
+    body["max_tokens"] = json!(600);
+    assert_eq!(gw.post_chat(&body).await.status(), 200);
+    let r = gw.post_chat(&body).await;
+    assert_eq!(r.status(), 429, "600 + 600 tokens > 1000 per minute");
+    let rows = gw.ledger().await;
+    assert_eq!(rows[1].outcome, "rate_limit_exceeded");
+    let key_id = rows[0].api_key_id.clone().expect("key id");
+    let now = tiergate::report::now_ms();
+    let (spent, _) = gw.state.auth.budgets.spent(&key_id, now);
+    gw.state
+        .auth
+        .budgets
+        .reserve(&key_id, &limits, 1.0 - spent, now)
+        .expect("nothing left reserved");
+}
+
+#[tokio::test]
 async fn spend_survives_a_restart() {
     let actual = cloud_cost(crate::common::FAKE_USAGE.0, crate::common::FAKE_USAGE.1);
     let gw = gateway_with(&Setup {
