@@ -26,7 +26,12 @@ use crate::{AppState, Runtime, tokens};
 use futures::future::BoxFuture;
 use tracing::Instrument;
 
-pub async fn chat_completions(State(st): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Response {
+pub async fn chat_completions(
+    State(st): State<Arc<AppState>>,
+    caller: super::Caller,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
     let rt = st.runtime.load_full();
     let mut acct = Accounting::new(st.ledger.clone(), &headers, rt.config.baseline);
     acct.metrics = Some(st.metrics.clone());
@@ -35,7 +40,7 @@ pub async fn chat_completions(State(st): State<Arc<AppState>>, headers: HeaderMa
     acct.in_flight = Some(st.in_flight.enter());
     acct.cut = st.cut.clone();
     let result = tokio::select! {
-        r = handle(&st, &rt, &mut acct, &headers, body).instrument(span) => r,
+        r = handle(&st, &rt, &mut acct, caller, &headers, body).instrument(span) => r,
         () = st.cut.cancelled() => Err(Error::ShuttingDown),
     };
     match result {
@@ -84,11 +89,12 @@ async fn handle(
     st: &AppState,
     rt: &Arc<Runtime>,
     acct: &mut Accounting,
+    caller: super::Caller,
     headers: &HeaderMap,
     body: Body,
 ) -> Result<Reply, Error> {
     super::check_header_size(headers, rt.config.limits.max_header_bytes)?;
-    let principal = st.auth.authenticate(&rt.config.auth, headers)?;
+    let principal = caller.principal()?;
     if let Some(p) = &principal {
         acct.rec.api_key_id = Some(p.key.id.clone());
         st.auth.rate.check_request(&p.key.id, &p.limits)?;
