@@ -209,10 +209,17 @@ impl Error {
     /// 5xx. Never a 4xx, and never a timeout past the connect phase (the tier is slow, and
     /// asking again would multiply the wait; the fallback chain handles it).
     pub fn retryable(&self) -> bool {
+        self.retry_reason().is_some()
+    }
+
+    /// Why the same tier may be asked again (`connect`, `429` or `5xx`, the `reason` label
+    /// of `tiergate_upstream_retries_total`), or `None` when it may not; see [`Error::retryable`].
+    pub fn retry_reason(&self) -> Option<&'static str> {
         match self {
-            Error::UpstreamTimeout { phase, .. } => *phase == "connect",
-            Error::UpstreamUnreachable { connected, .. } => !connected,
-            Error::UpstreamStatus { .. } | Error::UpstreamRateLimited { .. } => true,
+            Error::UpstreamTimeout { phase, .. } => (*phase == "connect").then_some("connect"),
+            Error::UpstreamUnreachable { connected, .. } => (!connected).then_some("connect"),
+            Error::UpstreamStatus { .. } => Some("5xx"),
+            Error::UpstreamRateLimited { .. } => Some("429"),
             Error::InvalidRequest { .. }
             | Error::BodyTooLarge { .. }
             | Error::ModelNotFound(_)
@@ -228,7 +235,7 @@ impl Error {
             | Error::RateLimited { .. }
             | Error::BudgetExceeded { .. }
             | Error::HeadersTooLarge { .. }
-            | Error::Internal(_) => false,
+            | Error::Internal(_) => None,
         }
     }
 

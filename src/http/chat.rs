@@ -568,6 +568,9 @@ impl Accounting {
 
     /// The current tier failed and is about to be called again.
     fn retried(&mut self, e: &Error) {
+        if let Some(m) = &self.metrics {
+            m.retried(self.rec.tier.as_deref().unwrap_or_default(), e);
+        }
         self.attempt_failed(e.code(), Usage::default(), None);
         self.attempt_start = Some(Instant::now());
     }
