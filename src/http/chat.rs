@@ -69,9 +69,6 @@ pub(super) fn request_context(
     principal: Option<&crate::auth::Principal>,
 ) -> RequestContext {
     let mut ctx = RequestContext::from_headers(headers);
-    // Keys are secrets: rules see only the key's name and team.
-    ctx.headers.remove(header::AUTHORIZATION.as_str());
-    ctx.headers.remove("x-api-key");
     if let Some(p) = principal {
         ctx.key = Some(p.key.name.clone());
         ctx.team = p.key.team.clone();

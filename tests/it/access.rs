@@ -519,16 +519,9 @@ tier = "small"
             (header(&r, "x-tiergate-tier"), header(&r, "x-tiergate-rule")),
             (tier, rule)
         );
-        let explained: Value = reqwest::Client::new()
-            .post(format!("{}/v1/route", gw.url))
-            .bearer_auth(secret)
-            .json(&body)
-            .send()
-            .await
-            .expect("route")
-            .json()
-            .await
-            .expect("json");
+        let explained = gw
+            .post_json_with("/v1/route", &[("authorization", &format!("Bearer {secret}"))], &body)
+            .await;
         assert_eq!(explained["rule"], rule, "{explained}");
     }
 }

@@ -398,14 +398,17 @@ impl Gateway {
 
     /// POSTs `body` to `path` and returns the JSON answer.
     pub async fn post_json(&self, path: &str, body: &Value) -> Value {
-        let r = self
-            .client()
-            .post(format!("{}{path}", self.url))
-            .json(body)
-            .send()
-            .await
-            .expect("send");
-        r.json().await.expect("JSON answer")
+        self.post_json_with(path, &[], body).await
+    }
+
+    /// [`Gateway::post_json`] with more request headers (an `authorization` here replaces
+    /// the test key).
+    pub async fn post_json_with(&self, path: &str, headers: &[(&str, &str)], body: &Value) -> Value {
+        let mut r = self.client().post(format!("{}{path}", self.url)).json(body);
+        for (name, value) in headers {
+            r = r.header(*name, *value);
+        }
+        r.send().await.expect("send").json().await.expect("JSON answer")
     }
 
     /// GETs `path` with the test key.
