@@ -24,9 +24,10 @@ struct Limiter {
     gcra: Gcra,
     /// When the bucket is full again, as of governor's last decision for this key. Governor
     /// keeps its state (the "theoretical arrival time") private and has no way to read it
-    /// without counting a request, so this mirrors it from what each decision reports: the
-    /// remaining burst (rounded down) after an admitted request, the exact wait after a
-    /// refused one. `None`: never used, full.
+    /// without counting a request, so this mirrors it: GCRA's own step on each admitted
+    /// request, kept within the remaining burst governor reports (rounded down, so within
+    /// one interval), and the exact wait governor reports for a refused one. `None`: never
+    /// used, full.
     full_at: Mutex<Option<Instant>>,
 }
 
@@ -64,25 +65,27 @@ impl Limiter {
             return Decision::Never;
         };
         let now = Instant::now();
-        let (full_in, decision) = match outcome {
-            // `remaining` is after this request; the cells in use refill one per interval.
-            Ok(state) => (
-                self.interval() * self.per_minute.saturating_sub(state.remaining_burst_capacity()),
-                Decision::Admitted,
-            ),
-            // Refused until `wait`, when `n` cells are free; the others refill after that.
+        let interval = self.interval();
+        let mut full_at = self.full_at.lock().unwrap_or_else(|p| p.into_inner());
+        match outcome {
+            Ok(state) => {
+                // GCRA's own step (full again `n` intervals after the later of then and now)
+                // keeps the mirror exact, kept within what governor reports: with `remaining`
+                // left after this request, it is full again in (used - 1, used] intervals.
+                let stepped = full_at.map_or(now, |t| t.max(now)) + interval * n.get();
+                let used = self.per_minute.saturating_sub(state.remaining_burst_capacity());
+                let latest = now + interval * used;
+                let earliest = latest.checked_sub(interval).unwrap_or(now);
+                *full_at = Some(stepped.clamp(earliest, latest));
+                Decision::Admitted
+            }
+            // Refused until `wait`, when `n` are free; the others refill after that. Exact.
             Err(not_until) => {
                 let wait = not_until.wait_time_from(DefaultClock::default().now());
-                (
-                    wait + self.interval() * self.per_minute.saturating_sub(n.get()),
-                    Decision::NotBefore(wait),
-                )
+                *full_at = Some(now + wait + interval * self.per_minute.saturating_sub(n.get()));
+                Decision::NotBefore(wait)
             }
-        };
-        // Governor's state only moves forward, so of two racing decisions the later time holds.
-        let mut full_at = self.full_at.lock().unwrap_or_else(|p| p.into_inner());
-        *full_at = Some(full_at.map_or(now + full_in, |t| t.max(now + full_in)));
-        decision
+        }
     }
 
     fn window(&self) -> Window {
