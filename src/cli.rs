@@ -36,8 +36,8 @@ pub enum Command {
         #[arg(long, short, env = "TIERGATE_CONFIG", default_value = "examples/tiergate.toml")]
         config: PathBuf,
     },
-    /// Show the score, rule, tier and cost estimate the gateway would pick for a prompt,
-    /// without calling any model.
+    /// Show the score, rule, tier, fallback chain and cost estimate the gateway would pick
+    /// for a prompt, without calling any model.
     Explain {
         #[arg(long, short, env = "TIERGATE_CONFIG", default_value = "examples/tiergate.toml")]
         config: PathBuf,
@@ -51,6 +51,10 @@ pub enum Command {
         /// A system prompt to send with the text.
         #[arg(long)]
         system: Option<String>,
+        /// A request header, as `NAME: VALUE`, for rules with `headers` conditions (and
+        /// `x-tiergate-tier`); repeatable.
+        #[arg(long = "header", short = 'H', value_name = "NAME: VALUE", value_parser = parse_header)]
+        headers: Vec<(axum::http::HeaderName, axum::http::HeaderValue)>,
         /// Print JSON (as `POST /v1/route` returns) instead of text.
         #[arg(long)]
         json: bool,
@@ -272,6 +276,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             model,
             policy,
             system,
+            headers,
             json,
             text,
         } => {
@@ -291,7 +296,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             messages.push(serde_json::json!({"role": "user", "content": text}));
             let body = serde_json::json!({"model": model, "messages": messages}).to_string();
             let req = crate::openai::ChatRequest::parse(body.as_bytes()).map_err(|e| anyhow::anyhow!("{e}"))?;
-            let e = crate::routing::explain(&rt.config, &rt.scorer, &req)
+            let ctx = crate::routing::RequestContext::from_headers(&headers.into_iter().collect());
+            let e = crate::routing::explain_with(&rt.config, &rt.scorer, &req, &ctx, None)
                 .await
                 .map_err(|e| anyhow::anyhow!("{e}"))?;
             if json {
@@ -438,6 +444,18 @@ fn utc(ms: i64) -> String {
         .unwrap_or_else(|| ms.to_string())
 }
 
+/// `--header 'NAME: VALUE'`, as curl takes it.
+fn parse_header(s: &str) -> Result<(axum::http::HeaderName, axum::http::HeaderValue), String> {
+    let (name, value) = s
+        .split_once(':')
+        .ok_or_else(|| format!("`{s}` is not a header; write it as `NAME: VALUE`"))?;
+    let name = axum::http::HeaderName::try_from(name.trim())
+        .map_err(|_| format!("`{}` is not a valid header name", name.trim()))?;
+    let value = axum::http::HeaderValue::try_from(value.trim())
+        .map_err(|_| format!("the value of `{name}` is not a valid header value"))?;
+    Ok((name, value))
+}
+
 fn print_explanation(e: &crate::routing::Explanation) {
     match (e.score, e.scorer) {
         (Some(s), Some(by)) => println!("score     {s:.4} ({by})"),
@@ -460,6 +478,17 @@ fn print_explanation(e: &crate::routing::Explanation) {
     }
     println!("rule      {}", e.rule);
     println!("tier      {} (model `{}`)", e.tier, e.backend_model);
+    if let Some(t) = &e.on_saturated {
+        println!("spill     {t} (when `{}` is saturated)", e.tier);
+    }
+    if e.fallback.is_empty() {
+        println!("fallback  none");
+    } else {
+        println!("fallback  {}", e.fallback.join(" -> "));
+    }
+    if let (Some(t), Some(c)) = (&e.escalate_to, e.min_confidence) {
+        println!("escalate  to {t} when the answer's confidence is below {c}");
+    }
     println!(
         "cost      ${:.6} estimated for {} prompt + {} output tokens; ${:.6} on the baseline",
         e.estimated_cost_usd, e.prompt_tokens, e.output_tokens_assumed, e.baseline_cost_usd
@@ -690,4 +719,19 @@ async fn shutdown_signal() {
         () = term => {},
     }
     tracing::info!("shutdown requested; finishing in-flight requests");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_header;
+
+    #[test]
+    fn header_options_parse_like_curl_and_say_what_is_wrong() {
+        let (name, value) = parse_header("X-Priority:  low ").expect("valid");
+        assert_eq!((name.as_str(), value.to_str().ok()), ("x-priority", Some("low")));
+        let (_, value) = parse_header("x-when: 12:30").expect("valid");
+        assert_eq!(value.to_str().ok(), Some("12:30"), "split at the first colon");
+        assert!(parse_header("x-priority low").is_err_and(|e| e.contains("NAME: VALUE")));
+        assert!(parse_header("bad name: x").is_err_and(|e| e.contains("not a valid header name")));
+    }
 }

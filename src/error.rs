@@ -178,17 +178,23 @@ impl Error {
         }
     }
 
-    /// Whether the request may move on to the rule's next tier: the tier could not answer
-    /// (down, slow, overloaded, circuit open), as opposed to a request it rejected.
-    pub fn falls_back(&self) -> bool {
+    /// How the call that failed with this error is handled: one exhaustive match, so a new
+    /// variant is classified for fallback, retries and the circuit breaker at once.
+    fn handling(&self) -> Handling {
+        let tier_down = |retry, backend_failure| Handling {
+            falls_back: true,
+            retry,
+            backend_failure,
+        };
         match self {
-            Error::UpstreamTimeout { .. }
-            | Error::UpstreamUnreachable { .. }
-            | Error::UpstreamStatus { .. }
-            | Error::UpstreamRateLimited { .. }
-            | Error::CircuitOpen { .. }
-            | Error::TierUnavailable { .. }
-            | Error::LocalSaturated { .. } => true,
+            Error::UpstreamTimeout { phase, .. } => tier_down((*phase == "connect").then_some("connect"), true),
+            Error::UpstreamUnreachable { connected, .. } => tier_down((!connected).then_some("connect"), true),
+            Error::UpstreamStatus { .. } => tier_down(Some("5xx"), true),
+            // The backend working as designed: it is busy, not broken.
+            Error::UpstreamRateLimited { .. } => tier_down(Some("429"), false),
+            Error::CircuitOpen { .. } | Error::TierUnavailable { .. } | Error::LocalSaturated { .. } => {
+                tier_down(None, false)
+            }
             Error::InvalidRequest { .. }
             | Error::BodyTooLarge { .. }
             | Error::ModelNotFound(_)
@@ -201,44 +207,33 @@ impl Error {
             | Error::RateLimited { .. }
             | Error::BudgetExceeded { .. }
             | Error::HeadersTooLarge { .. }
-            | Error::Internal(_) => false,
+            | Error::Internal(_) => Handling::FINAL,
         }
+    }
+
+    /// Whether the request may move on to the rule's next tier: the tier could not answer
+    /// (down, slow, overloaded, circuit open), as opposed to a request it rejected.
+    pub fn falls_back(&self) -> bool {
+        self.handling().falls_back
     }
 
     /// Whether the same tier may be asked again after a backoff: connect failures, 429 and
     /// 5xx. Never a 4xx, and never a timeout past the connect phase (the tier is slow, and
     /// asking again would multiply the wait; the fallback chain handles it).
     pub fn retryable(&self) -> bool {
-        match self {
-            Error::UpstreamTimeout { phase, .. } => *phase == "connect",
-            Error::UpstreamUnreachable { connected, .. } => !connected,
-            Error::UpstreamStatus { .. } | Error::UpstreamRateLimited { .. } => true,
-            Error::InvalidRequest { .. }
-            | Error::BodyTooLarge { .. }
-            | Error::ModelNotFound(_)
-            | Error::PolicyNotFound { .. }
-            | Error::Upstream { .. }
-            | Error::UpstreamRejected { .. }
-            | Error::TierUnavailable { .. }
-            | Error::CircuitOpen { .. }
-            | Error::LocalSaturated { .. }
-            | Error::LocalEngine { .. }
-            | Error::ShuttingDown
-            | Error::Unauthorized(_)
-            | Error::RateLimited { .. }
-            | Error::BudgetExceeded { .. }
-            | Error::HeadersTooLarge { .. }
-            | Error::Internal(_) => false,
-        }
+        self.retry_reason().is_some()
+    }
+
+    /// Why the same tier may be asked again (`connect`, `429` or `5xx`, the `reason` label
+    /// of `tiergate_upstream_retries_total`), or `None` when it may not; see [`Error::retryable`].
+    pub fn retry_reason(&self) -> Option<&'static str> {
+        self.handling().retry
     }
 
     /// Whether the error says the backend itself is unhealthy, for its circuit breaker. A
     /// 4xx or a 429 is the backend working as designed.
     pub fn is_backend_failure(&self) -> bool {
-        matches!(
-            self,
-            Error::UpstreamTimeout { .. } | Error::UpstreamUnreachable { .. } | Error::UpstreamStatus { .. }
-        )
+        self.handling().backend_failure
     }
 
     pub fn envelope(&self) -> serde_json::Value {
@@ -249,6 +244,24 @@ impl Error {
             "code": self.code(),
         }})
     }
+}
+
+/// What a failed tier call leads to; see [`Error::handling`].
+struct Handling {
+    falls_back: bool,
+    /// The retry's reason, when the same tier may be asked again.
+    retry: Option<&'static str>,
+    /// Counts against the tier's circuit breaker.
+    backend_failure: bool,
+}
+
+impl Handling {
+    /// The request itself was refused or failed in a way no other call would fix.
+    const FINAL: Handling = Handling {
+        falls_back: false,
+        retry: None,
+        backend_failure: false,
+    };
 }
 
 impl IntoResponse for Error {
@@ -273,5 +286,81 @@ impl IntoResponse for Error {
             );
         }
         resp
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Error;
+
+    #[test]
+    fn failed_calls_are_classified_for_fallback_retries_and_the_breaker() {
+        let tier = || "t".to_owned();
+        let timeout = |phase| Error::UpstreamTimeout {
+            tier: tier(),
+            secs: 1.0,
+            phase,
+        };
+        // (error, falls back, retry reason, backend failure)
+        let table = [
+            (timeout("connect"), true, Some("connect"), true),
+            (timeout("first token"), true, None, true),
+            (
+                Error::UpstreamUnreachable {
+                    tier: tier(),
+                    connected: false,
+                },
+                true,
+                Some("connect"),
+                true,
+            ),
+            (
+                Error::UpstreamUnreachable {
+                    tier: tier(),
+                    connected: true,
+                },
+                true,
+                None,
+                true,
+            ),
+            (
+                Error::UpstreamStatus {
+                    tier: tier(),
+                    status: 503,
+                },
+                true,
+                Some("5xx"),
+                true,
+            ),
+            (
+                Error::UpstreamRateLimited {
+                    tier: tier(),
+                    retry_after: None,
+                },
+                true,
+                Some("429"),
+                false,
+            ),
+            (Error::CircuitOpen { tier: tier() }, true, None, false),
+            (Error::LocalSaturated { tier: tier() }, true, None, false),
+            (
+                Error::UpstreamRejected {
+                    tier: tier(),
+                    status: 400,
+                    detail: "bad".into(),
+                },
+                false,
+                None,
+                false,
+            ),
+            (Error::ShuttingDown, false, None, false),
+        ];
+        for (e, falls_back, retry, failure) in table {
+            assert_eq!(
+                (e.falls_back(), e.retry_reason(), e.retryable(), e.is_backend_failure()),
+                (falls_back, retry, retry.is_some(), failure),
+                "{e:?}"
+            );
+        }
     }
 }

@@ -267,3 +267,84 @@ fn rate_limits_count_requests_and_tokens_per_minute() {
         other => panic!("a request larger than the whole limit is a 400, got {other:?}"),
     }
 }
+
+#[test]
+fn rate_windows_count_down_and_say_when_the_limit_is_full_again() {
+    let rl = RateLimits::default();
+    let l = KeyLimits {
+        rpm: Some(3),
+        tpm: Some(10),
+        ..KeyLimits::default()
+    };
+    let full = |limit| rate::Window {
+        limit,
+        remaining: limit,
+        reset: Duration::ZERO,
+    };
+    assert_eq!(
+        rl.windows("k", &l),
+        (Some(full(3)), Some(full(10))),
+        "nothing counted yet"
+    );
+    let requests = |rl: &RateLimits| rl.windows("k", &l).0.expect("an rpm limit");
+    // One request frees up every 20 s; the estimate is late by at most one interval.
+    let interval = Duration::from_secs(20);
+    for left in [2, 1, 0] {
+        rl.check_request("k", &l).expect("under the limit");
+        let w = requests(&rl);
+        assert_eq!(w.remaining, left);
+        let used = 3 - left;
+        assert!(w.reset > interval * (used - 1) && w.reset <= interval * used, "{w:?}");
+    }
+    assert!(rl.check_request("k", &l).is_err());
+    let w = requests(&rl);
+    assert_eq!(w.remaining, 0, "a refusal counts nothing");
+    assert!(w.reset > interval * 2 && w.reset <= interval * 3, "{w:?}");
+
+    rl.check_tokens("k", &l, 4).expect("fits");
+    assert_eq!(rl.windows("k", &l).1.map(|w| w.remaining), Some(6));
+    assert!(rl.check_tokens("k", &l, 7).is_err());
+    assert_eq!(
+        rl.windows("k", &l).1.map(|w| w.remaining),
+        Some(6),
+        "a refusal counts nothing"
+    );
+
+    let none = KeyLimits::default();
+    assert_eq!(rl.windows("k", &none), (None, None), "no limits, no windows");
+    let changed = KeyLimits { rpm: Some(5), ..l };
+    assert_eq!(rl.windows("k", &changed).0, Some(full(5)), "new limits start full");
+}
+
+#[test]
+fn rate_headers_use_openai_names_and_duration_forms() {
+    let w = |remaining, ms| rate::Window {
+        limit: 100,
+        remaining,
+        reset: Duration::from_millis(ms),
+    };
+    let mut h = HeaderMap::new();
+    rate::put_headers(&mut h, (Some(w(99, 350)), None));
+    let get = |h: &HeaderMap, n: &str| h.get(n).and_then(|v| v.to_str().ok()).map(str::to_owned);
+    assert_eq!(get(&h, "x-ratelimit-limit-requests").as_deref(), Some("100"));
+    assert_eq!(get(&h, "x-ratelimit-remaining-requests").as_deref(), Some("99"));
+    assert_eq!(get(&h, "x-ratelimit-reset-requests").as_deref(), Some("350ms"));
+    assert_eq!(
+        get(&h, "x-ratelimit-limit-tokens"),
+        None,
+        "no tpm limit, no token headers"
+    );
+    for (ms, text) in [
+        (0, "0s"),
+        (1, "1ms"),
+        (1000, "1s"),
+        (1001, "2s"),
+        (59_000, "59s"),
+        (59_500, "1m0s"),
+        (60_000, "1m0s"),
+        (61_200, "1m2s"),
+    ] {
+        rate::put_headers(&mut h, (None, Some(w(0, ms))));
+        assert_eq!(get(&h, "x-ratelimit-reset-tokens").as_deref(), Some(text), "{ms} ms");
+    }
+}

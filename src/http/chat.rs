@@ -26,7 +26,12 @@ use crate::{AppState, Runtime, tokens};
 use futures::future::BoxFuture;
 use tracing::Instrument;
 
-pub async fn chat_completions(State(st): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Response {
+pub async fn chat_completions(
+    State(st): State<Arc<AppState>>,
+    caller: super::Caller,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
     let rt = st.runtime.load_full();
     let mut acct = Accounting::new(st.ledger.clone(), &headers, rt.config.baseline);
     acct.metrics = Some(st.metrics.clone());
@@ -35,7 +40,7 @@ pub async fn chat_completions(State(st): State<Arc<AppState>>, headers: HeaderMa
     acct.in_flight = Some(st.in_flight.enter());
     acct.cut = st.cut.clone();
     let result = tokio::select! {
-        r = handle(&st, &rt, &mut acct, &headers, body).instrument(span) => r,
+        r = handle(&st, &rt, &mut acct, caller, &headers, body).instrument(span) => r,
         () = st.cut.cancelled() => Err(Error::ShuttingDown),
     };
     match result {
@@ -64,9 +69,6 @@ pub(super) fn request_context(
     principal: Option<&crate::auth::Principal>,
 ) -> RequestContext {
     let mut ctx = RequestContext::from_headers(headers);
-    // Keys are secrets: rules see only the key's name and team.
-    ctx.headers.remove(header::AUTHORIZATION.as_str());
-    ctx.headers.remove("x-api-key");
     if let Some(p) = principal {
         ctx.key = Some(p.key.name.clone());
         ctx.team = p.key.team.clone();
@@ -84,11 +86,12 @@ async fn handle(
     st: &AppState,
     rt: &Arc<Runtime>,
     acct: &mut Accounting,
+    caller: super::Caller,
     headers: &HeaderMap,
     body: Body,
 ) -> Result<Reply, Error> {
     super::check_header_size(headers, rt.config.limits.max_header_bytes)?;
-    let principal = st.auth.authenticate(&rt.config.auth, headers)?;
+    let principal = caller.principal()?;
     if let Some(p) = &principal {
         acct.rec.api_key_id = Some(p.key.id.clone());
         st.auth.rate.check_request(&p.key.id, &p.limits)?;
@@ -117,9 +120,6 @@ async fn handle(
             .max_output_tokens()
             .unwrap_or(rt.config.auth.default_max_output_tokens)
             .saturating_mul(req.choices());
-        st.auth
-            .rate
-            .check_tokens(&p.key.id, &p.limits, prompt_estimate.saturating_add(max_output))?;
         // Byte-level BPE tokenizers make at most one token per byte, and everything billed as
         // input (messages, tools, …) is in the body; the chat template adds a few tokens per
         // message. So this bounds the prompt from above, where the estimate may fall short.
@@ -128,6 +128,11 @@ async fn handle(
             let (tier, _) = tier_backend(rt, &decision.tier)?;
             acct.routed(&decision, &tier.model, tier.price, prompt_estimate);
         }
+        // After the budget: tokens counted here stay counted, so a request refused for its
+        // budget must not get this far. One refused here releases its budget hold with its row.
+        st.auth
+            .rate
+            .check_tokens(&p.key.id, &p.limits, prompt_estimate.saturating_add(max_output))?;
     }
 
     remember(rt, conversation.as_deref(), &decision.tier);
@@ -624,6 +629,9 @@ impl Accounting {
 
     /// The current tier failed and is about to be called again.
     fn retried(&mut self, e: &Error) {
+        if let Some(m) = &self.metrics {
+            m.retried(self.rec.tier.as_deref().unwrap_or_default(), e);
+        }
         self.attempt_failed(e.code(), Usage::default(), None);
         self.attempt_start = Some(Instant::now());
     }

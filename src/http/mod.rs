@@ -39,29 +39,76 @@ pub fn app(state: Arc<AppState>) -> Router {
 }
 
 /// Runs before every handler: the header size limit, then the key for the endpoints that
-/// need one. `/healthz` and `/readyz` stay open for probes; chat completions check the key
-/// in their handler, so that a refused request still gets its ledger row.
+/// need one (the caller goes to the handler in the request's extensions), and after it the
+/// key's `x-ratelimit-*` headers on the response. `/healthz` and `/readyz` stay open for
+/// probes; a chat completion refused for its key is refused by its handler, so that it
+/// still gets its ledger row.
 async fn guard(
     State(st): State<Arc<AppState>>,
-    req: axum::extract::Request,
+    mut req: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> axum::response::Response {
+    let caller = match admit(&st, &req) {
+        Ok(c) => c,
+        Err(e) => return e.into_response(),
+    };
+    let principal = caller.as_ref().and_then(|c| c.0.as_ref().ok().cloned().flatten());
+    if let Some(c) = caller {
+        req.extensions_mut().insert(c);
+    }
+    let mut resp = next.run(req).await;
+    if let Some(p) = principal {
+        crate::auth::rate::put_headers(resp.headers_mut(), st.auth.rate.windows(&p.key.id, &p.limits));
+    }
+    resp
+}
+
+/// The caller of a request that needs a key (`None`: it needs none), or why it is refused.
+/// A chat completion is let in whatever its key, with the refusal in its [`Caller`].
+fn admit(st: &AppState, req: &axum::extract::Request) -> Result<Option<Caller>, Error> {
     let rt = st.runtime.load();
     let chat = req.uri().path() == "/v1/chat/completions";
-    if !chat && let Err(e) = check_header_size(req.headers(), rt.config.limits.max_header_bytes) {
-        return e.into_response();
+    if !chat {
+        check_header_size(req.headers(), rt.config.limits.max_header_bytes)?;
     }
     let auth = &rt.config.auth;
     let needs_key = match req.uri().path() {
-        "/healthz" | "/readyz" | "/v1/chat/completions" => false,
+        "/healthz" | "/readyz" => false,
         "/report" | "/report.json" => auth.protect_reports,
         "/metrics" => auth.protect_metrics,
         p => p.starts_with("/v1/"),
     };
-    if needs_key && let Err(e) = st.auth.authenticate(auth, req.headers()) {
-        return e.into_response();
+    if !needs_key {
+        return Ok(None);
     }
-    next.run(req).await
+    match st.auth.authenticate(auth, req.headers()) {
+        Err(e) if !chat => Err(e),
+        found => Ok(Some(Caller(found))),
+    }
+}
+
+/// The caller as [`guard`] authenticated it (`Ok(None)`: auth is off), so that handlers
+/// do not authenticate again. A handler extracting it on a request that did not pass
+/// through `guard` gets an internal error, never an anonymous caller.
+#[derive(Clone)]
+pub(crate) struct Caller(Result<Option<crate::auth::Principal>, Error>);
+
+impl Caller {
+    pub(crate) fn principal(self) -> Result<Option<crate::auth::Principal>, Error> {
+        self.0
+    }
+}
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Caller {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut axum::http::request::Parts, _: &S) -> Result<Self, Self::Rejection> {
+        Ok(parts.extensions.remove::<Caller>().unwrap_or_else(|| {
+            Caller(Err(Error::Internal(
+                "the request was not authenticated before its handler".to_owned(),
+            )))
+        }))
+    }
 }
 
 /// `limits.max_header_bytes` over all request headers.
@@ -125,6 +172,7 @@ async fn not_found(uri: axum::http::Uri) -> impl IntoResponse {
 /// `POST /v1/route`: the decision for a chat-completions body, without calling a model.
 async fn route(
     State(st): State<Arc<AppState>>,
+    caller: Caller,
     headers: axum::http::HeaderMap,
     body: axum::body::Body,
 ) -> axum::response::Response {
@@ -134,8 +182,8 @@ async fn route(
         let body = read_body(body, rt.config.limits.max_body_bytes).await?;
         let req = crate::openai::ChatRequest::parse(&body)?;
         req.check_limits(&rt.config.limits)?;
-        // The middleware has checked the key; the policy may read its name and team.
-        let principal = st.auth.authenticate(&rt.config.auth, &headers)?;
+        // The policy may read the key's name and team.
+        let principal = caller.principal()?;
         let ctx = chat::request_context(&rt, &headers, principal.as_ref());
         crate::routing::explain_with(&rt.config, &rt.scorer, &req, &ctx, rt.stickiness.as_deref()).await
     }

@@ -75,9 +75,12 @@ pub const HEADER_FORCE_TIER: &str = "x-tiergate-tier";
 pub const POLICY_MODEL_PREFIX: &str = "tiergate:";
 
 impl RequestContext {
+    /// The request's headers as rules see them: without the client's key (keys are secrets;
+    /// rules see only the key's name and team).
     pub fn from_headers(headers: &axum::http::HeaderMap) -> RequestContext {
         let headers = headers
             .iter()
+            .filter(|(k, _)| *k != axum::http::header::AUTHORIZATION && k.as_str() != "x-api-key")
             .filter_map(|(k, v)| Some((k.as_str().to_owned(), v.to_str().ok()?.to_owned())))
             .collect();
         RequestContext {
@@ -348,6 +351,18 @@ pub struct Explanation {
     pub trace: Vec<RuleTrace>,
     /// What the tier override or a cap changed after the rule matched.
     pub notes: Vec<String>,
+    /// Where the request goes when `tier` is saturated (local tiers), before `fallback`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub on_saturated: Option<String>,
+    /// Tiers tried in order when `tier` cannot answer; empty when the request named a
+    /// tier, or a cap, the override or stickiness replaced the rule's tier.
+    pub fallback: Vec<String>,
+    /// The tier that re-answers a non-streamed answer whose confidence is below
+    /// `min_confidence`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub escalate_to: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub min_confidence: Option<f64>,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -422,6 +437,10 @@ pub async fn explain_with(
         baseline_cost_usd: config.baseline.cost(prompt_tokens, output),
         trace,
         notes: d.notes,
+        on_saturated: d.then.on_saturated,
+        fallback: d.then.fallback,
+        min_confidence: d.then.escalate.as_ref().map(|e| e.min_confidence),
+        escalate_to: d.then.escalate.map(|e| e.tier),
     })
 }
 

@@ -220,3 +220,44 @@ async fn explain_traces_the_new_conditions() {
     );
     assert_eq!((e.tier.as_str(), e.rule.as_str()), ("cloud", "legal"));
 }
+
+#[tokio::test]
+async fn explain_shows_the_chosen_rules_fallback_chain_and_escalation() {
+    let c = config(
+        "name = \"t\"\n[[rules]]\nname = \"vip\"\nheaders = { \"x-priority\" = \"high\" }\ntier = \"cloud\"\n[[rules]]\nname = \"rest\"\ntier = \"small\"\nfallback = [\"local\", \"cloud\"]\nmin_confidence = 0.4\nescalate_to = \"cloud\"\n",
+    );
+    let hi = user("tiergate-auto", "hi");
+    let e = explain_with(&c, &scorer(), &hi, &ctx(&[]), None)
+        .await
+        .expect("explained");
+    assert_eq!(e.rule, "rest");
+    assert_eq!(e.fallback, ["local", "cloud"]);
+    assert_eq!((e.escalate_to.as_deref(), e.min_confidence), (Some("cloud"), Some(0.4)));
+    let json = serde_json::to_value(&e).expect("json");
+    assert_eq!(json["fallback"], json!(["local", "cloud"]));
+    assert_eq!(
+        (&json["escalate_to"], &json["min_confidence"]),
+        (&json!("cloud"), &json!(0.4))
+    );
+
+    let e = explain_with(&c, &scorer(), &hi, &ctx(&[("x-priority", "high")]), None)
+        .await
+        .expect("explained");
+    assert_eq!(e.rule, "vip");
+    let json = serde_json::to_value(&e).expect("json");
+    assert_eq!(json["fallback"], json!([]), "the chosen rule's chain, not another's");
+    assert!(
+        json.get("escalate_to").is_none() && json.get("min_confidence").is_none(),
+        "{json}"
+    );
+}
+
+#[test]
+fn rules_never_see_the_clients_key_headers() {
+    let mut h = axum::http::HeaderMap::new();
+    h.insert("authorization", "Bearer tg-secret".parse().expect("value"));
+    h.insert("x-api-key", "tg-secret".parse().expect("value"));
+    h.insert("x-priority", "high".parse().expect("value"));
+    let ctx = RequestContext::from_headers(&h);
+    assert_eq!(ctx.headers.keys().collect::<Vec<_>>(), ["x-priority"]);
+}

@@ -59,6 +59,13 @@ struct TierLabels {
     tier: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RetryLabels {
+    tier: String,
+    /// [`crate::error::Error::retry_reason`]: `connect`, `429` or `5xx`.
+    reason: &'static str,
+}
+
 type CostCounter = Counter<f64, AtomicU64>;
 
 /// The gateway's metrics registry and the handles `observe` updates.
@@ -74,6 +81,7 @@ pub struct Metrics {
     fallbacks: Family<TierLabels, Counter>,
     escalations: Family<TierLabels, Counter>,
     tokens_estimated: Family<TierLabels, Counter>,
+    retries: Family<RetryLabels, Counter>,
 }
 
 impl Metrics {
@@ -146,6 +154,12 @@ impl Metrics {
             "Requests whose token counts are the gateway's estimate (no upstream usage)",
             tokens_estimated.clone(),
         );
+        let retries = Family::<RetryLabels, Counter>::default();
+        registry.register(
+            "tiergate_upstream_retries",
+            "Calls to a tier asked again after a retryable failure, by tier and reason (connect, 429, 5xx)",
+            retries.clone(),
+        );
         if let Some(l) = ledger {
             registry.register_collector(Box::new(LedgerCollector(l)));
         }
@@ -161,6 +175,7 @@ impl Metrics {
             fallbacks,
             escalations,
             tokens_estimated,
+            retries,
         }
     }
 
@@ -211,6 +226,19 @@ impl Metrics {
         }
         if r.tokens_estimated {
             self.tokens_estimated.get_or_create(&by_tier).inc();
+        }
+    }
+
+    /// Counts one retry of `tier` after `e`, when the retry policy asks again. Counted as it
+    /// happens, not from the row: a request may retry and still fail, or never finish.
+    pub fn retried(&self, tier: &str, e: &crate::error::Error) {
+        if let Some(reason) = e.retry_reason() {
+            self.retries
+                .get_or_create(&RetryLabels {
+                    tier: tier.to_owned(),
+                    reason,
+                })
+                .inc();
         }
     }
 

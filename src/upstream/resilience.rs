@@ -83,7 +83,8 @@ fn jitter() -> f64 {
 }
 
 /// Calls `op` until it succeeds, fails for good, or the retries run out. Each failed call
-/// that is followed by another is reported to `failed` (for the ledger) before the wait.
+/// that is followed by another is reported to `failed` (for the ledger and the retry
+/// counter) before the wait: once per retry.
 /// The breaker is asked before every call and told every result.
 pub async fn with_retries<T, F, Fut>(
     tier: &str,

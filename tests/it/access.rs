@@ -189,6 +189,65 @@ async fn requests_over_the_per_minute_limit_get_429_with_retry_after() {
     assert!(!header(&r, "retry-after").is_empty());
 }
 
+/// Seconds in an `x-ratelimit-reset-*` value (`350ms`, `20s`, `1m0s`).
+fn reset_secs(v: &str) -> f64 {
+    if let Some(ms) = v.strip_suffix("ms") {
+        return ms.parse::<f64>().expect("ms") / 1000.0;
+    }
+    let v = v.strip_suffix('s').expect("ends in s");
+    let (m, s) = v.split_once('m').unwrap_or(("0", v));
+    m.parse::<f64>().expect("minutes") * 60.0 + s.parse::<f64>().expect("seconds")
+}
+
+#[tokio::test]
+async fn rate_limit_headers_count_down_and_come_with_the_429() {
+    let gw = gateway_with(&Setup {
+        key_limits: KeyLimits {
+            rpm: Some(3),
+            tpm: Some(1000),
+            ..KeyLimits::default()
+        },
+        ..Setup::default()
+    })
+    .await;
+    let mut body = user("tiergate-auto", "hi");
+    body["max_tokens"] = json!(100);
+    for left in ["2", "1", "0"] {
+        let r = gw.post_chat(&body).await;
+        assert_eq!(r.status(), 200);
+        assert_eq!(header(&r, "x-ratelimit-limit-requests"), "3");
+        assert_eq!(header(&r, "x-ratelimit-remaining-requests"), left);
+        let reset = reset_secs(header(&r, "x-ratelimit-reset-requests"));
+        assert!(reset > 0.0 && reset <= 60.0, "{reset}");
+        assert_eq!(header(&r, "x-ratelimit-limit-tokens"), "1000");
+        // Over 100 tokens a request, and 100 tokens take 6 s to come back.
+        let tokens: u32 = header(&r, "x-ratelimit-remaining-tokens").parse().expect("a count");
+        assert!(tokens < 1000, "{tokens}");
+    }
+    let r = gw.post_chat(&body).await;
+    assert_eq!(r.status(), 429);
+    assert!(!header(&r, "retry-after").is_empty());
+    assert_eq!(header(&r, "x-ratelimit-limit-requests"), "3");
+    assert_eq!(header(&r, "x-ratelimit-remaining-requests"), "0");
+    // Three requests counted within the last minute: the limit is full again in 40 to 60 s.
+    let reset = reset_secs(header(&r, "x-ratelimit-reset-requests"));
+    assert!(reset > 40.0 && reset <= 60.0, "{reset}");
+    let models = gw.get("/v1/models").await;
+    assert_eq!(
+        header(&models, "x-ratelimit-remaining-requests"),
+        "0",
+        "other endpoints show the key's state"
+    );
+
+    let unlimited = gateway().await;
+    let r = unlimited.post_chat(&body).await;
+    assert_eq!(r.status(), 200);
+    assert!(
+        r.headers().keys().all(|k| !k.as_str().starts_with("x-ratelimit-")),
+        "no limits, no headers"
+    );
+}
+
 /// The most one `hi` request with `max_tokens` 4 can cost on the `cloud` tier, as the
 /// gateway reserves it, and what it actually costs (the fake reports 11 + 4 tokens).
 const MAX_TOKENS: u64 = 4;
@@ -324,6 +383,57 @@ async fn over_budget_downgrades_when_the_policy_says_so() {
 }
 
 #[tokio::test]
+async fn a_request_refused_for_its_budget_uses_no_tokens_per_minute_and_vice_versa() {
+    let limits = KeyLimits {
+        tpm: Some(1000),
+        // Less than one cloud request may cost.
+        daily_usd: Some(reserved_per_request() / 2.0),
+        ..KeyLimits::default()
+    };
+    let gw = gateway_with(&Setup {
+        key_limits: limits,
+        ..Setup::default()
+    })
+    .await;
+    let r = gw.post_chat(&race_body()).await;
+    assert_eq!(r.status(), 429);
+    assert_eq!(header(&r, "x-ratelimit-remaining-tokens"), "1000", "nothing counted");
+    let key_id = gw.ledger().await[0].api_key_id.clone().expect("key id");
+    gw.state
+        .auth
+        .rate
+        .check_tokens(&key_id, &limits, 1000)
+        .expect("the whole minute's tokens are still there");
+
+    // The other way round: a request refused for its tokens holds none of the budget.
+    let limits = KeyLimits {
+        tpm: Some(1000),
+        daily_usd: Some(1.0),
+        ..KeyLimits::default()
+    };
+    let gw = gateway_with(&Setup {
+        key_limits: limits,
+        ..Setup::default()
+    })
+    .await;
+    let mut body = race_body();
+    body["max_tokens"] = json!(600);
+    assert_eq!(gw.post_chat(&body).await.status(), 200);
+    let r = gw.post_chat(&body).await;
+    assert_eq!(r.status(), 429, "600 + 600 tokens > 1000 per minute");
+    let rows = gw.ledger().await;
+    assert_eq!(rows[1].outcome, "rate_limit_exceeded");
+    let key_id = rows[0].api_key_id.clone().expect("key id");
+    let now = tiergate::report::now_ms();
+    let (spent, _) = gw.state.auth.budgets.spent(&key_id, now);
+    gw.state
+        .auth
+        .budgets
+        .reserve(&key_id, &limits, 1.0 - spent, now)
+        .expect("nothing left reserved");
+}
+
+#[tokio::test]
 async fn spend_survives_a_restart() {
     let actual = cloud_cost(crate::common::FAKE_USAGE.0, crate::common::FAKE_USAGE.1);
     let gw = gateway_with(&Setup {
@@ -409,16 +519,9 @@ tier = "small"
             (header(&r, "x-tiergate-tier"), header(&r, "x-tiergate-rule")),
             (tier, rule)
         );
-        let explained: Value = reqwest::Client::new()
-            .post(format!("{}/v1/route", gw.url))
-            .bearer_auth(secret)
-            .json(&body)
-            .send()
-            .await
-            .expect("route")
-            .json()
-            .await
-            .expect("json");
+        let explained = gw
+            .post_json_with("/v1/route", &[("authorization", &format!("Bearer {secret}"))], &body)
+            .await;
         assert_eq!(explained["rule"], rule, "{explained}");
     }
 }

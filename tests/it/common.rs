@@ -398,24 +398,30 @@ impl Gateway {
 
     /// POSTs `body` to `path` and returns the JSON answer.
     pub async fn post_json(&self, path: &str, body: &Value) -> Value {
-        let r = self
-            .client()
-            .post(format!("{}{path}", self.url))
-            .json(body)
-            .send()
-            .await
-            .expect("send");
-        r.json().await.expect("JSON answer")
+        self.post_json_with(path, &[], body).await
     }
 
-    pub async fn get_text(&self, path: &str) -> String {
-        let r = self
-            .client()
+    /// [`Gateway::post_json`] with more request headers (an `authorization` here replaces
+    /// the test key).
+    pub async fn post_json_with(&self, path: &str, headers: &[(&str, &str)], body: &Value) -> Value {
+        let mut r = self.client().post(format!("{}{path}", self.url)).json(body);
+        for (name, value) in headers {
+            r = r.header(*name, *value);
+        }
+        r.send().await.expect("send").json().await.expect("JSON answer")
+    }
+
+    /// GETs `path` with the test key.
+    pub async fn get(&self, path: &str) -> reqwest::Response {
+        self.client()
             .get(format!("{}{path}", self.url))
             .send()
             .await
-            .expect("send");
-        r.text().await.expect("text answer")
+            .expect("send")
+    }
+
+    pub async fn get_text(&self, path: &str) -> String {
+        self.get(path).await.text().await.expect("text answer")
     }
 
     pub async fn get_json(&self, path: &str) -> Value {

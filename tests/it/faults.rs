@@ -105,6 +105,22 @@ async fn upstream_429_is_retried_after_retry_after_then_falls_back() {
     assert!(row.fallback);
     let limited = ("limited", "upstream_rate_limited");
     assert_eq!(calls, pairs(&[limited, limited, limited, ("cloud", "ok")]));
+    assert_retries(&gw, &[("limited", "429", 2)]).await;
+}
+
+/// `tiergate_upstream_retries_total` has exactly these (tier, reason, count) series.
+async fn assert_retries(gw: &Gateway, want: &[(&str, &str, u64)]) {
+    let metrics = gw.get_text("/metrics").await;
+    let mut series: Vec<&str> = metrics
+        .lines()
+        .filter(|l| l.starts_with("tiergate_upstream_retries_total"))
+        .collect();
+    series.sort_unstable();
+    let want: Vec<String> = want
+        .iter()
+        .map(|(tier, reason, n)| format!("tiergate_upstream_retries_total{{tier=\"{tier}\",reason=\"{reason}\"}} {n}"))
+        .collect();
+    assert_eq!(series, want, "{metrics}");
 }
 
 #[tokio::test]
@@ -125,6 +141,7 @@ async fn a_4xx_is_never_retried_nor_falls_back() {
     assert!(body.to_string().contains("max_tokens is too large"));
     assert_eq!(gw.fake.calls("fake-400"), 1);
     assert_eq!(gw.fake.calls("fake-cloud"), 0);
+    assert_retries(&gw, &[]).await;
 }
 
 #[tokio::test]
@@ -136,6 +153,7 @@ async fn a_500_is_retried_and_the_retry_answers() {
     assert!(!row.fallback, "same tier: a retry, not a fallback");
     assert_eq!(calls, pairs(&[("flaky", "upstream_error"), ("flaky", "ok")]));
     assert_eq!((row.prompt_tokens, row.completion_tokens), FAKE_USAGE);
+    assert_retries(&gw, &[("flaky", "5xx", 1)]).await;
 }
 
 #[tokio::test]
@@ -218,6 +236,7 @@ async fn connection_refused_is_retried_then_falls_back() {
     assert!(row.fallback);
     let gone = ("gone", "upstream_unreachable");
     assert_eq!(calls, pairs(&[gone, gone, gone, ("cloud", "ok")]));
+    assert_retries(&gw, &[("gone", "connect", 2)]).await;
 }
 
 #[tokio::test]

@@ -404,6 +404,88 @@ fn explain_with_a_policy_file_prints_the_trace() {
     );
 }
 
+/// A rule chosen by a header, and a default with a fallback chain and an escalation.
+const CHAIN_POLICY: &str = r#"
+name = "chain"
+[[rules]]
+name = "vip"
+headers = { "x-priority" = "high" }
+tier = "cloud"
+fallback = ["small"]
+
+[[rules]]
+name = "rest"
+tier = "small"
+fallback = ["cloud"]
+min_confidence = 0.3
+escalate_to = "cloud"
+"#;
+
+#[test]
+fn explain_takes_headers_and_prints_the_fallback_chain() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let policy = dir.path().join("chain.toml");
+    std::fs::write(&policy, CHAIN_POLICY).expect("write policy");
+    let policy = policy.to_string_lossy().into_owned();
+    let explain = |extra: &[&str]| {
+        let mut args = vec!["explain", "--policy", &policy];
+        args.extend_from_slice(extra);
+        args.push("hi");
+        let out = tiergate(&args);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        text(&out.stdout)
+    };
+    let s = explain(&[]);
+    assert!(
+        s.contains("  rule vip                  -> cloud      no    header `x-priority` absent"),
+        "{s}"
+    );
+    assert!(s.contains("rule      rest\n"), "{s}");
+    assert!(s.contains("fallback  cloud\n"), "{s}");
+    assert!(
+        s.contains("escalate  to cloud when the answer's confidence is below 0.3\n"),
+        "{s}"
+    );
+
+    let s = explain(&["--header", "X-Priority: high", "-H", "x-other: 1"]);
+    assert!(s.contains("rule      vip\n"), "{s}");
+    assert!(s.contains("fallback  small\n"), "{s}");
+    assert!(!s.contains("escalate"), "{s}");
+
+    let json: Value = serde_json::from_str(&explain(&["--json", "--header", "x-priority: high"])).expect("json");
+    assert_eq!((&json["rule"], &json["fallback"]), (&json!("vip"), &json!(["small"])));
+
+    let out = tiergate(&["explain", "--header", "x-priority", "hi"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains("write it as `NAME: VALUE`"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+#[tokio::test]
+async fn route_shows_the_chosen_rules_fallback_chain() {
+    let gw = gateway_with(&Setup {
+        policy: Some(CHAIN_POLICY.into()),
+        ..Setup::default()
+    })
+    .await;
+    let e = gw.post_json("/v1/route", &user("tiergate-auto", "hi")).await;
+    assert_eq!(e["rule"], "rest", "{e}");
+    assert_eq!(e["fallback"], json!(["cloud"]));
+    assert_eq!(
+        (&e["escalate_to"], &e["min_confidence"]),
+        (&json!("cloud"), &json!(0.3))
+    );
+    let e = gw
+        .post_json_with("/v1/route", &[("x-priority", "high")], &user("tiergate-auto", "hi"))
+        .await;
+    assert_eq!(e["rule"], "vip", "{e}");
+    assert_eq!(e["fallback"], json!(["small"]));
+    assert!(e.get("escalate_to").is_none(), "{e}");
+}
+
 fn calibrate(policy: &Path, target: &str, write: bool) -> String {
     let policy = policy.to_string_lossy().into_owned();
     let mut args = vec![

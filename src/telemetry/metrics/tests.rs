@@ -109,3 +109,46 @@ async fn ledger_counters_are_read_at_scrape_time() {
     ledger.record(Record::default());
     assert!(m.encode().contains("tiergate_ledger_rows_dropped_total 1"));
 }
+
+#[test]
+fn retries_are_counted_by_tier_and_reason_and_only_when_retryable() {
+    use crate::error::Error;
+    let m = Metrics::new(None);
+    let status = Error::UpstreamStatus {
+        tier: "cloud".into(),
+        status: 503,
+    };
+    let limited = Error::UpstreamRateLimited {
+        tier: "cloud".into(),
+        retry_after: None,
+    };
+    let refused = Error::UpstreamUnreachable {
+        tier: "small".into(),
+        connected: false,
+    };
+    let rejected = Error::UpstreamRejected {
+        tier: "cloud".into(),
+        status: 400,
+        detail: "bad".into(),
+    };
+    for (tier, e) in [
+        ("cloud", &status),
+        ("cloud", &status),
+        ("cloud", &limited),
+        ("small", &refused),
+        ("cloud", &rejected),
+    ] {
+        m.retried(tier, e);
+    }
+    let mut series = lines(&m.encode(), "tiergate_upstream_retries_total");
+    series.sort_unstable();
+    assert_eq!(
+        series,
+        [
+            "tiergate_upstream_retries_total{tier=\"cloud\",reason=\"429\"} 1",
+            "tiergate_upstream_retries_total{tier=\"cloud\",reason=\"5xx\"} 2",
+            "tiergate_upstream_retries_total{tier=\"small\",reason=\"connect\"} 1",
+        ],
+        "a rejection is not retried, so not counted"
+    );
+}
