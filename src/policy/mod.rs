@@ -150,10 +150,11 @@ pub struct Escalate {
     pub hold_tokens: usize,
 }
 
-/// `hold_tokens` when a rule with `min_confidence` does not set it: enough tokens for the
-/// mean log-probability to mean something, few enough that the wait before the first
-/// token stays short.
-pub const DEFAULT_HOLD_TOKENS: usize = 16;
+/// `hold_tokens` when a rule with `min_confidence` does not set it: streams are not held.
+/// Holding delays every stream's first token by that many decode steps (16 tokens of the
+/// default model: ~0.8 s here) and a prefix is judged more harshly than a whole answer, so
+/// it is for the policy to ask for (16 is a reasonable start).
+pub const DEFAULT_HOLD_TOKENS: usize = 0;
 /// Most tokens a stream may be held back for: beyond this the client waits as long as for
 /// a whole short answer.
 pub const MAX_HOLD_TOKENS: usize = 256;

@@ -303,8 +303,8 @@ fn read_stream(chunks: &[Value]) -> (String, String, Value) {
 #[tokio::test]
 async fn a_weak_streamed_local_answer_is_replaced_by_the_escalation_tiers_stream() {
     // A threshold no answer reaches. `hold_tokens = 3` judges the answer (8 tokens) on its
-    // first 3 and cancels the rest; the default (16) judges it whole.
-    for (hold, judged) in [("hold_tokens = 3", 3), ("", 8)] {
+    // first 3 and cancels the rest; 16 judges it whole.
+    for (hold, judged) in [("hold_tokens = 3", 3), ("hold_tokens = 16", 8)] {
         let p = format!(
             "stickiness = false\n{}",
             policy(&format!("min_confidence = 1.0\nescalate_to = \"cloud\"\n{hold}"))
@@ -385,8 +385,9 @@ async fn an_escalated_stream_cancels_the_local_generation_and_frees_its_slot() {
 #[tokio::test]
 async fn a_confident_streamed_local_answer_is_held_then_sent_unchanged() {
     // No confidence is below 0: the held prefix is always kept. `hold_tokens = 3` keeps a
-    // prefix and streams the rest; `hold_tokens = 0` does not hold (nor escalate) at all.
-    for hold in ["hold_tokens = 3", "", "hold_tokens = 0"] {
+    // prefix and streams the rest; `hold_tokens = 0` (the default) does not hold (nor
+    // escalate) at all.
+    for hold in ["hold_tokens = 3", "hold_tokens = 16", "", "hold_tokens = 0"] {
         let p = policy(&format!("min_confidence = 0.0\nescalate_to = \"cloud\"\n{hold}"));
         let gw = local_gateway(2, 4, Some(p)).await;
         // Named by its model, the local tier streams without a rule's escalation.
@@ -395,7 +396,11 @@ async fn a_confident_streamed_local_answer_is_held_then_sent_unchanged() {
         assert_eq!(h["x-tiergate-tier"], "local");
         assert!(h.get("x-tiergate-escalated").is_none());
         let confidence = h.get("x-tiergate-confidence").map(|v| v.to_str().expect("ascii"));
-        assert_eq!(confidence.is_some(), !hold.ends_with('0'), "{hold}: judged prefix");
+        assert_eq!(
+            confidence.is_some(),
+            !(hold.is_empty() || hold.ends_with('0')),
+            "{hold}: judged prefix"
+        );
         let read = read_stream(&held);
         assert_eq!(read, read_stream(&plain), "{hold}");
         assert_eq!(read.0, ANSWER);
