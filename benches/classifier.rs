@@ -3,7 +3,8 @@
 //!
 //! `cargo bench --bench classifier` (after `python3 scripts/provision.py`). Besides
 //! criterion's estimates it prints p50/p90/p99 over 2,000 single-prompt calls per path,
-//! the figures BENCHMARKS.md quotes.
+//! the figures BENCHMARKS.md quotes, for the served settings (ONNX Runtime threads
+//! spinning) and, side by side in blocks, with `spinning = false`.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -28,11 +29,11 @@ fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-fn featurizer() -> Featurizer {
+fn featurizer(spinning: bool) -> Featurizer {
     tiergate::onnx::init(None).expect("run `python3 scripts/provision.py` first");
     let spec = Spec::load(&repo().join("router-model/head.json")).expect("spec");
     let encoder = tiergate::cache::cache_dir().join("models/all-minilm-l6-v2-int8");
-    Featurizer::load(&encoder, &repo().join("router-model/head.onnx"), spec, 2, false).expect("router model")
+    Featurizer::load(&encoder, &repo().join("router-model/head.onnx"), spec, 2, spinning).expect("router model")
 }
 
 fn classifier() -> Classifier {
@@ -42,7 +43,7 @@ fn classifier() -> Classifier {
         spec: repo().join("router-model/head.json"),
         workers: 1,
         threads_per_worker: 2,
-        spinning: false,
+        spinning: true,
         max_batch: 8,
         queue_capacity: 64,
         // No cache hits: every call is a model pass.
@@ -53,7 +54,7 @@ fn classifier() -> Classifier {
 }
 
 fn bench(c: &mut Criterion) {
-    let mut f = featurizer();
+    let mut f = featurizer(true);
     for (i, p) in PROMPTS.iter().enumerate() {
         let tokens = f.encode(p).expect("encode").len();
         c.bench_function(&format!("featurizer/prompt{i}_{tokens}tok"), |b| {
@@ -80,15 +81,27 @@ fn percentiles(name: &str, mut samples: Vec<Duration>) {
 }
 
 fn latency_report() {
-    let mut f = featurizer();
-    let mut direct = Vec::new();
-    for i in 0..2000 {
-        let p = PROMPTS[i % PROMPTS.len()];
-        let t = Instant::now();
-        f.score(&[p]).expect("score");
-        direct.push(t.elapsed());
+    // Blocks of 250 calls, alternating: a spinning session's threads keep a core busy for
+    // a while after each call, which would slow the other's next call.
+    let mut spinning = featurizer(true);
+    let mut quiet = featurizer(false);
+    let (mut direct, mut calm) = (Vec::new(), Vec::new());
+    for block in 0..8 {
+        let (f, out) = if block % 2 == 0 {
+            (&mut spinning, &mut direct)
+        } else {
+            (&mut quiet, &mut calm)
+        };
+        for i in 0..250 {
+            let p = PROMPTS[i % PROMPTS.len()];
+            let t = Instant::now();
+            f.score(&[p]).expect("score");
+            out.push(t.elapsed());
+        }
     }
+    drop(spinning);
     percentiles("featurizer (tokenize+encode+head)", direct);
+    percentiles("featurizer, spinning = false", calm);
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     let cl = Arc::new(classifier());
     let through_queue = rt.block_on(async {

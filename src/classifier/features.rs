@@ -101,7 +101,7 @@ fn session(path: &Path, threads: usize, spinning: bool) -> Result<Session, Strin
 
 impl Featurizer {
     /// `spinning`: ONNX Runtime's intra-op threads busy-wait for work after each run; that
-    /// shaves wake-ups off a score but burns the CPU the gateway's async workers need.
+    /// shaves wake-ups off a score but burns CPU that other work may need.
     pub fn load(
         encoder_dir: &Path,
         head: &Path,

@@ -857,9 +857,10 @@ fn classifier_config(
             // Never more threads than the CPUs this process may run on (taskset, cgroups).
             threads_per_worker.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get().min(2))),
         )?,
-        // Off by default, as for the local tier: spinning threads take CPU from the async
-        // workers that relay every other request.
-        spinning: spinning.unwrap_or(false),
+        // On by default (ONNX Runtime's own default): a score takes ~25 % less time with
+        // its threads spinning (BENCHMARKS.md, "Classifier latency"), and the thread count
+        // above never exceeds the CPUs, where spinning would starve the async workers.
+        spinning: spinning.unwrap_or(true),
         max_batch: positive(file, "routing.classifier.max_batch", max_batch.unwrap_or(8))?,
         queue_capacity: positive(file, "routing.classifier.queue_capacity", queue_capacity.unwrap_or(64))?,
         cache_capacity: cache_capacity.unwrap_or(10_000),
