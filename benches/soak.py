@@ -74,11 +74,7 @@ def main() -> None:
     if not line.startswith("LISTEN "):
         sys.exit(f"[soak] error: bench-upstream did not start; see {work / 'upstream.log'}")
     upstream = "http://" + line.split()[1]
-    port = bench.free_port()
-    log = work / "tiergate.log"
-    tg = bench.spawn([str(bins["tiergate"]), "serve", "--config", str(bench.tiergate_config(work, upstream, port))],
-                     None, log)
-    bench.wait_http(f"http://127.0.0.1:{port}/healthz", tg, "tiergate", log, 60)
+    tg, port, secret = bench.start_tiergate(bins, work, upstream, None, work / "tiergate.log")
     url = f"http://127.0.0.1:{port}/v1/chat/completions"
     load = Path("/proc/loadavg").read_text().split()[:3]
     say(f"load average before: {' '.join(load)} ({os.cpu_count()} CPUs)")
@@ -100,7 +96,8 @@ def main() -> None:
     gens = [
         subprocess.Popen([str(bins["bench-loadgen"]), "--url", url, "--body", body("tiergate-auto", stream),
                           "--rate", str(rate), "--duration", str(duration), "--warmup", "0",
-                          "--timeout", "10", "--header", "content-type: application/json"],
+                          "--timeout", "10", "--header", "content-type: application/json",
+                          "--header", f"authorization: Bearer {secret}"],
                          stdout=subprocess.PIPE, env=bench.child_env())
         for stream, rate in ((False, a.rate), (True, a.rate / 2))
     ]
