@@ -36,6 +36,16 @@ pub struct NewKey {
     pub limits: KeyLimits,
 }
 
+impl NewKey {
+    /// A key with only a name: no team, the `[auth]` default limits.
+    pub fn named(name: &str) -> NewKey {
+        NewKey {
+            name: name.to_owned(),
+            ..NewKey::default()
+        }
+    }
+}
+
 pub struct KeyStore {
     conn: Connection,
     path: PathBuf,

@@ -53,12 +53,7 @@ fn a_created_key_is_stored_hashed_listed_without_its_secret_and_revocable() {
     assert!(secret.starts_with("tg-") && secret.len() == 3 + 64, "{secret}");
     assert!(key.id.starts_with("key_") && !secret.contains(&key.id[4..]));
     assert!(secret.starts_with(&key.prefix));
-    let (_, other) = store
-        .create(&NewKey {
-            name: "bob".into(),
-            ..NewKey::default()
-        })
-        .expect("create");
+    let (_, other) = store.create(&NewKey::named("bob")).expect("create");
     assert_ne!(secret, other, "secrets are random");
 
     let listed = store.list().expect("list");
@@ -68,12 +63,7 @@ fn a_created_key_is_stored_hashed_listed_without_its_secret_and_revocable() {
         store.by_hash(&store::hash_secret(&secret)).expect("lookup"),
         Some(key.clone())
     );
-    let err = store
-        .create(&NewKey {
-            name: "alice".into(),
-            ..NewKey::default()
-        })
-        .expect_err("duplicate name");
+    let err = store.create(&NewKey::named("alice")).expect_err("duplicate name");
     assert!(err.contains("`alice` already exists"), "{err}");
 
     let revoked = store.revoke("alice").expect("revoke").expect("found");
@@ -97,18 +87,8 @@ fn authenticate_accepts_live_keys_and_refuses_missing_unknown_and_revoked_ones()
     let dir = tempfile::tempdir().expect("tempdir");
     let cfg = auth_config(&dir.path().join("keys.db"));
     let store = KeyStore::open(&cfg.keys_db).expect("open");
-    let (key, secret) = store
-        .create(&NewKey {
-            name: "alice".into(),
-            ..NewKey::default()
-        })
-        .expect("create");
-    let (_, revoked) = store
-        .create(&NewKey {
-            name: "old".into(),
-            ..NewKey::default()
-        })
-        .expect("create");
+    let (key, secret) = store.create(&NewKey::named("alice")).expect("create");
+    let (_, revoked) = store.create(&NewKey::named("old")).expect("create");
     store.revoke("old").expect("revoke");
     let auth = Auth::start(&cfg, &dir.path().join("ledger.db")).expect("start");
 
@@ -146,12 +126,7 @@ fn revocation_applies_once_the_cached_entry_expires() {
     let mut cfg = auth_config(&dir.path().join("keys.db"));
     cfg.cache_ttl = Duration::from_millis(50);
     let store = KeyStore::open(&cfg.keys_db).expect("open");
-    let (_, secret) = store
-        .create(&NewKey {
-            name: "alice".into(),
-            ..NewKey::default()
-        })
-        .expect("create");
+    let (_, secret) = store.create(&NewKey::named("alice")).expect("create");
     let auth = Auth::start(&cfg, &dir.path().join("ledger.db")).expect("start");
     assert!(auth.authenticate(&cfg, &bearer(&secret)).is_ok());
     store.revoke("alice").expect("revoke");

@@ -31,12 +31,7 @@ async fn assert_401(r: reqwest::Response, says: &str) {
 async fn chat_needs_a_live_gateway_key_and_refusals_are_accounted() {
     let gw = gateway().await;
     let store = KeyStore::open(&gw.keys_db).expect("store");
-    let (_, revoked) = store
-        .create(&NewKey {
-            name: "old".into(),
-            ..NewKey::default()
-        })
-        .expect("create");
+    let (_, revoked) = store.create(&NewKey::named("old")).expect("create");
     store.revoke("old").expect("revoke");
     let body = user("tiergate-auto", "hi");
 
@@ -501,12 +496,7 @@ tier = "small"
             ..NewKey::default()
         })
         .expect("create alice");
-    let (_, vip) = store
-        .create(&NewKey {
-            name: "vip".into(),
-            ..NewKey::default()
-        })
-        .expect("create vip");
+    let (_, vip) = store.create(&NewKey::named("vip")).expect("create vip");
     let body = user("tiergate-auto", "hi");
     for (secret, tier, rule) in [
         (gw.key.as_str(), "small", "default"),
