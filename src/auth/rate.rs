@@ -149,6 +149,10 @@ impl RateLimits {
 
     /// Counts one request against the key's requests-per-minute limit.
     pub fn check_request(&self, key_id: &str, limits: &KeyLimits) -> Result<(), Error> {
+        // Most keys have no limits: they need not take the lock every request passes through.
+        if limits.rpm.is_none() {
+            return Ok(());
+        }
         let l = self.limiters(key_id, limits);
         let Some(rl) = &l.requests else {
             return Ok(());
@@ -172,6 +176,9 @@ impl RateLimits {
     /// Counts `tokens` (the request's estimated prompt plus the most it may generate)
     /// against the key's tokens-per-minute limit.
     pub fn check_tokens(&self, key_id: &str, limits: &KeyLimits, tokens: u64) -> Result<(), Error> {
+        if limits.tpm.is_none() {
+            return Ok(());
+        }
         let l = self.limiters(key_id, limits);
         let Some(rl) = &l.tokens else {
             return Ok(());
@@ -229,18 +236,22 @@ impl RateLimits {
 /// Adds OpenAI's `x-ratelimit-{limit,remaining,reset}-{requests,tokens}` for the limits a
 /// key has. `reset` is in OpenAI's form (`20s`, `1m0s`, `350ms`), rounded up.
 pub fn put_headers(h: &mut HeaderMap, (requests, tokens): (Option<Window>, Option<Window>)) {
-    for (what, w) in [("requests", requests), ("tokens", tokens)] {
+    const REQUESTS: [&str; 3] = [
+        "x-ratelimit-limit-requests",
+        "x-ratelimit-remaining-requests",
+        "x-ratelimit-reset-requests",
+    ];
+    const TOKENS: [&str; 3] = [
+        "x-ratelimit-limit-tokens",
+        "x-ratelimit-remaining-tokens",
+        "x-ratelimit-reset-tokens",
+    ];
+    for (names, w) in [(REQUESTS, requests), (TOKENS, tokens)] {
         let Some(w) = w else { continue };
-        for (name, value) in [
-            ("limit", w.limit.to_string()),
-            ("remaining", w.remaining.to_string()),
-            ("reset", duration_text(w.reset)),
-        ] {
-            if let (Ok(n), Ok(v)) = (
-                HeaderName::try_from(format!("x-ratelimit-{name}-{what}")),
-                HeaderValue::try_from(value),
-            ) {
-                h.insert(n, v);
+        let values = [w.limit.to_string(), w.remaining.to_string(), duration_text(w.reset)];
+        for (name, value) in names.into_iter().zip(values) {
+            if let Ok(v) = HeaderValue::try_from(value) {
+                h.insert(HeaderName::from_static(name), v);
             }
         }
     }

@@ -112,7 +112,7 @@ async fn handle(
         ctx.headers.get(HEADER_CONVERSATION).map(String::as_str),
         &req,
     );
-    let prompt_estimate = tokens::estimate(&req.all_text());
+    let prompt_estimate = decision.request_tokens;
     let (tier, _) = tier_backend(rt, &decision.tier)?;
     acct.routed(&decision, &tier.model, tier.price, prompt_estimate);
     if let Some(p) = &principal {

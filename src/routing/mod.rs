@@ -98,6 +98,9 @@ pub struct RouteDecision {
     pub policy: Option<String>,
     pub score: Option<Score>,
     pub prompt_tokens: u64,
+    /// Estimated tokens of everything billed as input (all messages, not only what was
+    /// scored): computed once here for the cost cap, the ledger, limits and `explain`.
+    pub request_tokens: u64,
     /// The rule's spill and escalation tiers (none for a request that named a tier).
     pub then: Then,
     /// `max_tokens` is clamped to this for the first call (the rule's tier is local and the
@@ -191,12 +194,14 @@ pub async fn route_with(
 ) -> Result<RouteDecision, Error> {
     let scored = req.scored_text();
     let prompt_tokens = tokens::estimate(&scored);
+    let request_tokens = tokens::estimate(&req.all_text());
     let decision = |tier: String, rule: &str, policy: Option<String>| RouteDecision {
         tier,
         rule: rule.to_owned(),
         policy,
         score: None,
         prompt_tokens,
+        request_tokens,
         then: Then::default(),
         max_output_tokens: None,
         sticky: false,
@@ -251,6 +256,7 @@ pub async fn route_with(
         policy: Some(policy.name.clone()),
         score: Some(score),
         prompt_tokens,
+        request_tokens,
         then: rule.then.clone(),
         max_output_tokens: None,
         sticky: policy.stickiness,
@@ -275,7 +281,7 @@ fn apply_caps(config: &Config, rule: &Rule, req: &ChatRequest, d: &mut RouteDeci
     let Some(cap) = rule.caps.max_cost_usd else {
         return Ok(());
     };
-    let prompt = tokens::estimate(&req.all_text());
+    let prompt = d.request_tokens;
     let requested = requested_output_tokens(req).unwrap_or(DEFAULT_OUTPUT_ESTIMATE);
     let cost = |tier: &str| {
         let output = clamp(tier).map_or(requested, |c| c.min(requested));
@@ -416,7 +422,7 @@ pub async fn explain_with(
         .tiers
         .get(&d.tier)
         .ok_or_else(|| Error::Internal(format!("unknown tier `{}`", d.tier)))?;
-    let prompt_tokens = tokens::estimate(&req.all_text());
+    let prompt_tokens = d.request_tokens;
     let requested = requested_output_tokens(req).unwrap_or(DEFAULT_OUTPUT_ESTIMATE);
     let output = d.max_output_tokens.map_or(requested, |c| c.min(requested));
     let trace = match (select_policy(config, &req.model)?, &d.facts) {
