@@ -18,6 +18,7 @@ Standard library only: it must run on a bare Python 3.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import hashlib
 import json
 import os
@@ -332,8 +333,30 @@ def main() -> None:
     if unknown:
         sys.exit(f"[provision] error: unknown step(s) {', '.join(unknown)}; known: {', '.join(all_steps)}")
     say(f"cache: {cache_dir()}")
-    for n in names:
-        all_steps[n].ensure()
+    with cache_lock():
+        for n in names:
+            all_steps[n].ensure()
+
+
+class cache_lock:
+    """One provisioning run at a time per cache: two runs (say, CI jobs sharing the machine's
+    cache) would otherwise build the same model into the same `.partial` directory. The
+    second waits, then finds the first one's stamps and skips what is done."""
+
+    def __enter__(self) -> "cache_lock":
+        cache_dir().mkdir(parents=True, exist_ok=True)
+        path = cache_dir() / ".provision.lock"
+        self.file = open(path, "a+")
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            say(f"another provisioning run holds `{path}`; waiting for it to finish")
+            fcntl.flock(self.file, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        fcntl.flock(self.file, fcntl.LOCK_UN)
+        self.file.close()
 
 
 if __name__ == "__main__":
