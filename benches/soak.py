@@ -68,12 +68,8 @@ def main() -> None:
 
     bins = bench.build()
     work = Path(tempfile.mkdtemp(prefix="soak-"))
-    up = bench.spawn([str(bins["bench-upstream"]), "--listen", "127.0.0.1:0", "--latency-ms",
-                      str(a.latency_ms)], None, work / "upstream.log", stdout=subprocess.PIPE)
-    line = up.stdout.readline().decode().strip()
-    if not line.startswith("LISTEN "):
-        sys.exit(f"[soak] error: bench-upstream did not start; see {work / 'upstream.log'}")
-    upstream = "http://" + line.split()[1]
+    up, upstream = bench.spawn_listening([str(bins["bench-upstream"]), "--listen", "127.0.0.1:0", "--latency-ms",
+                                          str(a.latency_ms)], None, work / "upstream.log")
     tg, port, secret = bench.start_tiergate(bins, work, upstream, None, work / "tiergate.log")
     url = f"http://127.0.0.1:{port}/v1/chat/completions"
     load = Path("/proc/loadavg").read_text().split()[:3]
