@@ -195,13 +195,15 @@ impl Error {
             Error::CircuitOpen { .. } | Error::TierUnavailable { .. } | Error::LocalSaturated { .. } => {
                 tier_down(None, false)
             }
+            // The tier is broken like a 5xx upstream is, but the same input would fail the
+            // same way again: no retry.
+            Error::LocalEngine { .. } => tier_down(None, true),
             Error::InvalidRequest { .. }
             | Error::BodyTooLarge { .. }
             | Error::ModelNotFound(_)
             | Error::PolicyNotFound { .. }
             | Error::Upstream { .. }
             | Error::UpstreamRejected { .. }
-            | Error::LocalEngine { .. }
             | Error::ShuttingDown
             | Error::Unauthorized(_)
             | Error::RateLimited { .. }
@@ -343,6 +345,15 @@ mod tests {
             ),
             (Error::CircuitOpen { tier: tier() }, true, None, false),
             (Error::LocalSaturated { tier: tier() }, true, None, false),
+            (
+                Error::LocalEngine {
+                    tier: tier(),
+                    detail: "onnx run failed".into(),
+                },
+                true,
+                None,
+                true,
+            ),
             (
                 Error::UpstreamRejected {
                     tier: tier(),

@@ -378,6 +378,19 @@ fn usage_json(f: &Finish) -> Value {
     })
 }
 
+/// A sequence's first event, or the error it ended with before producing one.
+async fn first_event(rx: &mut UnboundedReceiver<Event>, tier: &str) -> Result<Event, Error> {
+    let detail = match rx.recv().await {
+        Some(Event::Failed(e)) => e,
+        Some(e) => return Ok(e),
+        None => "the local engine stopped".into(),
+    };
+    Err(Error::LocalEngine {
+        tier: tier.to_owned(),
+        detail,
+    })
+}
+
 fn usage_of(f: &Finish) -> Usage {
     Usage {
         prompt_tokens: f.prompt_tokens as u64,
@@ -438,6 +451,11 @@ impl Backend for LocalBackend {
                 .and_then(|o| o.include_usage)
                 .unwrap_or(false);
             let mut rx = self.admit(req, hold_tokens).await?;
+            // Prefill is where a local answer fails (the graph rejects the input, the
+            // engine is gone); waiting for its first event makes that an HTTP error or a
+            // fallback to the next tier instead of an error inside a 200 stream, as the
+            // OpenAI backend does.
+            let mut first = Some(first_event(&mut rx, &self.tier).await?);
             let id = completion_id();
             let created = now_secs();
             let model = self.model.clone();
@@ -468,7 +486,11 @@ impl Backend for LocalBackend {
                     usage_only: false,
                 });
                 loop {
-                    match rx.recv().await {
+                    let event = match first.take() {
+                        Some(e) => Some(e),
+                        None => rx.recv().await,
+                    };
+                    match event {
                         Some(Event::Text(t)) => {
                             yield Ok(StreamItem::Chunk {
                                 json: chunk(delta(json!({"content": t}), None), None),
@@ -525,5 +547,38 @@ impl Backend for LocalBackend {
             Ok(s.boxed())
         }
         .boxed()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::sync::mpsc::unbounded_channel;
+
+    #[tokio::test]
+    async fn a_sequence_failing_before_its_first_event_is_an_error_not_a_stream() {
+        let (tx, mut rx) = unbounded_channel();
+        tx.send(Event::Failed("prefill: bad input".into())).unwrap();
+        match first_event(&mut rx, "local").await {
+            Err(Error::LocalEngine { tier, detail }) => {
+                assert_eq!(tier, "local");
+                assert_eq!(detail, "prefill: bad input");
+            }
+            other => panic!("expected a local engine error, got {other:?}"),
+        }
+
+        let (tx, mut rx) = unbounded_channel::<Event>();
+        drop(tx);
+        assert!(matches!(
+            first_event(&mut rx, "local").await,
+            Err(Error::LocalEngine { detail, .. }) if detail == "the local engine stopped"
+        ));
+
+        let (tx, mut rx) = unbounded_channel();
+        tx.send(Event::Text("Hi".into())).unwrap();
+        tx.send(Event::Failed("later".into())).unwrap();
+        assert!(matches!(first_event(&mut rx, "local").await, Ok(Event::Text(t)) if t == "Hi"));
+        // Later events stay for the stream, which reports a failure after the first token in-band.
+        assert!(matches!(rx.recv().await, Some(Event::Failed(_))));
     }
 }
