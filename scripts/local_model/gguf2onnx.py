@@ -215,10 +215,46 @@ def rotate(g: G, x: str, cos: str, sin: str, half: int, name: str) -> str:
     return g.op("Add", [a, b], name=f"{name}/Add")
 
 
-def build_onnx(m: GGUFModel, out_path: str, progress=log) -> None:
+def linear_nbits(g: G, x: str, d, k: int, name: str) -> str:
+    """x @ W^T for GGUF weights decomposed by gguf_nbits: 4-bit terms plus block constants."""
+    import gguf_nbits
+    out = None
+    for i, t in enumerate(d.terms):
+        packed, scales, zps = gguf_nbits.pack(t)
+        ins = [x, g.w.add(f"{name}.q{i}", packed), g.w.add(f"{name}.scales{i}", scales),
+               g.w.add(f"{name}.zero_points{i}", zps)]
+        y = g.op("MatMulNBits", ins, name=f"{name}/MatMulNBits{i}", domain="com.microsoft",
+                 K=k, N=t.codes.shape[0], bits=4, block_size=t.block, accuracy_level=0)
+        out = y if out is None else g.op("Add", [out, y], name=f"{name}/AddTerm{i}")
+    if d.consts is not None:
+        blocks = g.op("Reshape", [x, g.const([0, 0, k // 32, 32])], name=f"{name}/Blocks")
+        sums = g.op("ReduceSum", [blocks, g.const([-1])], name=f"{name}/BlockSum", keepdims=0)
+        c = g.op("MatMul", [sums, g.w.add(f"{name}.block_consts", d.consts.T)], name=f"{name}/BlockConsts")
+        out = g.op("Add", [out, c], name=f"{name}/AddConsts")
+    return out
+
+
+def build_onnx(m: GGUFModel, out_path: str, progress=log, weights: str = "fp32") -> None:
+    """weights: "fp32" (dequantized MatMul weights, to be quantized afterwards) or "gguf4"
+    (the GGUF's own block-quantized weights as exact 4-bit MatMulNBits terms, see gguf_nbits)."""
     t0 = time.time()
     w = ExternalWriter(out_path)
     g = G(w)
+    exact4 = weights == "gguf4"
+    if exact4:
+        import gguf_nbits
+
+    def matmul(x: str, tensor: str, name: str, init: str, n_heads_for_perm=None) -> str:
+        # x [B,S,K] @ W^T with W the GGUF tensor [N, K] (q/k rows un-permuted for llama)
+        t = m.tensors[tensor]
+        if exact4 and t.tensor_type not in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
+            d = gguf_nbits.decompose(t)
+            gguf_nbits.check(d, m.weight(tensor), tensor)
+            if n_heads_for_perm is not None and m.arch == "llama":
+                d = gguf_nbits.permute_rows(d, lambda a: unpermute_qk(a, n_heads_for_perm))
+            return linear_nbits(g, x, d, int(t.shape[0]), name)
+        wt = m.qk_weight(tensor, n_heads_for_perm) if n_heads_for_perm is not None else m.weight(tensor)
+        return g.op("MatMul", [x, w.add(init, wt.T)], name=f"{name}/MatMul")
     H, nh, nkv, hd = m.hidden, m.n_heads, m.n_kv_heads, m.head_dim
     rep = nh // nkv
     V = m.vocab
@@ -241,7 +277,7 @@ def build_onnx(m: GGUFModel, out_path: str, progress=log) -> None:
     w.add("model.embed_tokens.weight", emb.astype(np.float16))
     h = g.op("Gather", ["model.embed_tokens.weight", "input_ids"], name="embed/Gather", axis=0)
     h = g.op("Cast", [h], name="embed/Cast", to=TensorProto.FLOAT)
-    if m.tied:
+    if m.tied and not exact4:
         lm_head = emb.T.copy()
     del emb
 
@@ -277,12 +313,7 @@ def build_onnx(m: GGUFModel, out_path: str, progress=log) -> None:
         x = rms_norm(g, h, attn_norm, m.eps, f"/{p}/input_layernorm")
 
         def proj(name, tensor, n_heads_for_perm=None, bias_name=None):
-            if n_heads_for_perm is not None:
-                wt = m.qk_weight(tensor, n_heads_for_perm)
-            else:
-                wt = m.weight(tensor)
-            init = w.add(f"{p}.{name}.weight", wt.T)
-            y = g.op("MatMul", [x, init], name=f"/{p}/{name}/MatMul")
+            y = matmul(x, tensor, f"/{p}/{name}", f"{p}.{name}.weight", n_heads_for_perm)
             if bias_name is not None and bias_name in m.tensors:
                 if n_heads_for_perm is not None:
                     bb = m.qk_weight(bias_name, n_heads_for_perm)
@@ -322,34 +353,36 @@ def build_onnx(m: GGUFModel, out_path: str, progress=log) -> None:
         o = g.op("Reshape", [o, g.const([0, nh, -1, hd])], name=f"{a}/o/Reshape4")
         o = g.op("Transpose", [o], name=f"{a}/o/Transpose", perm=[0, 2, 1, 3])
         o = g.op("Reshape", [o, g.const([0, 0, nh * hd])], name=f"{a}/o/Reshape")
-        wo = w.add(f"{p}.self_attn.o_proj.weight", m.weight(f"{b}.attn_output.weight").T)
-        o = g.op("MatMul", [o, wo], name=f"{a}/o_proj/MatMul")
+        o = matmul(o, f"{b}.attn_output.weight", f"{a}/o_proj", f"{p}.self_attn.o_proj.weight")
         h = g.op("Add", [h, o], name=f"/{p}/attn_residual")
 
         ffn_norm = w.add(f"{p}.post_attention_layernorm.weight", m.weight(f"{b}.ffn_norm.weight"))
         x = rms_norm(g, h, ffn_norm, m.eps, f"/{p}/post_attention_layernorm")
-        wg = w.add(f"{p}.mlp.gate_proj.weight", m.weight(f"{b}.ffn_gate.weight").T)
-        wu = w.add(f"{p}.mlp.up_proj.weight", m.weight(f"{b}.ffn_up.weight").T)
-        wd = w.add(f"{p}.mlp.down_proj.weight", m.weight(f"{b}.ffn_down.weight").T)
         f = f"/{p}/mlp"
-        gt = g.op("MatMul", [x, wg], name=f"{f}/gate_proj/MatMul")
-        up = g.op("MatMul", [x, wu], name=f"{f}/up_proj/MatMul")
+        gt = matmul(x, f"{b}.ffn_gate.weight", f"{f}/gate_proj", f"{p}.mlp.gate_proj.weight")
+        up = matmul(x, f"{b}.ffn_up.weight", f"{f}/up_proj", f"{p}.mlp.up_proj.weight")
         act = g.op("Mul", [gt, g.op("Sigmoid", [gt], name=f"{f}/act/Sigmoid")], name=f"{f}/act/Mul")
-        y = g.op("MatMul", [g.op("Mul", [act, up], name=f"{f}/Mul"), wd], name=f"{f}/down_proj/MatMul")
+        y = matmul(g.op("Mul", [act, up], name=f"{f}/Mul"), f"{b}.ffn_down.weight", f"{f}/down_proj",
+                   f"{p}.mlp.down_proj.weight")
         h = g.op("Add", [h, y], name=f"/{p}/mlp_residual")
         progress(f"  layer {i + 1}/{m.n_layers} dequantized ({time.time() - t0:.1f}s)")
 
     norm = w.add("model.norm.weight", m.weight("output_norm.weight"))
     h = rms_norm(g, h, norm, m.eps, "/model/norm")
-    if not m.tied:
-        lm_head = m.weight("output.weight").T.copy()
-    w.add("lm_head.weight", lm_head)
-    del lm_head
-    g.nodes.append(helper.make_node("MatMul", [h, "lm_head.weight"], ["logits"], name="/lm_head/MatMul"))
+    if exact4:
+        logits = matmul(h, "output.weight" if not m.tied else "token_embd.weight", "/lm_head", "lm_head.weight")
+        g.nodes.append(helper.make_node("Identity", [logits], ["logits"], name="/lm_head/Identity"))
+    else:
+        if not m.tied:
+            lm_head = m.weight("output.weight").T.copy()
+        w.add("lm_head.weight", lm_head)
+        del lm_head
+        g.nodes.append(helper.make_node("MatMul", [h, "lm_head.weight"], ["logits"], name="/lm_head/MatMul"))
     w.close()
 
     graph = helper.make_graph(g.nodes, "decoder", inputs, outputs, initializer=w.inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
+    opsets = [helper.make_opsetid("", OPSET)] + ([helper.make_opsetid("com.microsoft", 1)] if exact4 else [])
+    model = helper.make_model(graph, opset_imports=opsets,
                               producer_name="tiergate-gguf2onnx")
     model.ir_version = 8
     onnx.save_model(model, out_path)

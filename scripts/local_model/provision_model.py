@@ -145,21 +145,28 @@ def provision(key: str, cache: str, quant: str | None = None, force: bool = Fals
     info = gguf_tokenizer.write_tokenizer(m, build)
     gguf_tokenizer.verify(os.path.join(build, "tokenizer.json"), info, log=log)
     gguf2onnx.write_configs(m, build, info["stop_token_ids"])
-    log("onnx: dequantizing GGUF tensors into an fp32 graph")
-    fp32 = os.path.join(build, "model_fp32.onnx")
-    gguf2onnx.build_onnx(m, fp32, progress=log)
+    direct = quant == "gguf4"  # the GGUF's own weights, no fp32 graph to quantize
+    if direct:
+        log("onnx: GGUF weights as exact 4-bit MatMulNBits terms (gguf4)")
+        graph = os.path.join(build, "model.onnx")
+        gguf2onnx.build_onnx(m, graph, progress=log, weights="gguf4")
+    else:
+        log("onnx: dequantizing GGUF tensors into an fp32 graph")
+        graph = os.path.join(build, "model_fp32.onnx")
+        gguf2onnx.build_onnx(m, graph, progress=log)
     if verify:
         from tokenizers import Tokenizer
         tok = Tokenizer.from_file(os.path.join(build, "tokenizer.json"))
         ids = tok.encode("<|im_start|>user\nWhat is 2 + 2?<|im_end|>\n", add_special_tokens=False).ids
         log(f"onnx: checking the graph against a numpy forward pass ({len(ids)} tokens)")
-        gguf2onnx.verify_against_reference(m, fp32, ids, progress=log)
+        gguf2onnx.verify_against_reference(m, graph, ids, progress=log)
     del m
-    log(f"quantize: {quant}")
-    qz.quantize(build, quant, src="model_fp32.onnx", dst="model.onnx", log=log)
-    if not keep_fp32:
-        for f in ("model_fp32.onnx", "model_fp32.onnx_data"):
-            os.remove(os.path.join(build, f))
+    if not direct:
+        log(f"quantize: {quant}")
+        qz.quantize(build, quant, src="model_fp32.onnx", dst="model.onnx", log=log)
+        if not keep_fp32:
+            for f in ("model_fp32.onnx", "model_fp32.onnx_data"):
+                os.remove(os.path.join(build, f))
 
     log("smoke test: greedy decode of the reference prompts")
     import python_greedy
@@ -200,7 +207,7 @@ def main(argv=None):
     ap.add_argument("--model", required=True, help="smollm2-135m | qwen2.5-coder-0.5b")
     ap.add_argument("--cache-dir", default=os.environ.get("TIERGATE_CACHE")
                     or os.path.join(os.path.expanduser("~"), ".cache", "tiergate"))
-    ap.add_argument("--quant", choices=["hybrid8", "hybrid4", "int8dyn", "nbits4", "nbits8"],
+    ap.add_argument("--quant", choices=["hybrid8", "hybrid4", "int8dyn", "nbits4", "nbits8", "gguf4"],
                     help="override the quantization pinned in artifacts.toml")
     ap.add_argument("--force", action="store_true", help="rebuild even if the stamp matches")
     ap.add_argument("--keep-fp32", action="store_true", help="keep model_fp32.onnx next to model.onnx")
