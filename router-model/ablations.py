@@ -19,11 +19,12 @@ import metrics as M  # noqa: E402
 import train as T  # noqa: E402
 
 
-def fit(X, t, w, intercept):
+def fit(X, t, w, intercept, length_weight):
     if not intercept:
-        return T.fit_head(X, t, w)
+        return T.fit_head(X, t, w, length_weight)
     from sklearn.linear_model import LogisticRegression
     mu, sd = X.mean(0), X.std(0) + 1e-8
+    sd[-1] /= length_weight
     Xs = (X - mu) / sd
     m = LogisticRegression(C=T.C, max_iter=5000, tol=1e-8)
     m.fit(np.vstack([Xs, Xs]), np.r_[np.ones(len(X)), np.zeros(len(X))], sample_weight=np.r_[t * w, (1 - t) * w])
@@ -31,7 +32,8 @@ def fit(X, t, w, intercept):
     return wv, float(m.intercept_[0] - (mu * wv).sum())
 
 
-def run(name, data, Xs, mm, own, label="gain", use_own=True, drop_subjects=(), intercept=False):
+def run(name, data, Xs, mm, own, label="gain", use_own=True, drop_subjects=(), intercept=False,
+        length_weight=T.LENGTH_WEIGHT):
     rows, _, subj, weak, strong = mm
     Xm, Xo, Xg, Xt = Xs
     folds = T.assign_folds(subj)
@@ -45,9 +47,9 @@ def run(name, data, Xs, mm, own, label="gain", use_own=True, drop_subjects=(), i
     oof = np.zeros(len(Xm))
     for k in range(T.N_FOLDS):
         tr = (mf != k) & keep
-        w, b = fit(np.vstack([Xm[tr], Xo]), np.r_[tm[tr], to], np.r_[np.ones(tr.sum()), wo], intercept)
+        w, b = fit(np.vstack([Xm[tr], Xo]), np.r_[tm[tr], to], np.r_[np.ones(tr.sum()), wo], intercept, length_weight)
         oof[mf == k] = Xm[mf == k] @ w + b
-    w, b = fit(np.vstack([Xm[keep], Xo]), np.r_[tm[keep], to], np.r_[np.ones(keep.sum()), wo], intercept)
+    w, b = fit(np.vstack([Xm[keep], Xo]), np.r_[tm[keep], to], np.r_[np.ones(keep.sum()), wo], intercept, length_weight)
     res = [M.metrics(oof, weak, strong)["apgr"],
            M.metrics(Xg @ w + b, data["gsm8k"]["weak"], data["gsm8k"]["strong"])["apgr"],
            M.metrics(Xt @ w + b, data["mt_bench"]["weak"], data["mt_bench"]["strong"])["apgr"]]
@@ -61,7 +63,12 @@ def main():
     Xs = (T.feature_matrix(mm[1], "mmlu"), T.feature_matrix([t for t, _, _ in own], "extra"),
           T.feature_matrix(data["gsm8k"]["texts"], "gsm8k"), T.feature_matrix(data["mt_bench"]["texts"], "mt_bench"))
     lines = ["| variant (APGR) | MMLU (grouped CV) | GSM8K | MT-Bench |", "|---|---|---|---|"]
-    lines.append(run("shipped: gain label, MMLU + hand-written, no intercept", data, Xs, mm, own))
+    lines.append(run(f"shipped: gain label, MMLU + hand-written, no intercept, length weight {T.LENGTH_WEIGHT:g}",
+                     data, Xs, mm, own))
+    lines.append(run("length weight 1 (length penalised like an embedding dimension)", data, Xs, mm, own,
+                     length_weight=1.0))
+    lines.append(run("length weight 3", data, Xs, mm, own, length_weight=3.0))
+    lines.append(run("length weight 30", data, Xs, mm, own, length_weight=30.0))
     lines.append(run("MMLU only (no hand-written prompts)", data, Xs, mm, own, use_own=False))
     lines.append(run("label = weak wrong", data, Xs, mm, own, label="weak_wrong"))
     lines.append(run("label = weak wrong and strong right", data, Xs, mm, own, label="weak_wrong_strong_right"))
