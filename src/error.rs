@@ -154,7 +154,7 @@ impl Error {
         }
     }
 
-    fn param(&self) -> Option<&str> {
+    pub(crate) fn param(&self) -> Option<&str> {
         match self {
             Error::InvalidRequest { param, .. } => param.as_deref(),
             Error::ModelNotFound(_) | Error::PolicyNotFound { .. } => Some("model"),

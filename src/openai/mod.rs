@@ -142,7 +142,12 @@ impl ChatRequest {
                 Some("n"),
             ));
         }
-        for (field, lo, hi) in [("temperature", 0.0, 2.0), ("top_p", 0.0, 1.0)] {
+        for (field, lo, hi) in [
+            ("temperature", 0.0, 2.0),
+            ("top_p", 0.0, 1.0),
+            ("presence_penalty", -2.0, 2.0),
+            ("frequency_penalty", -2.0, 2.0),
+        ] {
             if let Some(v) = obj.get(field)
                 && !v.is_null()
                 && v.as_f64().is_none_or(|x| !(lo..=hi).contains(&x))
@@ -153,10 +158,42 @@ impl ChatRequest {
                 ));
             }
         }
-        if let Some(s) = obj.get("stream")
-            && !(s.is_boolean() || s.is_null())
+        if let Some(v) = obj.get("stop")
+            && !stop_is_valid(v)
         {
-            return Err(Error::invalid("`stream` must be a boolean", Some("stream")));
+            return Err(Error::invalid(
+                format!("`stop` must be a string or an array of up to 4 strings, got `{v}`"),
+                Some("stop"),
+            ));
+        }
+        if let Some(v) = obj.get("seed")
+            && !(v.is_null() || v.is_i64() || v.is_u64())
+        {
+            return Err(Error::invalid(
+                format!("`seed` must be an integer, got `{v}`"),
+                Some("seed"),
+            ));
+        }
+        if let Some(v) = obj.get("top_logprobs")
+            && !v.is_null()
+            && v.as_u64().is_none_or(|n| n > 20)
+        {
+            return Err(Error::invalid(
+                format!("`top_logprobs` must be an integer in 0..=20, got `{v}`"),
+                Some("top_logprobs"),
+            ));
+        }
+        for field in ["stream", "logprobs", "parallel_tool_calls", "store"] {
+            if let Some(s) = obj.get(field)
+                && !(s.is_boolean() || s.is_null())
+            {
+                return Err(Error::invalid(format!("`{field}` must be a boolean"), Some(field)));
+            }
+        }
+        if let Some(v) = obj.get("user")
+            && !(v.is_string() || v.is_null())
+        {
+            return Err(Error::invalid("`user` must be a string", Some("user")));
         }
         if let Some(s) = obj.get("stream_options")
             && !(s.is_object() || s.is_null())
@@ -320,6 +357,15 @@ pub struct CompletionPeek {
 pub struct CompletionChoicePeek {
     #[serde(default)]
     pub message: Option<Message>,
+}
+
+/// OpenAI's `stop`: a string, or an array of at most 4 strings (or null).
+fn stop_is_valid(v: &Value) -> bool {
+    match v {
+        Value::Null | Value::String(_) => true,
+        Value::Array(a) => a.len() <= 4 && a.iter().all(Value::is_string),
+        _ => false,
+    }
 }
 
 #[cfg(test)]

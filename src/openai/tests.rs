@@ -32,6 +32,10 @@ fn odd_but_valid_inputs_are_accepted() {
         json!({"model": "m", "messages": [{"role": "assistant", "content": null, "tool_calls": []}]}),
         json!({"model": "m", "messages": [{"role": "user", "content": ""}], "stream": null}),
         json!({"model": "m", "messages": [{"role": "user", "content": "日本語 🙂"}]}),
+        json!({"model": "m", "messages": [{"role": "user", "content": "x"}], "stop": ["a", "b", "c", "d"],
+               "seed": -7, "presence_penalty": -2, "frequency_penalty": 1.5, "logprobs": true,
+               "top_logprobs": 20, "user": "u-1", "store": null}),
+        json!({"model": "m", "messages": [{"role": "user", "content": "x"}], "stop": "\n\n"}),
     ] {
         ChatRequest::parse(body.to_string().as_bytes()).unwrap_or_else(|e| panic!("{body}: {e}"));
     }
@@ -86,6 +90,29 @@ fn roles_content_and_numbers_are_checked_by_name() {
     ] {
         let e = ChatRequest::parse(body.to_string().as_bytes()).expect_err(says);
         assert!(e.to_string().contains(says), "{e}");
+    }
+    // Fields OpenAI types strictly: a wrong type is a 400 naming the field, whichever tier
+    // would have answered (a self-hosted upstream may accept what OpenAI refuses).
+    for (field, value) in [
+        ("stop", json!(5)),
+        ("stop", json!([1, 2])),
+        ("stop", json!(["a", "b", "c", "d", "e"])),
+        ("stop", json!({"s": "x"})),
+        ("seed", json!(1.5)),
+        ("seed", json!("42")),
+        ("presence_penalty", json!(3)),
+        ("frequency_penalty", json!("high")),
+        ("top_logprobs", json!(21)),
+        ("logprobs", json!("yes")),
+        ("parallel_tool_calls", json!(1)),
+        ("store", json!("true")),
+        ("user", json!(42)),
+    ] {
+        let mut body = json!({"model": "m", "messages": [{"role": "user", "content": "x"}]});
+        body[field] = value.clone();
+        let e = ChatRequest::parse(body.to_string().as_bytes()).expect_err(field);
+        assert_eq!(e.param(), Some(field), "{field} = {value}: {e}");
+        assert_eq!(e.code(), "invalid_request", "{field} = {value}");
     }
 }
 
