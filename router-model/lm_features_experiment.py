@@ -300,7 +300,7 @@ def main():
         _, texts, _, weak, strong = train.load_mmlu(os.path.join(HERE, "data"))
         Xc, tc = train.feature_matrix(texts, "mmlu").astype(np.float64), (1 + strong - weak) / 2
         train.C = 1e-4
-        w1, b1 = train.fit_head(Xc, tc, np.ones(len(Xc)))
+        w1, b1 = train.fit_head(Xc, tc, np.ones(len(Xc)), length_weight=1.0)
         w2, b2, _ = fit_head(Xc, tc, np.ones(len(Xc)), 1e-4)
         print(f"max |logit(train.fit_head) - logit(fit_head)| = {np.abs(Xc @ w1 + b1 - Xc @ w2 - b2).max():.2e}")
         return
