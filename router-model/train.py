@@ -212,7 +212,8 @@ def main():
     with open(os.path.join(a.out, "folds", "folds.json"), "w", encoding="utf-8") as f:
         json.dump({"n_folds": N_FOLDS, "folds": folds,
                    "fold_sizes": [int((mfold == k).sum()) for k in range(N_FOLDS)],
-                   "feature_names": FEATURE_NAMES, "hyperparameters": {"C": C, "own_weight": OWN_WEIGHT, "length_weight": LENGTH_WEIGHT},
+                   "feature_names": FEATURE_NAMES,
+                   "hyperparameters": {"C": C, "own_weight": OWN_WEIGHT, "length_weight": LENGTH_WEIGHT},
                    "calibration": {"a": a_cal, "b": b_cal},
                    "extra_rows": len(extra)}, f, indent=1)
         f.write("\n")

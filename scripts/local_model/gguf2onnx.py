@@ -43,6 +43,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 import gguf
+import gguf_nbits
 
 OPSET = 17
 
@@ -217,7 +218,6 @@ def rotate(g: G, x: str, cos: str, sin: str, half: int, name: str) -> str:
 
 def linear_nbits(g: G, x: str, d, k: int, name: str) -> str:
     """x @ W^T for GGUF weights decomposed by gguf_nbits: 4-bit terms plus block constants."""
-    import gguf_nbits
     out = None
     for i, t in enumerate(d.terms):
         packed, scales, zps = gguf_nbits.pack(t)
@@ -241,8 +241,6 @@ def build_onnx(m: GGUFModel, out_path: str, progress=log, weights: str = "fp32")
     w = ExternalWriter(out_path)
     g = G(w)
     exact4 = weights == "gguf4"
-    if exact4:
-        import gguf_nbits
 
     def matmul(x: str, tensor: str, name: str, init: str, n_heads_for_perm=None) -> str:
         # x [B,S,K] @ W^T with W the GGUF tensor [N, K] (q/k rows un-permuted for llama)

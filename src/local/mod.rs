@@ -205,8 +205,8 @@ fn prepare(shared: &Shared, req: &ChatRequest) -> Result<Job, Error> {
     Ok(Job {
         prompt,
         max_tokens,
-        sampling: sampling(p)?,
-        stop: stop_sequences(p)?,
+        sampling: sampling(req)?,
+        stop: req.stop_sequences(),
         ignore_eos: match p.get("ignore_eos") {
             None | Some(Value::Null) => false,
             Some(Value::Bool(b)) => *b,
@@ -306,7 +306,8 @@ fn number(p: &Map<String, Value>, key: &str, ok: impl Fn(f64) -> bool, want: &st
 /// Sampling settings. Without `temperature` the model's own default applies, which for
 /// the provisioned models is greedy (`generation_config.json` `do_sample: false`): a small
 /// model answers better greedy than at OpenAI's default temperature 1.
-fn sampling(p: &Map<String, Value>) -> Result<SamplingParams, Error> {
+fn sampling(req: &ChatRequest) -> Result<SamplingParams, Error> {
+    let p = &req.rest;
     let temperature = number(
         p,
         "temperature",
@@ -327,14 +328,7 @@ fn sampling(p: &Map<String, Value>) -> Result<SamplingParams, Error> {
             }
         },
     };
-    let seed = match p.get("seed") {
-        None | Some(Value::Null) => None,
-        Some(v) => match (v.as_i64(), v.as_u64()) {
-            (Some(s), _) => Some(s as u64),
-            (None, Some(s)) => Some(s),
-            _ => return Err(invalid("`seed` must be an integer".into(), "seed")),
-        },
-    };
+    let seed = req.seed();
     Ok(SamplingParams {
         temperature: temperature.unwrap_or(0.0) as f32,
         top_p: top_p.unwrap_or(1.0) as f32,
@@ -343,20 +337,6 @@ fn sampling(p: &Map<String, Value>) -> Result<SamplingParams, Error> {
         // process's OS-seeded source.
         seed: seed.unwrap_or_else(|| uuid::Uuid::new_v4().as_u64_pair().0),
     })
-}
-
-/// OpenAI allows up to 4 stop sequences, as a string or a list.
-fn stop_sequences(p: &Map<String, Value>) -> Result<Vec<String>, Error> {
-    let bad = || invalid("`stop` must be a string or a list of up to 4 strings".into(), "stop");
-    match p.get("stop") {
-        None | Some(Value::Null) => Ok(Vec::new()),
-        Some(Value::String(s)) => Ok(vec![s.clone()]),
-        Some(Value::Array(a)) if a.len() <= 4 => a
-            .iter()
-            .map(|v| v.as_str().map(str::to_owned).ok_or_else(bad))
-            .collect(),
-        Some(_) => Err(bad()),
-    }
 }
 
 fn now_secs() -> u64 {

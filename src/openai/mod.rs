@@ -159,7 +159,7 @@ impl ChatRequest {
             }
         }
         if let Some(v) = obj.get("stop")
-            && !stop_is_valid(v)
+            && stop_list(v).is_none()
         {
             return Err(Error::invalid(
                 format!("`stop` must be a string or an array of up to 4 strings, got `{v}`"),
@@ -211,6 +211,17 @@ impl ChatRequest {
         ["max_completion_tokens", "max_tokens"]
             .iter()
             .find_map(|f| self.rest.get(*f).and_then(Value::as_u64))
+    }
+
+    /// The stop sequences (checked by `parse`).
+    pub fn stop_sequences(&self) -> Vec<String> {
+        self.rest.get("stop").and_then(stop_list).unwrap_or_default()
+    }
+
+    /// `seed` as the 64 bits a sampler seeds from (checked to be an integer by `parse`).
+    pub fn seed(&self) -> Option<u64> {
+        let v = self.rest.get("seed")?;
+        v.as_i64().map(|s| s as u64).or_else(|| v.as_u64())
     }
 
     /// How many answers the request asks for (`n`): each may be up to `max_tokens` long.
@@ -359,12 +370,13 @@ pub struct CompletionChoicePeek {
     pub message: Option<Message>,
 }
 
-/// OpenAI's `stop`: a string, or an array of at most 4 strings (or null).
-fn stop_is_valid(v: &Value) -> bool {
+/// OpenAI's `stop`: a string, an array of at most 4 strings, or null; `None` if malformed.
+fn stop_list(v: &Value) -> Option<Vec<String>> {
     match v {
-        Value::Null | Value::String(_) => true,
-        Value::Array(a) => a.len() <= 4 && a.iter().all(Value::is_string),
-        _ => false,
+        Value::Null => Some(Vec::new()),
+        Value::String(s) => Some(vec![s.clone()]),
+        Value::Array(a) if a.len() <= 4 => a.iter().map(|v| v.as_str().map(str::to_owned)).collect(),
+        _ => None,
     }
 }
 
