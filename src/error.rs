@@ -69,6 +69,9 @@ pub enum Error {
     BudgetExceeded { message: String, retry_after_secs: u64 },
     #[error("request headers are {size} bytes, more than the limit of {limit} bytes (`limits.max_header_bytes`)")]
     HeadersTooLarge { size: usize, limit: usize },
+    /// The path exists but not for this method; the response carries `Allow`.
+    #[error("Invalid method for URL ({method} {path})")]
+    MethodNotAllowed { method: String, path: String },
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -101,6 +104,7 @@ impl Error {
             Error::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             Error::RateLimited { .. } | Error::BudgetExceeded { .. } => StatusCode::TOO_MANY_REQUESTS,
             Error::HeadersTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            Error::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -111,7 +115,8 @@ impl Error {
             Error::InvalidRequest { .. }
             | Error::BodyTooLarge { .. }
             | Error::UpstreamRejected { .. }
-            | Error::HeadersTooLarge { .. } => "invalid_request_error",
+            | Error::HeadersTooLarge { .. }
+            | Error::MethodNotAllowed { .. } => "invalid_request_error",
             Error::Unauthorized(_) => "authentication_error",
             Error::RateLimited { .. } => "rate_limit_error",
             Error::BudgetExceeded { .. } => "insufficient_quota",
@@ -150,6 +155,7 @@ impl Error {
             Error::RateLimited { .. } => "rate_limit_exceeded",
             Error::BudgetExceeded { .. } => "budget_exceeded",
             Error::HeadersTooLarge { .. } => "headers_too_large",
+            Error::MethodNotAllowed { .. } => "method_not_allowed",
             Error::Internal(_) => "internal_error",
         }
     }
@@ -174,6 +180,7 @@ impl Error {
             | Error::RateLimited { .. }
             | Error::BudgetExceeded { .. }
             | Error::HeadersTooLarge { .. }
+            | Error::MethodNotAllowed { .. }
             | Error::Internal(_) => None,
         }
     }
@@ -209,6 +216,7 @@ impl Error {
             | Error::RateLimited { .. }
             | Error::BudgetExceeded { .. }
             | Error::HeadersTooLarge { .. }
+            | Error::MethodNotAllowed { .. }
             | Error::Internal(_) => Handling::FINAL,
         }
     }

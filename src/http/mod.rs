@@ -31,6 +31,7 @@ pub fn app(state: Arc<AppState>) -> Router {
         .route("/report.json", get(report::report_json))
         .route("/metrics", get(metrics))
         .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::middleware::from_fn_with_state(state.clone(), guard))
         // The chat handler reads the body itself with the configured limit, so that an
         // oversized body gets an OpenAI-shaped 413 and a ledger row.
@@ -167,6 +168,14 @@ async fn not_found(uri: axum::http::Uri) -> impl IntoResponse {
         code: "unknown_url",
     };
     (StatusCode::NOT_FOUND, Json(e.envelope()))
+}
+
+/// axum's own 405 has an empty body; clients expect OpenAI's envelope (axum keeps `Allow`).
+async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) -> Error {
+    Error::MethodNotAllowed {
+        method: method.to_string(),
+        path: uri.path().to_owned(),
+    }
 }
 
 /// `POST /v1/route`: the decision for a chat-completions body, without calling a model.

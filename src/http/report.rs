@@ -5,6 +5,7 @@
 use std::sync::Arc;
 
 use axum::Json;
+use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use axum::response::{Html, IntoResponse, Response};
@@ -13,20 +14,36 @@ use crate::AppState;
 use crate::error::Error;
 use crate::report::{self, FilterArgs, Report};
 
-async fn build(st: &AppState, args: &FilterArgs) -> Result<Report, Response> {
-    let bad = |message: String| {
-        let e = Error::InvalidRequest {
-            message,
-            param: None,
-            code: "invalid_request",
-        };
-        (StatusCode::BAD_REQUEST, Json(e.envelope())).into_response()
+/// The file path and SQLite's message stay in the log: they are the operator's business.
+fn internal() -> Response {
+    let e = Error::Internal("the report could not be built; see the gateway's log".into());
+    (StatusCode::INTERNAL_SERVER_ERROR, Json(e.envelope())).into_response()
+}
+
+/// The report for the query's filter; axum's own query rejection is plain text, and a
+/// typo'd or repeated filter (`?sinse=1h`) must say so in OpenAI's envelope rather than
+/// report the whole ledger.
+async fn build(
+    st: &AppState,
+    query: Result<Query<FilterArgs>, QueryRejection>,
+) -> Result<(Report, FilterArgs), Response> {
+    let bad = |message: String, param: Option<&str>| {
+        (StatusCode::BAD_REQUEST, Json(Error::invalid(message, param).envelope())).into_response()
     };
-    let filter = args.filter(report::now_ms()).map_err(|e| bad(e.0))?;
+    let Query(args) = query.map_err(|rejection| {
+        let message = rejection.body_text();
+        // serde names the field as "unknown field `x`" or "duplicate field `x`".
+        let param = message
+            .split_once("field `")
+            .and_then(|(_, rest)| rest.split_once('`'))
+            .map(|(field, _)| field);
+        bad(message.clone(), param)
+    })?;
+    let filter = args.filter(report::now_ms()).map_err(|e| bad(e.0, None))?;
     let path = st.ledger.path().to_path_buf();
     let built = tokio::task::spawn_blocking(move || report::build(&[path], &filter)).await;
     match built {
-        Ok(Ok(r)) => Ok(r),
+        Ok(Ok(r)) => Ok((r, args)),
         Ok(Err(e)) => {
             tracing::error!(error = %e, "report failed");
             Err(internal())
@@ -38,22 +55,22 @@ async fn build(st: &AppState, args: &FilterArgs) -> Result<Report, Response> {
     }
 }
 
-/// The file path and SQLite's message stay in the log: they are the operator's business.
-fn internal() -> Response {
-    let e = Error::Internal("the report could not be built; see the gateway's log".into());
-    (StatusCode::INTERNAL_SERVER_ERROR, Json(e.envelope())).into_response()
-}
-
-pub async fn report_json(State(st): State<Arc<AppState>>, Query(args): Query<FilterArgs>) -> Response {
-    match build(&st, &args).await {
-        Ok(r) => Json(r).into_response(),
+pub async fn report_json(
+    State(st): State<Arc<AppState>>,
+    query: Result<Query<FilterArgs>, QueryRejection>,
+) -> Response {
+    match build(&st, query).await {
+        Ok((r, _)) => Json(r).into_response(),
         Err(resp) => resp,
     }
 }
 
-pub async fn report_page(State(st): State<Arc<AppState>>, Query(args): Query<FilterArgs>) -> Response {
-    match build(&st, &args).await {
-        Ok(r) => Html(report::html::page(&r, &args)).into_response(),
+pub async fn report_page(
+    State(st): State<Arc<AppState>>,
+    query: Result<Query<FilterArgs>, QueryRejection>,
+) -> Response {
+    match build(&st, query).await {
+        Ok((r, args)) => Html(report::html::page(&r, &args)).into_response(),
         Err(resp) => resp,
     }
 }

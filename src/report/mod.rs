@@ -38,6 +38,7 @@ pub struct Filter {
 /// in the query string (`/report?since=24h`). Empty values mean "no condition", as an
 /// empty field of the page's form sends them.
 #[derive(Debug, Clone, Default, clap::Args, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct FilterArgs {
     /// Only requests since this: a duration back from now (`24h`, `7d`, `90m`), an RFC 3339
     /// time (`2025-06-01T12:00:00Z`) or a UTC date (`2025-06-01`). Default: all.

@@ -401,3 +401,29 @@ async fn the_route_endpoint_refuses_the_same_inputs() {
     let body: Value = r.json().await.expect("json");
     assert_eq!(body["error"]["code"], "unsupported_content_type");
 }
+
+#[tokio::test]
+async fn a_wrong_method_gets_a_405_envelope_with_allow() {
+    let gw = gateway_with(&Setup::default()).await;
+    for (method, path, allow) in [
+        (reqwest::Method::GET, "/v1/chat/completions", "POST"),
+        (reqwest::Method::DELETE, "/report.json", "GET,HEAD"),
+        (reqwest::Method::POST, "/v1/models", "GET,HEAD"),
+    ] {
+        let r = gw
+            .client()
+            .request(method.clone(), format!("{}{path}", gw.url))
+            .send()
+            .await
+            .expect("send");
+        assert_eq!(r.status(), 405, "{method} {path}");
+        assert_eq!(r.headers()["allow"], allow, "{method} {path}");
+        let body: Value = r.json().await.expect("an OpenAI error envelope");
+        assert_eq!(body["error"]["code"], "method_not_allowed");
+        assert_eq!(body["error"]["type"], "invalid_request_error");
+        assert_eq!(
+            body["error"]["message"],
+            format!("Invalid method for URL ({method} {path})")
+        );
+    }
+}

@@ -100,6 +100,17 @@ async fn report_json_filters_like_the_cli() {
     assert_eq!(body["error"]["code"], "invalid_request");
     let msg = body["error"]["message"].as_str().unwrap_or_default();
     assert!(msg.contains("last-tuesday"), "{msg}");
+
+    // A misspelt or repeated filter must not quietly report the whole ledger.
+    for (query, param) in [("sinse=1h", "sinse"), ("since=1h&since=2h", "since")] {
+        let r = get(&gw, &format!("/report.json?{query}")).await;
+        assert_eq!(r.status(), 400, "{query}");
+        let body: Value = r.json().await.expect("an OpenAI error envelope");
+        assert_eq!(body["error"]["code"], "invalid_request", "{query}");
+        assert_eq!(body["error"]["param"], param, "{query}");
+    }
+    let r = get(&gw, "/report?sinse=1h").await;
+    assert_eq!(r.status(), 400);
 }
 
 #[tokio::test]
