@@ -234,9 +234,16 @@ def linear_nbits(g: G, x: str, d, k: int, name: str) -> str:
     return out
 
 
-def build_onnx(m: GGUFModel, out_path: str, progress=log, weights: str = "fp32") -> None:
+def build_onnx(m: GGUFModel, out_path: str, progress=log, weights: str = "fp32", exact_rows: bool = False) -> None:
     """weights: "fp32" (dequantized MatMul weights, to be quantized afterwards) or "gguf4"
-    (the GGUF's own block-quantized weights as exact 4-bit MatMulNBits terms, see gguf_nbits)."""
+    (the GGUF's own block-quantized weights as exact 4-bit MatMulNBits terms, see gguf_nbits).
+
+    exact_rows: attention as one GEMM per query row (QK: [1,hd]x[hd,T]; PV: [hd,T]x[T,1]), so a
+    row of a multi-token pass computes bit for bit what a one-token pass computes for that token.
+    MLAS's multi-row QK GEMM rounds differently from its one-row GEMM, and [1,T]x[T,hd] sums the
+    keys in an order that changes when masked keys (p = 0) are appended; these two forms don't
+    (checked in Python, ORT 1.31). With per-row activation quantization (quantize.py `row8`)
+    this makes speculative verification give plain greedy decoding's tokens."""
     t0 = time.time()
     w = ExternalWriter(out_path)
     g = G(w)
@@ -344,10 +351,23 @@ def build_onnx(m: GGUFModel, out_path: str, progress=log, weights: str = "fp32")
         k5 = g.op("Unsqueeze", [pk, g.const([2])], name=f"{a}/k/Unsqueeze")
         v5 = g.op("Unsqueeze", [pv, g.const([2])], name=f"{a}/v/Unsqueeze")
         kt = g.op("Transpose", [k5], name=f"{a}/k/TransposeT", perm=[0, 1, 2, 4, 3])
-        sc = g.op("MatMul", [q5, kt], name=f"{a}/QK")
+        if exact_rows:
+            q6 = g.op("Unsqueeze", [q5, g.const([4])], name=f"{a}/q/Unsqueeze6")      # [B,nkv,rep,S,1,hd]
+            k6 = g.op("Unsqueeze", [kt, g.const([3])], name=f"{a}/k/Unsqueeze6")      # [B,nkv,1,1,hd,T]
+            sc = g.op("MatMul", [q6, k6], name=f"{a}/QK")                              # [B,nkv,rep,S,1,T]
+            sc = g.op("Squeeze", [sc, g.const([4])], name=f"{a}/QK/Squeeze")
+        else:
+            sc = g.op("MatMul", [q5, kt], name=f"{a}/QK")
         sc = g.op("Add", [sc, bias], name=f"{a}/Bias")
         pr = g.op("Softmax", [sc], name=f"{a}/Softmax", axis=-1)
-        o = g.op("MatMul", [pr, v5], name=f"{a}/PV")                       # [B,nkv,rep,S,hd]
+        if exact_rows:
+            p6 = g.op("Unsqueeze", [pr, g.const([-1])], name=f"{a}/p/Unsqueeze6")     # [B,nkv,rep,S,T,1]
+            vt = g.op("Transpose", [v5], name=f"{a}/v/TransposeT", perm=[0, 1, 2, 4, 3])
+            v6 = g.op("Unsqueeze", [vt, g.const([3])], name=f"{a}/v/Unsqueeze6")      # [B,nkv,1,1,hd,T]
+            o = g.op("MatMul", [v6, p6], name=f"{a}/PV")                               # [B,nkv,rep,S,hd,1]
+            o = g.op("Squeeze", [o, g.const([-1])], name=f"{a}/PV/Squeeze")           # [B,nkv,rep,S,hd]
+        else:
+            o = g.op("MatMul", [pr, v5], name=f"{a}/PV")                       # [B,nkv,rep,S,hd]
         o = g.op("Reshape", [o, g.const([0, nh, -1, hd])], name=f"{a}/o/Reshape4")
         o = g.op("Transpose", [o], name=f"{a}/o/Transpose", perm=[0, 2, 1, 3])
         o = g.op("Reshape", [o, g.const([0, 0, nh * hd])], name=f"{a}/o/Reshape")

@@ -153,7 +153,7 @@ def provision(key: str, cache: str, quant: str | None = None, force: bool = Fals
     else:
         log("onnx: dequantizing GGUF tensors into an fp32 graph")
         graph = os.path.join(build, "model_fp32.onnx")
-        gguf2onnx.build_onnx(m, graph, progress=log)
+        gguf2onnx.build_onnx(m, graph, progress=log, exact_rows=quant == "row8")
     if verify:
         from tokenizers import Tokenizer
         tok = Tokenizer.from_file(os.path.join(build, "tokenizer.json"))
@@ -181,6 +181,13 @@ def provision(key: str, cache: str, quant: str | None = None, force: bool = Fals
     ref = case(REFERENCE_PROMPT, 32)
     log(f"smoke test: {ref['text']!r}")
     ref["more_cases"] = [case(p, n) for p, n in EXTRA_PROMPTS]
+    # Speculation is turned on by default only for a graph checked here to be row-exact.
+    drift = max(pm.row_drift(c["prompt_ids"] + c["output_ids"]) for c in [ref, *ref["more_cases"]])
+    rows_exact = quant == "row8" and drift == 0.0
+    log(f"row check: a 7-token pass vs 7 one-token passes, max |dlogit| = {drift:.3g}"
+        + (" (rows exact: speculative decoding on by default)" if rows_exact else ""))
+    if quant == "row8" and not rows_exact:
+        log("  WARNING: a row8 graph should be row-exact; speculative decoding stays off by default")
     ref["note"] = ("greedy decoding with Python onnxruntime (CPU, 2 intra-op threads) on this model.onnx; "
                    "output_ids include the stop id when finish_reason is stop; text excludes it")
     with open(os.path.join(build, "reference_greedy.json"), "w") as f:
@@ -191,7 +198,7 @@ def provision(key: str, cache: str, quant: str | None = None, force: bool = Fals
     for f in sorted(os.listdir(build)):
         p = os.path.join(build, f)
         files[f] = {"size": os.path.getsize(p), "sha256": sha256_file(p)}
-    stamp = {**want, "files": files, "stop_token_ids": info["stop_token_ids"],
+    stamp = {**want, "files": files, "stop_token_ids": info["stop_token_ids"], "rows_exact": rows_exact,
              "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
              "seconds": round(time.time() - t0, 1)}
     with open(os.path.join(build, "tiergate_model.json"), "w") as f:
@@ -207,7 +214,7 @@ def main(argv=None):
     ap.add_argument("--model", required=True, help="smollm2-135m | qwen2.5-coder-0.5b")
     ap.add_argument("--cache-dir", default=os.environ.get("TIERGATE_CACHE")
                     or os.path.join(os.path.expanduser("~"), ".cache", "tiergate"))
-    ap.add_argument("--quant", choices=["hybrid8", "hybrid4", "int8dyn", "nbits4", "nbits8", "gguf4"],
+    ap.add_argument("--quant", choices=["hybrid8", "hybrid4", "int8dyn", "nbits4", "nbits8", "gguf4", "row8"],
                     help="override the quantization pinned in artifacts.toml")
     ap.add_argument("--force", action="store_true", help="rebuild even if the stamp matches")
     ap.add_argument("--keep-fp32", action="store_true", help="keep model_fp32.onnx next to model.onnx")

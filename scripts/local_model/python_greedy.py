@@ -114,6 +114,28 @@ class Model:
                      "position_ids": np.array([[total - 1]], np.int64)}
         return out_ids, step_times, logprobs
 
+    def _pass(self, ids: list[int], past: dict, start: int):
+        feeds = {"input_ids": np.array([ids], np.int64),
+                 "attention_mask": np.ones((1, start + len(ids)), np.int64),
+                 "position_ids": np.arange(start, start + len(ids), dtype=np.int64)[None], **past}
+        res = self.sess.run(self.out_names, feeds)
+        return res[0][0], {n.replace("present.", "past_key_values."): v for n, v in zip(self.out_names[1:], res[1:])}
+
+    def row_drift(self, ids: list[int], n: int = 7) -> float:
+        """Largest |logit| difference between one pass over the last n tokens of ids and n
+        one-token passes over them (same cache before): 0.0 when the graph's rows are exact,
+        i.e. when speculative verification gives plain greedy decoding's tokens."""
+        empty = {f"past_key_values.{i}.{kv}": np.zeros((1, self.n_kv, 0, self.head_dim), np.float32)
+                 for i in range(self.n_layers) for kv in ("key", "value")}
+        head, tail = ids[:-n], ids[-n:]
+        _, past = self._pass(head, empty, 0)
+        multi, _ = self._pass(tail, past, len(head))
+        worst = 0.0
+        for j, t in enumerate(tail):
+            one, past = self._pass([t], past, len(head) + j)
+            worst = max(worst, float(np.abs(one[0] - multi[j]).max()))
+        return worst
+
     def decode(self, ids: list[int]) -> str:
         ids = [i for i in ids if i not in self.stop_ids]
         return self.tokenizer.decode(ids, skip_special_tokens=False)

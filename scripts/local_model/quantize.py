@@ -4,12 +4,19 @@
   quantize.py MODEL_DIR --method nbits4 [--block-size 32] [--accuracy-level 4]
   quantize.py MODEL_DIR --method int8dyn
   quantize.py MODEL_DIR --compare model_a.onnx model_b.onnx ...   # quality vs model_fp32.onnx
+  quantize.py MODEL_DIR --compare ... --one-token                 # the same, one token per pass
 
 Methods:
   int8dyn  onnxruntime.quantization.quantize_dynamic, MatMul only, per-channel int8 weights,
            activations quantized at run time (MatMulInteger / DynamicQuantizeMatMul).
   nbits4   MatMulNBitsQuantizer, 4-bit blockwise asymmetric weights (com.microsoft.MatMulNBits).
   nbits8   MatMulNBitsQuantizer, 8-bit blockwise asymmetric weights.
+  row8     int8 per-column weights, activations quantized per ROW at run time (asymmetric
+           uint8; down_proj per 128-block of a row), integer MatMulInteger: a row's numbers
+           never depend on the other rows of the pass. On a graph built with gguf2onnx's
+           exact_rows attention, a multi-token pass gives every row the logits of a one-token
+           pass bit for bit, so speculative decoding returns plain greedy's tokens (and rows
+           of a batch would not disturb each other).
 
 Only MatMul weights are quantized; the token embedding is already float16 (Gather + Cast).
 """
@@ -75,6 +82,8 @@ def _quantize(model_dir, method, src, dst, block_size, accuracy_level, log):
         for f in (tmp, tmp + ".data"):
             if os.path.exists(f):
                 os.remove(f)
+    elif method == "row8":
+        _row8(src_path, dst_path)
     elif method in ("nbits4", "nbits8"):
         from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
         model = onnx.load(src_path, load_external_data=True)
@@ -93,6 +102,97 @@ def _quantize(model_dir, method, src, dst, block_size, accuracy_level, log):
     return dst_path
 
 
+def _row8(src_path: str, dst_path: str) -> None:
+    """Every MatMul with a constant weight W [K, N] becomes integer arithmetic whose result for
+    a row depends on that row only. Weights: int8, symmetric per column (w_scale [N]).
+    Activations x [.., K], per row, asymmetric like DynamicQuantizeLinear but with one scale and
+    zero point per row instead of per tensor:
+        s = (max(x, 0) - min(x, 0)) / 255;  zp = round(-min(x, 0) / s);  q = uint8(round(x / s) + zp)
+        y = float(MatMulInteger(q, W8) - zp * colsum(W8)) * s * w_scale
+    (ORT's MatMulInteger takes only a scalar zero point, hence the colsum term; all int32, exact.)
+    mlp.down_proj, whose input has outlier channels, is quantized per 128-block of K instead
+    of per row (the role 8-bit block-32 MatMulNBits plays in hybrid8), laid out [B, blocks, S, 128]
+    so the integer GEMM runs per block and the block sum (ReduceSum over blocks) is the same
+    for every row. One quantization chain per distinct input (q/k/v share one, gate/up another)."""
+    from onnx import TensorProto, helper, numpy_helper
+    model = onnx.load(src_path, load_external_data=True)
+    g = model.graph
+    weights = {i.name: i for i in g.initializer}
+    nodes, added, dropped, chains = [], [], set(), {}
+
+    def const(name, arr):
+        added.append(numpy_helper.from_array(arr, name))
+        return name
+
+    zero = const("row8/zero", np.array(0.0, np.float32))
+    f255 = const("row8/f255", np.array(255.0, np.float32))
+    inv255 = const("row8/inv255", np.array(1.0 / 255, np.float32))
+    tiny = const("row8/tiny", np.array(1e-12, np.float32))  # an all-zero row: scale > 0
+
+    def quant_chain(x, p):
+        """uint8 codes, float scale and int32 zero point per slice of x's last axis."""
+        def op(op_type, inputs, suffix, **attrs):
+            nodes.append(helper.make_node(op_type, inputs, [f"{p}/{suffix}"], name=f"{p}/{suffix}", **attrs))
+            return f"{p}/{suffix}"
+        hi = op("Max", [op("ReduceMax", [x], "ReduceMax", axes=[-1], keepdims=1), zero], "Hi")
+        lo = op("Min", [op("ReduceMin", [x], "ReduceMin", axes=[-1], keepdims=1), zero], "Lo")
+        s = op("Mul", [op("Max", [op("Sub", [hi, lo], "Range"), tiny], "RangePos"), inv255], "Scale")
+        zp = op("Round", [op("Div", [op("Neg", [lo], "NegLo"), s], "ZpDiv")], "Zp")
+        code = op("Add", [op("Round", [op("Div", [x, s], "Div")], "Round"), zp], "Shift")
+        q = op("Cast", [op("Clip", [code, zero, f255], "Clip")], "Quant", to=TensorProto.UINT8)
+        return q, s, op("Cast", [zp], "ZpInt", to=TensorProto.INT32)
+
+    def int_matmul(n, q, s, zpi, w8, colsum):
+        """float(q @ w8 - zp * colsum) * s, before the column scale."""
+        nodes.append(helper.make_node("MatMulInteger", [q, w8], [f"{n}/Int"], name=f"{n}/MatMulInteger"))
+        nodes.append(helper.make_node("Mul", [zpi, colsum], [f"{n}/ZpCol"], name=f"{n}/ZpCol"))
+        nodes.append(helper.make_node("Sub", [f"{n}/Int", f"{n}/ZpCol"], [f"{n}/Centered"], name=f"{n}/Centered"))
+        nodes.append(helper.make_node("Cast", [f"{n}/Centered"], [f"{n}/Float"], name=f"{n}/Cast",
+                                      to=TensorProto.FLOAT))
+        nodes.append(helper.make_node("Mul", [f"{n}/Float", s], [f"{n}/RowScaled"], name=f"{n}/RowScale"))
+        return f"{n}/RowScaled"
+
+    for node in g.node:
+        if node.op_type != "MatMul" or node.input[1] not in weights:
+            nodes.append(node)
+            continue
+        x, wname = node.input
+        n = node.name or node.output[0]
+        w = numpy_helper.to_array(weights[wname]).astype(np.float32)
+        dropped.add(wname)
+        k, cols = w.shape
+        w_scale = (np.maximum(np.abs(w).max(axis=0), 1e-12) / 127.0).astype(np.float32)
+        w8 = np.clip(np.round(w / w_scale), -127, 127).astype(np.int8)
+        ws = const(f"{wname}/scale", w_scale)
+        block = next((b for b in (128, 64, 32) if k % b == 0), 0) if "down_proj" in n else 0
+        if block:
+            nb = k // block
+            xb = f"{n}/Blocks"
+            nodes.append(helper.make_node("Reshape", [x, const(f"{n}/BlockShape", np.array([0, 0, nb, block]))],
+                                          [f"{xb}0"], name=f"{xb}/Reshape"))
+            nodes.append(helper.make_node("Transpose", [f"{xb}0"], [xb], name=f"{xb}/Transpose", perm=[0, 2, 1, 3]))
+            q, s, zpi = quant_chain(xb, f"{n}/quant")                                  # [B,nb,S,bs]
+            wb = w8.reshape(nb, block, cols)
+            y = int_matmul(n, q, s, zpi, const(f"{wname}/int8", wb),
+                           const(f"{wname}/colsum", wb.astype(np.int32).sum(axis=1, keepdims=True, dtype=np.int32)))
+            nodes.append(helper.make_node("ReduceSum", [y, const(f"{n}/BlockAxis", np.array([1]))],
+                                          [f"{n}/Sum"], name=f"{n}/BlockSum", keepdims=0))  # [B,S,N]
+            y = f"{n}/Sum"
+        else:
+            if x not in chains:
+                chains[x] = quant_chain(x, f"/row8/{len(chains)}")
+            q, s, zpi = chains[x]
+            y = int_matmul(n, q, s, zpi, const(f"{wname}/int8", w8),
+                           const(f"{wname}/colsum", w8.astype(np.int32).sum(axis=0, dtype=np.int32)))
+        nodes.append(helper.make_node("Mul", [y, ws], [node.output[0]], name=f"{n}/ColScale"))
+    kept = [i for i in g.initializer if i.name not in dropped]
+    del g.node[:]
+    g.node.extend(nodes)
+    del g.initializer[:]
+    g.initializer.extend(kept + added)
+    _save(model, dst_path)
+
+
 def _save(model: onnx.ModelProto, path: str) -> None:
     data = os.path.basename(path) + "_data"
     full = os.path.join(os.path.dirname(path), data)
@@ -100,6 +200,21 @@ def _save(model: onnx.ModelProto, path: str) -> None:
         os.remove(full)
     onnx.save_model(model, path, save_as_external_data=True, all_tensors_to_one_file=True,
                     location=data, size_threshold=1024)
+
+
+def one_token_logits(sess, cfg, ids):
+    """Logits of ids fed one token per pass through the KV cache: what decoding computes
+    (a per-tensor activation scale then covers one row, as in a decode step)."""
+    names = [o.name for o in sess.get_outputs()]
+    past = {f"past_key_values.{i}.{kv}": np.zeros((1, cfg["num_key_value_heads"], 0, cfg["head_dim"]), np.float32)
+            for i in range(cfg["num_hidden_layers"]) for kv in ("key", "value")}
+    rows = []
+    for t, tok in enumerate(ids):
+        res = sess.run(names, {"input_ids": np.array([[tok]], np.int64), "attention_mask": np.ones((1, t + 1), np.int64),
+                               "position_ids": np.array([[t]], np.int64), **past})
+        rows.append(res[0][0, -1].astype(np.float64))
+        past = {n.replace("present.", "past_key_values."): v for n, v in zip(names[1:], res[1:])}
+    return np.array(rows)
 
 
 def full_logits(sess, cfg, ids):
@@ -118,8 +233,9 @@ def log_softmax(x):
     return x - np.log(np.exp(x).sum(-1, keepdims=True))
 
 
-def compare(model_dir: str, names: list[str], threads: int = 2, log=print) -> dict:
-    """Teacher-forced NLL per token, mean KL(fp32 || q) and top-1 agreement vs model_fp32.onnx."""
+def compare(model_dir: str, names: list[str], threads: int = 2, log=print, one_token: bool = False) -> dict:
+    """Teacher-forced NLL per token, mean KL(fp32 || q) and top-1 agreement vs model_fp32.onnx;
+    one_token: every graph fed one token per pass (the decode regime) instead of one pass."""
     import json
 
     import onnxruntime as ort
@@ -132,7 +248,8 @@ def compare(model_dir: str, names: list[str], threads: int = 2, log=print) -> di
 
     def run(name):
         sess = ort.InferenceSession(os.path.join(model_dir, name), so, providers=["CPUExecutionProvider"])
-        return [log_softmax(full_logits(sess, cfg, ids)) for ids in seqs]
+        logits = one_token_logits if one_token else full_logits
+        return [log_softmax(logits(sess, cfg, ids)) for ids in seqs]
     ref = run("model_fp32.onnx")
     out = {}
     for name in ["model_fp32.onnx"] + names:
@@ -153,17 +270,18 @@ def compare(model_dir: str, names: list[str], threads: int = 2, log=print) -> di
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model_dir")
-    ap.add_argument("--method", choices=["int8dyn", "nbits4", "nbits8", "hybrid4", "hybrid8"])
+    ap.add_argument("--method", choices=["int8dyn", "nbits4", "nbits8", "hybrid4", "hybrid8", "row8"])
     ap.add_argument("--src", default="model_fp32.onnx")
     ap.add_argument("--dst")
     ap.add_argument("--block-size", type=int, default=32)
     ap.add_argument("--accuracy-level", type=int, default=4)
     ap.add_argument("--compare", nargs="*")
+    ap.add_argument("--one-token", action="store_true", help="--compare feeding one token per pass (as decoding does)")
     args = ap.parse_args(argv)
     if args.method:
         quantize(args.model_dir, args.method, args.src, args.dst, args.block_size, args.accuracy_level)
     if args.compare is not None:
-        compare(args.model_dir, args.compare)
+        compare(args.model_dir, args.compare, one_token=args.one_token)
 
 
 if __name__ == "__main__":

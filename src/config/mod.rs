@@ -785,7 +785,7 @@ fn tier(file: &Path, name: &str, t: TierToml, resolve: &dyn Fn(&Path) -> PathBuf
                 // Off by default: on a machine shared with other work, spinning ONNX Runtime
                 // threads halve decode speed (BENCHMARKS.md, "Local generator").
                 spinning: spinning.unwrap_or(false),
-                draft_tokens: draft_tokens.unwrap_or(crate::local::lookup::DEFAULT_DRAFT_TOKENS),
+                draft_tokens,
                 max_concurrent: positive(file, &key("max_concurrent"), max_concurrent.unwrap_or(4))?,
                 queue_capacity: queue_capacity.unwrap_or(16),
                 max_context_tokens: optional_positive("max_context_tokens", max_context_tokens)?,

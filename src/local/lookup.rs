@@ -6,14 +6,18 @@
 //! this module also decides how much to guess, backing off when guesses keep missing.
 //! Pure: tokens in, tokens out.
 
-/// `draft_tokens` of a local tier unless configured: off. Verifying several tokens in one
-/// pass computes slightly different numbers than one-token passes on a quantized model
-/// (dynamic activation quantization and CPU kernels depend on the number of rows), so an
-/// answer can drift from the one plain greedy decoding gives; BENCHMARKS.md measures how
-/// often and what speed it buys.
-pub const DEFAULT_DRAFT_TOKENS: usize = 0;
-/// A draft length that pays off when turned on (BENCHMARKS.md, "Local generator").
+/// A draft length that pays off (BENCHMARKS.md, "Local generator").
 pub const SUGGESTED_DRAFT_TOKENS: usize = 8;
+
+/// `draft_tokens` of a local tier unless configured. On a graph whose rows are exact
+/// (provisioned `row8`), verifying several tokens in one pass computes, bit for bit, what
+/// one-token passes compute, so speculation only changes speed: on. Elsewhere (a user's own
+/// export, `hybrid8`: per-tensor dynamic activation quantization, multi-row kernels) a pass
+/// over several tokens computes slightly different numbers and an answer can drift from
+/// plain greedy's: off unless asked for.
+pub fn default_draft_tokens(rows_exact: bool) -> usize {
+    if rows_exact { SUGGESTED_DRAFT_TOKENS } else { 0 }
+}
 /// Longest n-gram matched; shorter ones are tried when it finds nothing.
 const MAX_NGRAM: usize = 3;
 /// Shortest n-gram matched. A single token (`,`, ` the`) recurs everywhere and predicts

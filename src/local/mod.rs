@@ -38,8 +38,9 @@ pub struct LocalSettings {
     /// Whether idle ONNX Runtime threads spin (lower latency on an idle machine, wasted CPU
     /// on a busy one).
     pub spinning: bool,
-    /// Most tokens prompt lookup drafts per greedy decode step (0: no speculative decoding).
-    pub draft_tokens: usize,
+    /// Most tokens prompt lookup drafts per greedy decode step (0: no speculative decoding);
+    /// `None`: the model decides ([`lookup::default_draft_tokens`]).
+    pub draft_tokens: Option<usize>,
     pub max_concurrent: usize,
     pub queue_capacity: usize,
     /// Tokens (prompt + answer) allowed per request; at most the model's context window.
@@ -81,6 +82,8 @@ impl LocalBackend {
             .default_max_tokens
             .or_else(|| generation_max_new_tokens(&files.dir))
             .unwrap_or(FALLBACK_MAX_TOKENS);
+        let draft_tokens = s.draft_tokens.unwrap_or(lookup::default_draft_tokens(files.rows_exact));
+        tracing::info!(tier, rows_exact = files.rows_exact, draft_tokens, "local model loaded");
         let engine = Engine::start(
             Arc::new(files),
             EngineSettings {
@@ -101,7 +104,7 @@ impl LocalBackend {
                 template,
                 context_tokens,
                 default_max_tokens,
-                draft_tokens: s.draft_tokens,
+                draft_tokens,
             }),
         })
     }

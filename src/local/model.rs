@@ -28,6 +28,10 @@ pub struct ModelFiles {
     /// Ids at or above this are not real tokens (Qwen pads its logits to 151936 rows with
     /// `[PAD…]` fillers): they are never sampled.
     pub real_vocab: usize,
+    /// The graph computes every row of a multi-token pass exactly as a one-token pass would
+    /// (`"rows_exact": true` in `tiergate_model.json`, written by provisioning for `row8`
+    /// graphs), so speculative verification returns plain greedy decoding's tokens.
+    pub rows_exact: bool,
 }
 
 fn read_json(dir: &Path, name: &str) -> Result<Value, String> {
@@ -111,6 +115,11 @@ impl ModelFiles {
             );
         }
         let real_vocab = tokenizer.get_vocab_size(true);
+        // Only provisioned models carry the stamp; a user's own export is not assumed exact.
+        let rows_exact = read_json(dir, "tiergate_model.json")
+            .ok()
+            .and_then(|v| v.get("rows_exact").and_then(Value::as_bool))
+            .unwrap_or(false);
         Ok(ModelFiles {
             dir: dir.to_path_buf(),
             layers,
@@ -123,6 +132,7 @@ impl ModelFiles {
             eos_token,
             tokenizer,
             real_vocab,
+            rows_exact,
         })
     }
 }

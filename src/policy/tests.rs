@@ -19,7 +19,7 @@ pub(crate) fn tiers() -> BTreeMap<String, TierConfig> {
                     queue_capacity: 4,
                     max_context_tokens: None,
                     default_max_tokens: None,
-                    draft_tokens: 0,
+                    draft_tokens: Some(0),
                 })
             } else {
                 BackendConfig::OpenAi {

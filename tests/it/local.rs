@@ -27,7 +27,7 @@ pub fn settings() -> LocalSettings {
         model_dir: model_dir(),
         threads: 2,
         spinning: true,
-        draft_tokens: tiergate::local::lookup::DEFAULT_DRAFT_TOKENS,
+        draft_tokens: None,
         max_concurrent: 4,
         queue_capacity: 16,
         max_context_tokens: None,
@@ -152,11 +152,9 @@ async fn default_model_greedy_output_matches_the_python_reference() {
 }
 
 /// Prompt-lookup speculation on prompts whose answers copy from them: it drafts, the
-/// model confirms drafts, an answer takes fewer forward passes than tokens, and the limits
-/// and counts hold. Its tokens are NOT pinned to one-token greedy: on this quantized model
-/// a pass over several tokens computes slightly different numbers than one-token passes
-/// (dynamic activation quantization and CPU kernels depend on the number of rows), so
-/// answers can drift apart; hence `draft_tokens` is off by default.
+/// model confirms drafts, an answer takes fewer forward passes than tokens, the limits and
+/// counts hold, and, on the provisioned test model (a `row8` graph, rows exact), the answer
+/// is plain one-token greedy decoding's, token for token.
 #[tokio::test]
 async fn speculative_decoding_confirms_drafts_and_keeps_limits_and_counts() {
     let b = backend();
@@ -181,6 +179,21 @@ async fn speculative_decoding_confirms_drafts_and_keeps_limits_and_counts() {
         let (text, s) = run_job(b, spec()).await;
         let (again, s2) = run_job(b, spec()).await;
         assert_eq!((&again, &s2.output_ids), (&text, &s.output_ids), "deterministic");
+        assert!(
+            b.engine().files.rows_exact,
+            "the test model is provisioned as `row8` (python3 scripts/provision.py --test)"
+        );
+        let plain = Job {
+            draft_tokens: 0,
+            ..b.prepare(&req).expect("job")
+        };
+        let (plain_text, p) = run_job(b, plain).await;
+        assert_eq!(p.drafted, 0);
+        assert_eq!(
+            (&text, &s.output_ids),
+            (&plain_text, &p.output_ids),
+            "speculation changed the answer"
+        );
         assert!(
             s.completion_tokens <= 40 && s.completion_tokens == s.output_ids.len(),
             "{s:?}"
