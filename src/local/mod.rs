@@ -163,6 +163,7 @@ fn prepare(shared: &Shared, req: &ChatRequest) -> Result<Job, Error> {
             "n",
         ));
     }
+    unsupported(req)?;
     let turns = turns(req)?;
     let text = shared.template.render(&turns).map_err(|e| invalid(e, "messages"))?;
     let files = &shared.engine.files;
@@ -217,6 +218,38 @@ fn prepare(shared: &Shared, req: &ChatRequest) -> Result<Job, Error> {
         draft_tokens: shared.draft_tokens,
         assess_after: 0,
     })
+}
+
+/// Refuses what the local tier cannot honour and a client relies on: a tool call it may
+/// be required to make, a JSON answer, log-probabilities. Answering such a request with
+/// plain text would be a wrong answer that looks right, so it is OpenAI's 400 for a model
+/// that lacks the feature instead (policies send these requests to a cloud tier first).
+fn unsupported(req: &ChatRequest) -> Result<(), Error> {
+    let p = &req.rest;
+    let refuse = |what: &str, param: &str| Error::InvalidRequest {
+        message: format!(
+            "Unsupported parameter: {what} is not supported by the local tier's model `{}`; route such requests to another tier",
+            req.model
+        ),
+        param: Some(param.into()),
+        code: "unsupported_parameter",
+    };
+    // `tool_choice: "none"` forbids calls: a plain answer is then what was asked for.
+    let choice_none = ["tool_choice", "function_call"]
+        .iter()
+        .any(|k| p.get(*k).and_then(Value::as_str) == Some("none"));
+    if let Some(field) = req.tools_field()
+        && !choice_none
+    {
+        return Err(refuse(&format!("'{field}' (tool calling)"), field));
+    }
+    if req.json_mode() {
+        return Err(refuse("'response_format' of a JSON type", "response_format"));
+    }
+    if p.get("logprobs") == Some(&Value::Bool(true)) {
+        return Err(refuse("'logprobs'", "logprobs"));
+    }
+    Ok(())
 }
 
 /// The conversation as the chat template sees it; text content only.

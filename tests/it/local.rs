@@ -359,3 +359,43 @@ async fn empty_and_oversized_prompts_are_rejected_before_generation() {
     let e = b.prepare(&ask("hi", json!({"n": 2}))).expect_err("n");
     assert_eq!(e.envelope()["error"]["param"], "n");
 }
+
+#[tokio::test]
+async fn features_the_model_lacks_are_refused_not_ignored() {
+    let b = backend();
+    let tools = json!([{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]);
+    for (extra, param) in [
+        (json!({"tools": tools}), "tools"),
+        (json!({"tools": tools, "tool_choice": "required"}), "tools"),
+        (
+            json!({"functions": [{"name": "f", "parameters": {"type": "object"}}]}),
+            "functions",
+        ),
+        (json!({"response_format": {"type": "json_object"}}), "response_format"),
+        (
+            json!({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}}),
+            "response_format",
+        ),
+        (json!({"logprobs": true, "top_logprobs": 2}), "logprobs"),
+    ] {
+        let e = b
+            .prepare(&ask("Weather in Paris?", extra.clone()))
+            .expect_err("refused");
+        let env = e.envelope();
+        assert_eq!(e.status_code().as_u16(), 400, "{extra}");
+        assert_eq!(env["error"]["code"], "unsupported_parameter", "{extra}");
+        assert_eq!(env["error"]["param"], param, "{extra}");
+        assert_eq!(env["error"]["type"], "invalid_request_error", "{extra}");
+    }
+    // What a plain text answer satisfies is accepted.
+    for extra in [
+        json!({"tools": tools, "tool_choice": "none"}),
+        json!({"tools": []}),
+        json!({"tools": null}),
+        json!({"response_format": {"type": "text"}}),
+        json!({"logprobs": false}),
+    ] {
+        b.prepare(&ask("Weather in Paris?", extra.clone()))
+            .unwrap_or_else(|e| panic!("{extra}: {e}"));
+    }
+}

@@ -369,7 +369,7 @@ fn policy_check_validates_files_and_names_the_error() {
     let out = tiergate(&["policy", "check", "policies/private-first.toml"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(
-        text(&out.stderr).contains("rules[0].tier (line 23) = `local` is not a configured tier"),
+        text(&out.stderr).contains("rules[0].tier (line 25) = `local` is not a configured tier"),
         "{}",
         text(&out.stderr)
     );
