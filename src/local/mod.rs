@@ -347,7 +347,8 @@ fn sampling(req: &ChatRequest) -> Result<SamplingParams, Error> {
         |t| (0.0..=2.0).contains(&t),
         "a number between 0 and 2",
     )?;
-    let top_p = number(p, "top_p", |t| t > 0.0 && t <= 1.0, "a number in (0, 1]")?;
+    // 0 keeps only the most likely token (the nucleus always holds one), as OpenAI accepts.
+    let top_p = number(p, "top_p", |t| (0.0..=1.0).contains(&t), "a number in 0..=1")?;
     let top_k = match p.get("top_k") {
         None | Some(Value::Null) => 0,
         Some(v) => match v.as_i64() {

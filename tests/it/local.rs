@@ -361,6 +361,22 @@ async fn empty_and_oversized_prompts_are_rejected_before_generation() {
 }
 
 #[tokio::test]
+async fn top_p_zero_keeps_only_the_most_likely_token() {
+    // OpenAI accepts `top_p: 0`; the nucleus then holds the argmax alone, whatever the seed.
+    let req = |seed: u64| {
+        ask(
+            "Write a short poem about the sea.",
+            json!({"temperature": 1.5, "top_p": 0, "seed": seed, "max_tokens": 16}),
+        )
+    };
+    let (greedy, _) = generate(ask("Write a short poem about the sea.", json!({"max_tokens": 16}))).await;
+    for seed in [1, 2] {
+        let (text, _) = generate(req(seed)).await;
+        assert_eq!(text, greedy, "seed {seed}");
+    }
+}
+
+#[tokio::test]
 async fn features_the_model_lacks_are_refused_not_ignored() {
     let b = backend();
     let tools = json!([{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]);
