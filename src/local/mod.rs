@@ -293,8 +293,16 @@ fn turns(req: &ChatRequest) -> Result<Vec<TurnView>, Error> {
             }
         };
         any_text |= !content.trim().is_empty();
+        // OpenAI's `developer` messages are the system prompt of its newer models; chat
+        // templates know only `system` (SmolLM2's would add its default system prompt and
+        // show the instructions under a role the model was never trained on).
+        let role = if m.role == "developer" {
+            "system"
+        } else {
+            m.role.as_str()
+        };
         out.push(TurnView {
-            role: m.role.clone(),
+            role: role.to_owned(),
             content,
         });
     }

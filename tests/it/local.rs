@@ -415,3 +415,18 @@ async fn features_the_model_lacks_are_refused_not_ignored() {
             .unwrap_or_else(|e| panic!("{extra}: {e}"));
     }
 }
+
+#[test]
+fn a_developer_message_is_the_system_prompt() {
+    // OpenAI's newer clients send their instructions as `developer`; chat templates know
+    // `system` (SmolLM2's adds its own default system prompt before any other first role).
+    let b = backend();
+    let prompt = |role: &str| {
+        b.prepare(&request(json!({"model": TEST_MODEL, "messages": [
+            {"role": role, "content": "You are a pirate. Always talk like a pirate."},
+            {"role": "user", "content": "How are you today?"}]})))
+            .expect("valid")
+            .prompt
+    };
+    assert_eq!(prompt("developer"), prompt("system"));
+}
