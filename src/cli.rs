@@ -164,7 +164,8 @@ pub enum KeysCommand {
         /// Requests per minute.
         #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
         rpm: Option<u32>,
-        /// Tokens per minute (estimated prompt + `max_tokens` of each request).
+        /// Tokens per minute: each request counts its estimated prompt tokens plus `max_tokens`
+        /// (else `auth.default_max_output_tokens`) times `n`.
         #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
         tpm: Option<u32>,
         /// USD per UTC day on paid tiers.

@@ -146,9 +146,28 @@ fn the_local_example_config_is_valid() {
     };
     assert!(s.model_dir.ends_with("models/qwen2.5-coder-0.5b-instruct"));
     assert_eq!((s.max_concurrent, s.queue_capacity), (4, 16));
-    let then = &c.policy.rules[0].then;
+    let routine = c
+        .policy
+        .rules
+        .iter()
+        .find(|r| r.name == "routine")
+        .expect("routine rule");
+    assert_eq!(routine.tier, "local");
+    let then = &routine.then;
     assert_eq!(then.on_saturated.as_deref(), Some("cloud"));
     assert!(then.escalate.is_some());
+    // The local tier refuses tool calling and JSON mode: both shipped policies send them to
+    // the cloud, whatever the score.
+    for body in [
+        r#"{"model": "tiergate-auto", "messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function", "function": {"name": "f"}}]}"#,
+        r#"{"model": "tiergate-auto", "messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "json_object"}}"#,
+    ] {
+        let req = crate::openai::ChatRequest::parse(body.as_bytes()).expect("valid");
+        let facts = crate::routing::facts(&req, "hi".into(), 0.0, 1, &Default::default());
+        for p in c.policies.values() {
+            assert_eq!(p.decide(&facts).tier, "cloud", "{}: {body}", p.name);
+        }
+    }
 }
 
 #[test]
@@ -261,7 +280,7 @@ fn policies_dir_loads_every_policy_file_in_it() {
     let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("policies");
     let e = parse(&with_dir(&shipped)).expect_err("local-first needs a `local` tier");
     assert!(
-        e.contains("routing.policies_dir: policy") && e.contains("local-first.toml`: rules[0].tier"),
+        e.contains("routing.policies_dir: policy") && e.contains("local-first.toml`: rules[2].tier"),
         "{e}"
     );
     std::fs::write(dir.path().join("c.toml"), format!("name = \"alpha\"\n{rules}")).expect("write");

@@ -166,6 +166,7 @@ fn prepare(shared: &Shared, req: &ChatRequest) -> Result<Job, Error> {
             "n",
         ));
     }
+    unsupported(req)?;
     let turns = turns(req)?;
     let text = shared.template.render(&turns).map_err(|e| invalid(e, "messages"))?;
     let files = &shared.engine.files;
@@ -222,6 +223,38 @@ fn prepare(shared: &Shared, req: &ChatRequest) -> Result<Job, Error> {
     })
 }
 
+/// Refuses what the local tier cannot honour and a client relies on: a tool call it may
+/// be required to make, a JSON answer, log-probabilities. Answering such a request with
+/// plain text would be a wrong answer that looks right, so it is OpenAI's 400 for a model
+/// that lacks the feature instead (policies send these requests to a cloud tier first).
+fn unsupported(req: &ChatRequest) -> Result<(), Error> {
+    let p = &req.rest;
+    let refuse = |what: &str, param: &str| Error::InvalidRequest {
+        message: format!(
+            "Unsupported parameter: {what} is not supported by the local tier's model `{}`; route such requests to another tier",
+            req.model
+        ),
+        param: Some(param.into()),
+        code: "unsupported_parameter",
+    };
+    // `tool_choice: "none"` forbids calls: a plain answer is then what was asked for.
+    let choice_none = ["tool_choice", "function_call"]
+        .iter()
+        .any(|k| p.get(*k).and_then(Value::as_str) == Some("none"));
+    if let Some(field) = req.tools_field()
+        && !choice_none
+    {
+        return Err(refuse(&format!("'{field}' (tool calling)"), field));
+    }
+    if req.json_mode() {
+        return Err(refuse("'response_format' of a JSON type", "response_format"));
+    }
+    if p.get("logprobs") == Some(&Value::Bool(true)) {
+        return Err(refuse("'logprobs'", "logprobs"));
+    }
+    Ok(())
+}
+
 /// The conversation as the chat template sees it; text content only.
 fn turns(req: &ChatRequest) -> Result<Vec<TurnView>, Error> {
     let mut out = Vec::with_capacity(req.messages.len());
@@ -263,8 +296,16 @@ fn turns(req: &ChatRequest) -> Result<Vec<TurnView>, Error> {
             }
         };
         any_text |= !content.trim().is_empty();
+        // OpenAI's `developer` messages are the system prompt of its newer models; chat
+        // templates know only `system` (SmolLM2's would add its default system prompt and
+        // show the instructions under a role the model was never trained on).
+        let role = if m.role == "developer" {
+            "system"
+        } else {
+            m.role.as_str()
+        };
         out.push(TurnView {
-            role: m.role.clone(),
+            role: role.to_owned(),
             content,
         });
     }
@@ -317,7 +358,8 @@ fn sampling(req: &ChatRequest) -> Result<SamplingParams, Error> {
         |t| (0.0..=2.0).contains(&t),
         "a number between 0 and 2",
     )?;
-    let top_p = number(p, "top_p", |t| t > 0.0 && t <= 1.0, "a number in (0, 1]")?;
+    // 0 keeps only the most likely token (the nucleus always holds one), as OpenAI accepts.
+    let top_p = number(p, "top_p", |t| (0.0..=1.0).contains(&t), "a number in 0..=1")?;
     let top_k = match p.get("top_k") {
         None | Some(Value::Null) => 0,
         Some(v) => match v.as_i64() {

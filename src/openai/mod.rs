@@ -224,6 +224,25 @@ impl ChatRequest {
         v.as_i64().map(|s| s as u64).or_else(|| v.as_u64())
     }
 
+    /// The first of `tools` / `functions` that offers the model something to call (present,
+    /// not null, not an empty array).
+    pub fn tools_field(&self) -> Option<&'static str> {
+        ["tools", "functions"].into_iter().find(|k| {
+            self.rest
+                .get(*k)
+                .is_some_and(|v| !v.is_null() && v.as_array().is_none_or(|a| !a.is_empty()))
+        })
+    }
+
+    /// Whether `response_format` asks for JSON (`json_object` or `json_schema`).
+    pub fn json_mode(&self) -> bool {
+        self.rest
+            .get("response_format")
+            .and_then(|f| f.get("type"))
+            .and_then(Value::as_str)
+            .is_some_and(|t| t == "json_object" || t == "json_schema")
+    }
+
     /// How many answers the request asks for (`n`): each may be up to `max_tokens` long.
     pub fn choices(&self) -> u64 {
         self.rest.get("n").and_then(Value::as_u64).unwrap_or(1).max(1)

@@ -140,17 +140,6 @@ pub fn select_policy<'a>(config: &'a Config, model: &str) -> Result<Option<&'a P
 
 /// The facts rules look at, from the request body and its context.
 pub fn facts(req: &ChatRequest, text: String, score: f64, prompt_tokens: u64, ctx: &RequestContext) -> Facts {
-    let has = |k: &str| {
-        req.rest
-            .get(k)
-            .is_some_and(|v| !v.is_null() && v.as_array().is_none_or(|a| !a.is_empty()))
-    };
-    let json_mode = req
-        .rest
-        .get("response_format")
-        .and_then(|f| f.get("type"))
-        .and_then(Value::as_str)
-        .is_some_and(|t| t == "json_object" || t == "json_schema");
     let images = req.messages.iter().any(|m| match &m.content {
         Some(Value::Array(parts)) => parts
             .iter()
@@ -162,8 +151,8 @@ pub fn facts(req: &ChatRequest, text: String, score: f64, prompt_tokens: u64, ct
         prompt_tokens,
         model: req.model.clone(),
         turns: req.messages.iter().filter(|m| m.role == "user").count() as u64,
-        tools: has("tools") || has("functions"),
-        json_mode,
+        tools: req.tools_field().is_some(),
+        json_mode: req.json_mode(),
         images,
         text,
         key: ctx.key.clone(),

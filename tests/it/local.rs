@@ -372,3 +372,74 @@ async fn empty_and_oversized_prompts_are_rejected_before_generation() {
     let e = b.prepare(&ask("hi", json!({"n": 2}))).expect_err("n");
     assert_eq!(e.envelope()["error"]["param"], "n");
 }
+
+#[tokio::test]
+async fn top_p_zero_keeps_only_the_most_likely_token() {
+    // OpenAI accepts `top_p: 0`; the nucleus then holds the argmax alone, whatever the seed.
+    let req = |seed: u64| {
+        ask(
+            "Write a short poem about the sea.",
+            json!({"temperature": 1.5, "top_p": 0, "seed": seed, "max_tokens": 16}),
+        )
+    };
+    let (greedy, _) = generate(ask("Write a short poem about the sea.", json!({"max_tokens": 16}))).await;
+    for seed in [1, 2] {
+        let (text, _) = generate(req(seed)).await;
+        assert_eq!(text, greedy, "seed {seed}");
+    }
+}
+
+#[tokio::test]
+async fn features_the_model_lacks_are_refused_not_ignored() {
+    let b = backend();
+    let tools = json!([{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]);
+    for (extra, param) in [
+        (json!({"tools": tools}), "tools"),
+        (json!({"tools": tools, "tool_choice": "required"}), "tools"),
+        (
+            json!({"functions": [{"name": "f", "parameters": {"type": "object"}}]}),
+            "functions",
+        ),
+        (json!({"response_format": {"type": "json_object"}}), "response_format"),
+        (
+            json!({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}}),
+            "response_format",
+        ),
+        (json!({"logprobs": true, "top_logprobs": 2}), "logprobs"),
+    ] {
+        let e = b
+            .prepare(&ask("Weather in Paris?", extra.clone()))
+            .expect_err("refused");
+        let env = e.envelope();
+        assert_eq!(e.status_code().as_u16(), 400, "{extra}");
+        assert_eq!(env["error"]["code"], "unsupported_parameter", "{extra}");
+        assert_eq!(env["error"]["param"], param, "{extra}");
+        assert_eq!(env["error"]["type"], "invalid_request_error", "{extra}");
+    }
+    // What a plain text answer satisfies is accepted.
+    for extra in [
+        json!({"tools": tools, "tool_choice": "none"}),
+        json!({"tools": []}),
+        json!({"tools": null}),
+        json!({"response_format": {"type": "text"}}),
+        json!({"logprobs": false}),
+    ] {
+        b.prepare(&ask("Weather in Paris?", extra.clone()))
+            .unwrap_or_else(|e| panic!("{extra}: {e}"));
+    }
+}
+
+#[test]
+fn a_developer_message_is_the_system_prompt() {
+    // OpenAI's newer clients send their instructions as `developer`; chat templates know
+    // `system` (SmolLM2's adds its own default system prompt before any other first role).
+    let b = backend();
+    let prompt = |role: &str| {
+        b.prepare(&request(json!({"model": TEST_MODEL, "messages": [
+            {"role": role, "content": "You are a pirate. Always talk like a pirate."},
+            {"role": "user", "content": "How are you today?"}]})))
+            .expect("valid")
+            .prompt
+    };
+    assert_eq!(prompt("developer"), prompt("system"));
+}

@@ -1,6 +1,7 @@
 //! Policies over HTTP and on the command line: per-request policy choice, conversation
 //! stickiness, hot reload (file change, invalid change, SIGHUP), `tiergate policy check`,
-//! `tiergate policy calibrate` and `tiergate explain --policy`.
+//! `tiergate policy calibrate` and `tiergate explain --policy`; a printing command whose
+//! reader closed the pipe.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -369,7 +370,7 @@ fn policy_check_validates_files_and_names_the_error() {
     let out = tiergate(&["policy", "check", "policies/private-first.toml"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(
-        text(&out.stderr).contains("rules[0].tier (line 23) = `local` is not a configured tier"),
+        text(&out.stderr).contains("rules[0].tier (line 25) = `local` is not a configured tier"),
         "{}",
         text(&out.stderr)
     );
@@ -669,4 +670,31 @@ async fn a_policy_added_to_policies_dir_becomes_selectable() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(status, 200);
+}
+
+/// A reader that stops early (`tiergate report | head`) ends a printing command the way it
+/// ends `ls`, not with a panic about the broken pipe.
+#[test]
+fn printing_into_a_closed_pipe_ends_quietly() {
+    // More output than a pipe buffers: whether the reader is gone before the first write or
+    // the writer blocks on a full pipe first, a write meets the closed pipe.
+    let files = vec!["policies/balanced.toml"; 4000];
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tiergate"))
+        .args(["policy", "check"])
+        .args(&files)
+        .current_dir(repo())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run tiergate");
+    drop(child.stdout.take());
+    let out = child.wait_with_output().expect("wait");
+    let err = text(&out.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(
+        out.status.signal(),
+        Some(13),
+        "killed by SIGPIPE, like `ls | head`: {out:?}"
+    );
 }
