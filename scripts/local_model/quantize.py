@@ -12,7 +12,7 @@ Methods:
   nbits4   MatMulNBitsQuantizer, 4-bit blockwise asymmetric weights (com.microsoft.MatMulNBits).
   nbits8   MatMulNBitsQuantizer, 8-bit blockwise asymmetric weights.
   row8     int8 per-column weights, activations quantized per ROW at run time (asymmetric
-           uint8; down_proj per 128-block of a row), integer MatMulInteger: a row's numbers
+           uint8; down_proj per --block-size block of a row), integer MatMulInteger: a row's numbers
            never depend on the other rows of the pass. On a graph built with gguf2onnx's
            exact_rows attention, a multi-token pass gives every row the logits of a one-token
            pass bit for bit, so speculative decoding returns plain greedy's tokens (and rows
@@ -83,7 +83,7 @@ def _quantize(model_dir, method, src, dst, block_size, accuracy_level, log):
             if os.path.exists(f):
                 os.remove(f)
     elif method == "row8":
-        _row8(src_path, dst_path)
+        _row8(src_path, dst_path, block_size)
     elif method in ("nbits4", "nbits8"):
         from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
         model = onnx.load(src_path, load_external_data=True)
@@ -102,7 +102,7 @@ def _quantize(model_dir, method, src, dst, block_size, accuracy_level, log):
     return dst_path
 
 
-def _row8(src_path: str, dst_path: str) -> None:
+def _row8(src_path: str, dst_path: str, block_size: int) -> None:
     """Every MatMul with a constant weight W [K, N] becomes integer arithmetic whose result for
     a row depends on that row only. Weights: int8, symmetric per column (w_scale [N]).
     Activations x [.., K], per row, asymmetric like DynamicQuantizeLinear but with one scale and
@@ -110,8 +110,8 @@ def _row8(src_path: str, dst_path: str) -> None:
         s = (max(x, 0) - min(x, 0)) / 255;  zp = round(-min(x, 0) / s);  q = uint8(round(x / s) + zp)
         y = float(MatMulInteger(q, W8) - zp * colsum(W8)) * s * w_scale
     (ORT's MatMulInteger takes only a scalar zero point, hence the colsum term; all int32, exact.)
-    mlp.down_proj, whose input has outlier channels, is quantized per 128-block of K instead
-    of per row (the role 8-bit block-32 MatMulNBits plays in hybrid8), laid out [B, blocks, S, 128]
+    mlp.down_proj, whose input has outlier channels, is quantized per block_size-wide block of K
+    instead of per row (the role 8-bit block-32 MatMulNBits plays in hybrid8), laid out [B, blocks, S, bs]
     so the integer GEMM runs per block and the block sum (ReduceSum over blocks) is the same
     for every row. One quantization chain per distinct input (q/k/v share one, gate/up another)."""
     from onnx import TensorProto, helper, numpy_helper
@@ -164,7 +164,7 @@ def _row8(src_path: str, dst_path: str) -> None:
         w_scale = (np.maximum(np.abs(w).max(axis=0), 1e-12) / 127.0).astype(np.float32)
         w8 = np.clip(np.round(w / w_scale), -127, 127).astype(np.int8)
         ws = const(f"{wname}/scale", w_scale)
-        block = next((b for b in (128, 64, 32) if k % b == 0), 0) if "down_proj" in n else 0
+        block = next((b for b in (block_size, 128, 64, 32) if k % b == 0), 0) if "down_proj" in n else 0
         if "lm_head" in n:
             # [S, vocab] temporaries dominate prefill memory (0.6 MB a token each for Qwen),
             # so the LM head takes the short path: symmetric per-row codes (uint8 + scalar zero
