@@ -54,6 +54,13 @@ pub fn reload(state: &AppState) -> Result<(), String> {
         .map_err(|e| e.to_string())
         .and_then(|mut config| {
             // `--listen` and the ledger are bound at start; a change to them needs a restart.
+            if config.listen_in_file != old.config.listen_in_file {
+                tracing::warn!(
+                    listen = %config.listen_in_file,
+                    serving = %old.config.listen,
+                    "listen changed; the new address is used after a restart"
+                );
+            }
             config.listen = old.config.listen;
             if config.ledger.path != old.config.ledger.path {
                 tracing::warn!("ledger.path changed; the new path is used after a restart");

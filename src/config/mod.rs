@@ -224,6 +224,9 @@ struct TelemetryToml {
 pub struct Config {
     pub file: PathBuf,
     pub listen: SocketAddr,
+    /// `listen` as the file says it (`--listen` overrides only `listen`), so a reload can
+    /// tell an edit of the file from the override.
+    pub listen_in_file: SocketAddr,
     /// How long in-flight requests may run on after a shutdown signal.
     pub shutdown_grace: Duration,
     pub onnxruntime_library: Option<PathBuf>,
@@ -572,6 +575,7 @@ impl Config {
         Ok(Config {
             file: path.to_path_buf(),
             listen,
+            listen_in_file: listen,
             shutdown_grace,
             onnxruntime_library,
             ledger,

@@ -166,6 +166,27 @@ async fn own_policy_gateway() -> common::Gateway {
     gw
 }
 
+/// `listen` is bound at start: a reload keeps serving on it, and keeps the file's new value
+/// apart (what its restart warning compares), rather than dropping the edit unseen.
+#[tokio::test]
+async fn reload_keeps_the_bound_address_when_listen_changes() {
+    let gw = own_policy_gateway().await;
+    let before = gw.state.runtime.load_full();
+    let file = before.config.file.clone();
+    let text = std::fs::read_to_string(&file).expect("config");
+    assert!(text.contains("listen = \"127.0.0.1:0\""), "{text}");
+    std::fs::write(
+        &file,
+        text.replace("listen = \"127.0.0.1:0\"", "listen = \"127.0.0.1:9\""),
+    )
+    .expect("write");
+    tiergate::reload::reload(&gw.state).expect("valid change applies");
+    let after = gw.state.runtime.load_full();
+    assert_eq!(after.config.listen, before.config.listen);
+    assert_eq!(after.config.listen_in_file, "127.0.0.1:9".parse().expect("addr"));
+    assert_ne!(before.config.listen_in_file, after.config.listen_in_file);
+}
+
 #[tokio::test]
 async fn reload_applies_a_valid_change_and_rejects_an_invalid_one() {
     let gw = own_policy_gateway().await;
