@@ -166,7 +166,7 @@ def provision(key: str, cache: str, quant: str | None = None, force: bool = Fals
         log(f"quantize: {quant}")
         # row8: down_proj's activation block, per model (artifacts.toml `row8_block`)
         qz.quantize(build, quant, src="model_fp32.onnx", dst="model.onnx", log=log,
-                    **({"block_size": spec.get("row8_block", 128)} if quant == "row8" else {}))
+                    **({"block_size": want["row8_block"]} if quant == "row8" else {}))
         if not keep_fp32:
             for f in ("model_fp32.onnx", "model_fp32.onnx_data"):
                 os.remove(os.path.join(build, f))

@@ -129,28 +129,26 @@ def _row8(src_path: str, dst_path: str, block_size: int) -> None:
     inv255 = const("row8/inv255", np.array(1.0 / 255, np.float32))
     tiny = const("row8/tiny", np.array(1e-12, np.float32))  # an all-zero row: scale > 0
 
+    def op(p, op_type, inputs, suffix, **attrs):
+        """One node named and output `{p}/{suffix}`."""
+        nodes.append(helper.make_node(op_type, inputs, [f"{p}/{suffix}"], name=f"{p}/{suffix}", **attrs))
+        return f"{p}/{suffix}"
+
     def quant_chain(x, p):
         """uint8 codes, float scale and int32 zero point per slice of x's last axis."""
-        def op(op_type, inputs, suffix, **attrs):
-            nodes.append(helper.make_node(op_type, inputs, [f"{p}/{suffix}"], name=f"{p}/{suffix}", **attrs))
-            return f"{p}/{suffix}"
-        hi = op("Max", [op("ReduceMax", [x], "ReduceMax", axes=[-1], keepdims=1), zero], "Hi")
-        lo = op("Min", [op("ReduceMin", [x], "ReduceMin", axes=[-1], keepdims=1), zero], "Lo")
-        s = op("Mul", [op("Max", [op("Sub", [hi, lo], "Range"), tiny], "RangePos"), inv255], "Scale")
-        zp = op("Round", [op("Div", [op("Neg", [lo], "NegLo"), s], "ZpDiv")], "Zp")
-        code = op("Add", [op("Round", [op("Div", [x, s], "Div")], "Round"), zp], "Shift")
-        q = op("Cast", [op("Clip", [code, zero, f255], "Clip")], "Quant", to=TensorProto.UINT8)
-        return q, s, op("Cast", [zp], "ZpInt", to=TensorProto.INT32)
+        hi = op(p, "Max", [op(p, "ReduceMax", [x], "ReduceMax", axes=[-1], keepdims=1), zero], "Hi")
+        lo = op(p, "Min", [op(p, "ReduceMin", [x], "ReduceMin", axes=[-1], keepdims=1), zero], "Lo")
+        s = op(p, "Mul", [op(p, "Max", [op(p, "Sub", [hi, lo], "Range"), tiny], "RangePos"), inv255], "Scale")
+        zp = op(p, "Round", [op(p, "Div", [op(p, "Neg", [lo], "NegLo"), s], "ZpDiv")], "Zp")
+        code = op(p, "Add", [op(p, "Round", [op(p, "Div", [x, s], "Div")], "Round"), zp], "Shift")
+        q = op(p, "Cast", [op(p, "Clip", [code, zero, f255], "Clip")], "Quant", to=TensorProto.UINT8)
+        return q, s, op(p, "Cast", [zp], "ZpInt", to=TensorProto.INT32)
 
     def int_matmul(n, q, s, zpi, w8, colsum):
         """float(q @ w8 - zp * colsum) * s, before the column scale."""
-        nodes.append(helper.make_node("MatMulInteger", [q, w8], [f"{n}/Int"], name=f"{n}/MatMulInteger"))
-        nodes.append(helper.make_node("Mul", [zpi, colsum], [f"{n}/ZpCol"], name=f"{n}/ZpCol"))
-        nodes.append(helper.make_node("Sub", [f"{n}/Int", f"{n}/ZpCol"], [f"{n}/Centered"], name=f"{n}/Centered"))
-        nodes.append(helper.make_node("Cast", [f"{n}/Centered"], [f"{n}/Float"], name=f"{n}/Cast",
-                                      to=TensorProto.FLOAT))
-        nodes.append(helper.make_node("Mul", [f"{n}/Float", s], [f"{n}/RowScaled"], name=f"{n}/RowScale"))
-        return f"{n}/RowScaled"
+        centered = op(n, "Sub", [op(n, "MatMulInteger", [q, w8], "Int"), op(n, "Mul", [zpi, colsum], "ZpCol")],
+                      "Centered")
+        return op(n, "Mul", [op(n, "Cast", [centered], "Float", to=TensorProto.FLOAT), s], "RowScaled")
 
     for node in g.node:
         if node.op_type != "MatMul" or node.input[1] not in weights:
@@ -164,38 +162,31 @@ def _row8(src_path: str, dst_path: str, block_size: int) -> None:
         w_scale = (np.maximum(np.abs(w).max(axis=0), 1e-12) / 127.0).astype(np.float32)
         w8 = np.clip(np.round(w / w_scale), -127, 127).astype(np.int8)
         ws = const(f"{wname}/scale", w_scale)
-        block = next((b for b in (block_size, 128, 64, 32) if k % b == 0), 0) if "down_proj" in n else 0
         if "lm_head" in n:
             # [S, vocab] temporaries dominate prefill memory (0.6 MB a token each for Qwen),
             # so the LM head takes the short path: symmetric per-row codes (uint8 + scalar zero
             # point 128) and one fused integer GEMM with the column scales, then the row scale.
-            def op(op_type, inputs, suffix, domain=None, **attrs):
-                nodes.append(helper.make_node(op_type, inputs, [f"{n}/{suffix}"], name=f"{n}/{suffix}",
-                                              domain=domain, **attrs))
-                return f"{n}/{suffix}"
-            s = op("Mul", [op("Max", [op("ReduceMax", [op("Abs", [x], "Abs")], "ReduceMax", axes=[-1], keepdims=1),
-                                      tiny], "MaxPos"), const(f"{n}/inv127", np.array(1.0 / 127, np.float32))], "Scale")
-            code = op("Add", [op("Round", [op("Div", [x, s], "Div")], "Round"), const(f"{n}/c128", np.array(128.0, np.float32))],
-                      "Shift")
-            q = op("Cast", [code], "Quant", to=TensorProto.UINT8)
-            y = op("MatMulIntegerToFloat", [q, const(f"{wname}/int8", w8), const(f"{n}/one", np.array(1.0, np.float32)), ws,
-                                            const(f"{n}/zp128", np.array(128, np.uint8))], "MatMulIntegerToFloat",
-                   domain="com.microsoft")
+            amax = op(n, "ReduceMax", [op(n, "Abs", [x], "Abs")], "ReduceMax", axes=[-1], keepdims=1)
+            s = op(n, "Mul", [op(n, "Max", [amax, tiny], "MaxPos"), const(f"{n}/inv127", np.array(1.0 / 127, np.float32))],
+                   "Scale")
+            code = op(n, "Add", [op(n, "Round", [op(n, "Div", [x, s], "Div")], "Round"),
+                                 const(f"{n}/c128", np.array(128.0, np.float32))], "Shift")
+            q = op(n, "Cast", [code], "Quant", to=TensorProto.UINT8)
+            y = op(n, "MatMulIntegerToFloat", [q, const(f"{wname}/int8", w8), const(f"{n}/one", np.array(1.0, np.float32)),
+                                               ws, const(f"{n}/zp128", np.array(128, np.uint8))],
+                   "MatMulIntegerToFloat", domain="com.microsoft")
             nodes.append(helper.make_node("Mul", [y, s], [node.output[0]], name=f"{n}/RowScale"))
             continue
+        block = next((b for b in (block_size, 128, 64, 32) if k % b == 0), 0) if "down_proj" in n else 0
         if block:
             nb = k // block
-            xb = f"{n}/Blocks"
-            nodes.append(helper.make_node("Reshape", [x, const(f"{n}/BlockShape", np.array([0, 0, nb, block]))],
-                                          [f"{xb}0"], name=f"{xb}/Reshape"))
-            nodes.append(helper.make_node("Transpose", [f"{xb}0"], [xb], name=f"{xb}/Transpose", perm=[0, 2, 1, 3]))
-            q, s, zpi = quant_chain(xb, f"{n}/quant")                                  # [B,nb,S,bs]
+            xb = op(n, "Transpose", [op(n, "Reshape", [x, const(f"{n}/BlockShape", np.array([0, 0, nb, block]))],
+                                        "Blocks0")], "Blocks", perm=[0, 2, 1, 3])   # [B,nb,S,bs]
+            q, s, zpi = quant_chain(xb, f"{n}/quant")
             wb = w8.reshape(nb, block, cols)
             y = int_matmul(n, q, s, zpi, const(f"{wname}/int8", wb),
                            const(f"{wname}/colsum", wb.astype(np.int32).sum(axis=1, keepdims=True, dtype=np.int32)))
-            nodes.append(helper.make_node("ReduceSum", [y, const(f"{n}/BlockAxis", np.array([1]))],
-                                          [f"{n}/Sum"], name=f"{n}/BlockSum", keepdims=0))  # [B,S,N]
-            y = f"{n}/Sum"
+            y = op(n, "ReduceSum", [y, const(f"{n}/BlockAxis", np.array([1]))], "Sum", keepdims=0)  # [B,S,N]
         else:
             if x not in chains:
                 chains[x] = quant_chain(x, f"/row8/{len(chains)}")
