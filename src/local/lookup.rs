@@ -4,7 +4,8 @@
 //! prompt (extraction, quoting a FAQ, reformatting) are full of such runs. The model checks
 //! every guess in one forward pass, so a guess never changes the answer, only its speed;
 //! this module also decides how much to guess, backing off when guesses keep missing.
-//! Pure: tokens in, tokens out.
+//! Pure: tokens in, tokens out. `benches/lookup_bound.py` replays this policy in Python to
+//! bound what drafting can gain; keep the two in step.
 
 /// A draft length that pays off (BENCHMARKS.md, "Local generator").
 pub const SUGGESTED_DRAFT_TOKENS: usize = 8;
