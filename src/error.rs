@@ -6,6 +6,12 @@ use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
+/// 499, nginx's status for a request whose client closed the connection first.
+pub const CLIENT_CLOSED_REQUEST: StatusCode = match StatusCode::from_u16(499) {
+    Ok(s) => s,
+    Err(_) => StatusCode::BAD_REQUEST,
+};
+
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum Error {
     #[error("{message}")]
@@ -56,6 +62,10 @@ pub enum Error {
     /// The shutdown grace period ran out before the request was answered.
     #[error("the gateway is shutting down and could not finish this request in time; retry it")]
     ShuttingDown,
+    /// The client closed the connection before its answer (a local tier's generation for
+    /// it is stopped). Nobody sees it but the ledger, as the outcome `client_disconnected`.
+    #[error("the client closed the connection before the answer was ready")]
+    ClientDisconnected,
     /// No key, an unknown key or a revoked key (the key itself is never echoed).
     #[error("{0}")]
     Unauthorized(&'static str),
@@ -101,6 +111,7 @@ impl Error {
             Error::LocalSaturated { .. } => StatusCode::TOO_MANY_REQUESTS,
             Error::LocalEngine { .. } => StatusCode::INTERNAL_SERVER_ERROR,
             Error::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            Error::ClientDisconnected => CLIENT_CLOSED_REQUEST,
             Error::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             Error::RateLimited { .. } | Error::BudgetExceeded { .. } => StatusCode::TOO_MANY_REQUESTS,
             Error::HeadersTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
@@ -130,6 +141,7 @@ impl Error {
             | Error::TierUnavailable { .. }
             | Error::LocalEngine { .. }
             | Error::ShuttingDown
+            | Error::ClientDisconnected
             | Error::Internal(_) => "api_error",
         }
     }
@@ -151,6 +163,7 @@ impl Error {
             Error::LocalSaturated { .. } => "tier_saturated",
             Error::LocalEngine { .. } => "local_engine_error",
             Error::ShuttingDown => "shutting_down",
+            Error::ClientDisconnected => "client_disconnected",
             Error::Unauthorized(_) => "invalid_api_key",
             Error::RateLimited { .. } => "rate_limit_exceeded",
             Error::BudgetExceeded { .. } => "budget_exceeded",
@@ -176,6 +189,7 @@ impl Error {
             | Error::LocalSaturated { .. }
             | Error::LocalEngine { .. }
             | Error::ShuttingDown
+            | Error::ClientDisconnected
             | Error::Unauthorized(_)
             | Error::RateLimited { .. }
             | Error::BudgetExceeded { .. }
@@ -212,6 +226,7 @@ impl Error {
             | Error::Upstream { .. }
             | Error::UpstreamRejected { .. }
             | Error::ShuttingDown
+            | Error::ClientDisconnected
             | Error::Unauthorized(_)
             | Error::RateLimited { .. }
             | Error::BudgetExceeded { .. }
@@ -373,6 +388,7 @@ mod tests {
                 false,
             ),
             (Error::ShuttingDown, false, None, false),
+            (Error::ClientDisconnected, false, None, false),
         ];
         for (e, falls_back, retry, failure) in table {
             assert_eq!(

@@ -268,19 +268,34 @@ pub async fn serve(
             Err(_) => std::future::pending().await,
         }
     };
-    let result = tokio::select! {
-        r = std::future::IntoFuture::into_future(server) => r,
-        () = deadline => {
-            tracing::warn!(
-                grace_secs = grace.as_secs_f64(),
-                cut = state.in_flight.count(),
-                "shutdown grace period over; requests still running are cut"
+    tokio::pin!(deadline);
+    let cut = async {
+        tracing::warn!(
+            grace_secs = grace.as_secs_f64(),
+            cut = state.in_flight.count(),
+            "shutdown grace period over; requests still running are cut"
+        );
+        // They answer `shutting_down` (JSON, or a final SSE event) and write their rows.
+        state.cut.cancel();
+        if !state.in_flight.drained(CUT_WAIT).await {
+            tracing::error!(
+                left = state.in_flight.count(),
+                "cut requests did not end; their rows may be missing"
             );
-            // They answer `shutting_down` (JSON, or a final SSE event) and write their rows.
-            state.cut.cancel();
-            if !state.in_flight.drained(CUT_WAIT).await {
-                tracing::error!(left = state.in_flight.count(), "cut requests did not end; their rows may be missing");
+        }
+    };
+    let result = tokio::select! {
+        r = std::future::IntoFuture::into_future(server) => {
+            // Whole answers whose client left are on no connection, so the server did not
+            // wait for them: their tier calls end within the grace period or are cut.
+            tokio::select! {
+                _ = state.in_flight.drained(std::time::Duration::MAX) => {}
+                () = &mut deadline => cut.await,
             }
+            r
+        }
+        () = &mut deadline => {
+            cut.await;
             Ok(())
         }
     };

@@ -1,6 +1,6 @@
 //! `POST /v1/chat/completions`: parse, route, call the tier, relay the answer (whole or as
 //! SSE), and account for it. Every request ends in exactly one ledger row, including
-//! rejected ones and streams the client walks away from.
+//! rejected ones and those the client walks away from (billed for what the tier did).
 
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
@@ -21,7 +21,7 @@ use crate::routing::sticky::{self, HEADER_CONVERSATION};
 use crate::routing::{self, RequestContext, RouteDecision};
 use crate::telemetry::trace;
 use crate::upstream::resilience::{Breaker, with_retries};
-use crate::upstream::{Backend, Guard, StreamItem};
+use crate::upstream::{Backend, Completion, Guard, StreamItem};
 use crate::{AppState, Runtime, tokens};
 use futures::future::BoxFuture;
 use tracing::Instrument;
@@ -40,6 +40,9 @@ pub async fn chat_completions(
     acct.in_flight = Some(st.in_flight.enter());
     acct.cut = st.cut.clone();
     let result = tokio::select! {
+        // The handler first: at a cut, a whole answer's task may already have handed back
+        // the row (with its `shutting_down` error); dropping it unread would misfile it.
+        biased;
         r = handle(&st, &rt, &mut acct, caller, &headers, body).instrument(span) => r,
         () = st.cut.cancelled() => Err(Error::ShuttingDown),
     };
@@ -185,33 +188,113 @@ async fn handle(
             breaker,
         )))
     } else {
-        let (mut done, _, _) = call_tiers(rt, acct, &decision, &mut req, |b, r| {
-            Box::pin(async move { b.complete(r).await })
-        })
-        .await?;
-        if let Some(esc) = &decision.then.escalate
-            && done.confidence.is_some_and(|c| c < esc.min_confidence)
-        {
-            let used = done.usage.unwrap_or_default();
-            if let Some((better, _, _)) = escalate(rt, acct, used, done.confidence, &esc.tier, req, |b, r| {
-                Box::pin(async move { b.complete(r).await })
-            })
-            .await
-            {
-                done = better;
-                remember(rt, conversation.as_deref(), &esc.tier);
-            }
-        }
-        acct.called_tier = true;
-        acct.usage = done.usage;
-        acct.content = std::mem::take(&mut done.content);
-        acct.confidence = done.confidence;
+        let done = answer_whole_detached(rt, acct, decision, req, conversation).await?;
         let mut resp = Response::new(Body::from(done.body));
         resp.headers_mut()
             .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
         acct.decorate(resp.headers_mut());
         acct.finish_durably("ok", 200).await;
         Ok(Reply::Whole(resp))
+    }
+}
+
+/// Calls the tiers for a whole (non-streamed) answer in a task of its own, which holds the
+/// ledger row meanwhile and hands both back. A client that goes away drops the handler but
+/// not the task: a remote tier's call runs to its end (the upstream has the request and
+/// bills it), and the row records its usage and cost as `client_disconnected` (499); a
+/// local tier's generation stops at once (it would be for nobody). Either way no retry,
+/// fallback or escalation starts for a client that left. Streams need none of this: their
+/// row follows the stream, whose usage arrives as it goes.
+async fn answer_whole_detached(
+    rt: &Arc<Runtime>,
+    acct: &mut Accounting,
+    decision: RouteDecision,
+    req: ChatRequest,
+    conversation: Option<String>,
+) -> Result<Completion, Error> {
+    let mut task_acct = acct.detach();
+    let gone = tokio_util::sync::CancellationToken::new();
+    task_acct.gone = Some(gone.clone());
+    // Dropped with the handler: when the client closes the connection, or when it is cut.
+    let _handler_alive = gone.drop_guard();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let rt = rt.clone();
+    let task = async move {
+        let mut acct = task_acct;
+        let cut = acct.cut.clone();
+        let result = tokio::select! {
+            r = answer_whole(&rt, &mut acct, &decision, req, conversation.as_deref()) => r,
+            () = cut.cancelled() => Err(Error::ShuttingDown),
+        };
+        if let Err((mut acct, _)) = tx.send((acct, result)) {
+            // Nobody waits for the answer: the handler was cut at shutdown, or its client left.
+            if cut.is_cancelled() {
+                let e = Error::ShuttingDown;
+                acct.finish_durably(e.code(), e.status_code().as_u16()).await;
+            } else {
+                let e = Error::ClientDisconnected;
+                acct.finish(e.code(), e.status_code().as_u16());
+            }
+        }
+    };
+    tokio::spawn(task.in_current_span());
+    let (back, result) = rx
+        .await
+        .map_err(|_| Error::Internal("the task calling the tier ended without an answer".to_owned()))?;
+    *acct = back;
+    // The handler answers from here on; a client leaving now is the plain case again.
+    acct.gone = None;
+    result
+}
+
+/// The tier calls of a whole answer, escalation included; see [`answer_whole_detached`].
+async fn answer_whole(
+    rt: &Runtime,
+    acct: &mut Accounting,
+    decision: &RouteDecision,
+    mut req: ChatRequest,
+    conversation: Option<&str>,
+) -> Result<Completion, Error> {
+    let (mut done, _, _) = call_tiers(rt, acct, decision, &mut req, |b, r| {
+        Box::pin(async move { b.complete(r).await })
+    })
+    .await?;
+    // A client that left gets the first answer recorded, not a second tier's.
+    if let Some(esc) = &decision.then.escalate
+        && done.confidence.is_some_and(|c| c < esc.min_confidence)
+        && !acct.client_gone()
+    {
+        let used = done.usage.unwrap_or_default();
+        if let Some((better, _, _)) = escalate(rt, acct, used, done.confidence, &esc.tier, req, |b, r| {
+            Box::pin(async move { b.complete(r).await })
+        })
+        .await
+        {
+            done = better;
+            remember(rt, conversation, &esc.tier);
+        }
+    }
+    acct.called_tier = true;
+    acct.usage = done.usage;
+    acct.content = std::mem::take(&mut done.content);
+    acct.confidence = done.confidence;
+    Ok(done)
+}
+
+/// One call to a tier for a request whose client may leave (`gone`, for whole answers): a
+/// local tier's generation stops when it does, a remote tier's call is billed anyway and
+/// runs to its end (bounded by its timeouts).
+async fn unless_gone<T>(
+    gone: Option<tokio_util::sync::CancellationToken>,
+    local: bool,
+    call: impl std::future::Future<Output = Result<T, Error>>,
+) -> Result<T, Error> {
+    match gone {
+        Some(gone) if local => tokio::select! {
+            r = call => r,
+            () = gone.cancelled() => Err(Error::ClientDisconnected),
+        },
+        _ => call.await,
     }
 }
 
@@ -343,11 +426,18 @@ async fn call_tiers<'a, T>(
         }
         let guard = rt.guards.get(&tier.name).cloned().unwrap_or_else(Guard::none);
         let span = trace::tier_span(tier);
+        let (gone, local) = (acct.gone.clone(), matches!(tier.backend, BackendConfig::Local(_)));
         let result = with_retries(
             &tier.name,
             &guard.retry,
             guard.breaker.as_deref(),
-            || call(backend.clone(), this_req.clone()).instrument(span.clone()),
+            || {
+                unless_gone(
+                    gone.clone(),
+                    local,
+                    call(backend.clone(), this_req.clone()).instrument(span.clone()),
+                )
+            },
             |e| acct.retried(e),
         )
         .await;
@@ -356,6 +446,9 @@ async fn call_tiers<'a, T>(
             Err(e) => e,
         };
         tried.push(&tier.name);
+        if acct.client_gone() {
+            return Err(e);
+        }
         let Some(next) = next_tier(&decision.then, &tried, &e) else {
             return Err(e);
         };
@@ -419,11 +512,18 @@ async fn escalate<'a, T>(
     req.model = tier.model.clone();
     let guard = rt.guards.get(to).cloned().unwrap_or_else(Guard::none);
     let span = trace::tier_span(tier);
+    let (gone, local) = (acct.gone.clone(), matches!(tier.backend, BackendConfig::Local(_)));
     let result = with_retries(
         to,
         &guard.retry,
         guard.breaker.as_deref(),
-        || call(backend.clone(), req.clone()).instrument(span.clone()),
+        || {
+            unless_gone(
+                gone.clone(),
+                local,
+                call(backend.clone(), req.clone()).instrument(span.clone()),
+            )
+        },
         |e| acct.retried(e),
     )
     .await;
@@ -583,6 +683,9 @@ struct Accounting {
     span: Option<tracing::Span>,
     /// Budget reservation of the caller's key, if it has a budget.
     spend: Option<SpendAccount>,
+    /// Cancelled when the handler of a whole answer is dropped (its client left) while a
+    /// task calls the tiers; see [`answer_whole_detached`].
+    gone: Option<tokio_util::sync::CancellationToken>,
 }
 
 /// Where an attempt went: enough to record it and to switch back.
@@ -627,13 +730,38 @@ impl Accounting {
         a
     }
 
-    /// The current tier failed and is about to be called again.
-    fn retried(&mut self, e: &Error) {
+    /// The current tier failed and is about to be called again, unless the client has
+    /// left (false: no retry for nobody; the failure is then the row's last attempt).
+    fn retried(&mut self, e: &Error) -> bool {
+        if self.client_gone() {
+            return false;
+        }
         if let Some(m) = &self.metrics {
             m.retried(self.rec.tier.as_deref().unwrap_or_default(), e);
         }
         self.attempt_failed(e.code(), Usage::default(), None);
         self.attempt_start = Some(Instant::now());
+        true
+    }
+
+    fn client_gone(&self) -> bool {
+        self.gone.as_ref().is_some_and(|g| g.is_cancelled())
+    }
+
+    /// Moves the row out, for a task that may outlive the handler to finish. What stays
+    /// writes no row, but still names the request and its route in the response headers.
+    fn detach(&mut self) -> Accounting {
+        let mut shadow = Accounting::default();
+        shadow.rec = Record {
+            request_id: self.rec.request_id.clone(),
+            tier: self.rec.tier.clone(),
+            rule: self.rec.rule.clone(),
+            policy: self.rec.policy.clone(),
+            score: self.rec.score,
+            scorer: self.rec.scorer.clone(),
+            ..Record::default()
+        };
+        std::mem::replace(self, shadow)
     }
 
     fn elapsed_ms(&self) -> f64 {

@@ -158,13 +158,21 @@ impl ChatRequest {
                 ));
             }
         }
-        if let Some(v) = obj.get("stop")
-            && stop_list(v).is_none()
-        {
-            return Err(Error::invalid(
-                format!("`stop` must be a string or an array of up to 4 strings, got `{v}`"),
-                Some("stop"),
-            ));
+        if let Some(v) = obj.get("stop") {
+            match stop_list(v) {
+                None => {
+                    return Err(Error::invalid(
+                        format!("`stop` must be a string or an array of up to 4 strings, got `{v}`"),
+                        Some("stop"),
+                    ));
+                }
+                // An empty sequence matches before any text: the answer would always be
+                // empty (vLLM refuses it too).
+                Some(list) if list.iter().any(String::is_empty) => {
+                    return Err(Error::invalid("`stop` must not contain an empty string", Some("stop")));
+                }
+                Some(_) => {}
+            }
         }
         if let Some(v) = obj.get("seed")
             && !(v.is_null() || v.is_i64() || v.is_u64())
@@ -200,6 +208,13 @@ impl ChatRequest {
         {
             return Err(Error::invalid(
                 "`stream_options` must be an object",
+                Some("stream_options"),
+            ));
+        }
+        if obj.get("stream_options").is_some_and(|s| !s.is_null()) && obj.get("stream") != Some(&Value::Bool(true)) {
+            // OpenAI's own message for it.
+            return Err(Error::invalid(
+                "The 'stream_options' parameter is only allowed when 'stream' is enabled.",
                 Some("stream_options"),
             ));
         }

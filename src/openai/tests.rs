@@ -117,6 +117,52 @@ fn roles_content_and_numbers_are_checked_by_name() {
 }
 
 #[test]
+fn stream_options_need_stream_on() {
+    let base = || json!({"model": "m", "messages": [{"role": "user", "content": "x"}]});
+    for stream in [None, Some(json!(false)), Some(json!(null))] {
+        let mut body = base();
+        body["stream_options"] = json!({"include_usage": true});
+        if let Some(s) = stream.clone() {
+            body["stream"] = s;
+        }
+        let e = ChatRequest::parse(body.to_string().as_bytes()).expect_err("stream_options without stream");
+        assert_eq!(e.param(), Some("stream_options"), "stream = {stream:?}");
+        assert_eq!(e.code(), "invalid_request");
+        assert_eq!(
+            e.to_string(),
+            "The 'stream_options' parameter is only allowed when 'stream' is enabled."
+        );
+    }
+    // Null is no option; with `stream` on, options are what it is for.
+    let mut absent = base();
+    absent["stream_options"] = json!(null);
+    let mut streamed = base();
+    streamed["stream"] = json!(true);
+    streamed["stream_options"] = json!({"include_usage": true});
+    for body in [absent, streamed] {
+        ChatRequest::parse(body.to_string().as_bytes()).unwrap_or_else(|e| panic!("{body}: {e}"));
+    }
+}
+
+#[test]
+fn an_empty_stop_sequence_is_refused() {
+    for stop in [json!(""), json!([""]), json!(["###", ""])] {
+        let mut body = json!({"model": "m", "messages": [{"role": "user", "content": "x"}]});
+        body["stop"] = stop.clone();
+        let e = ChatRequest::parse(body.to_string().as_bytes()).expect_err("empty stop");
+        assert_eq!(e.param(), Some("stop"), "stop = {stop}");
+        assert_eq!(e.code(), "invalid_request");
+        assert!(e.to_string().contains("empty string"), "{e}");
+    }
+    // An empty list (or null) means no stop sequences at all.
+    for stop in [json!([]), json!(null), json!(" ")] {
+        let mut body = json!({"model": "m", "messages": [{"role": "user", "content": "x"}]});
+        body["stop"] = stop;
+        ChatRequest::parse(body.to_string().as_bytes()).unwrap_or_else(|e| panic!("{body}: {e}"));
+    }
+}
+
+#[test]
 fn limits_name_the_key_and_its_value() {
     let limits = crate::config::Limits {
         max_messages: 2,

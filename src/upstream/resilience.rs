@@ -83,15 +83,16 @@ fn jitter() -> f64 {
 }
 
 /// Calls `op` until it succeeds, fails for good, or the retries run out. Each failed call
-/// that is followed by another is reported to `failed` (for the ledger and the retry
-/// counter) before the wait: once per retry.
+/// that would be followed by another is reported to `failed` (for the ledger and the retry
+/// counter) before the wait: once per retry. `failed` returning false stops there, with
+/// that call's error (nobody waits for the answer any more).
 /// The breaker is asked before every call and told every result.
 pub async fn with_retries<T, F, Fut>(
     tier: &str,
     retry: &RetryConfig,
     breaker: Option<&Breaker>,
     mut op: F,
-    mut failed: impl FnMut(&Error),
+    mut failed: impl FnMut(&Error) -> bool,
 ) -> Result<T, Error>
 where
     F: FnMut() -> Fut,
@@ -122,6 +123,9 @@ where
         let Some(wait) = retry.delay(n, &e, jitter()) else {
             return Err(e);
         };
+        if !failed(&e) {
+            return Err(e);
+        }
         // Codes and timings only: error messages are the client-facing ones, no secrets.
         tracing::warn!(
             tier,
@@ -130,7 +134,6 @@ where
             wait_ms = wait.as_millis() as u64,
             "retrying tier"
         );
-        failed(&e);
         tokio::time::sleep(wait).await;
         n += 1;
     }

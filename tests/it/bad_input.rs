@@ -103,6 +103,24 @@ fn cases() -> Vec<Case> {
             "`messages`",
         ),
         (
+            "stream_options without stream",
+            JSON,
+            s(
+                r#"{"model": "tiergate-auto", "stream_options": {"include_usage": true}, "messages": [{"role": "user", "content": "hi"}]}"#,
+            ),
+            400,
+            "invalid_request",
+            "only allowed when 'stream' is enabled",
+        ),
+        (
+            "empty stop sequence",
+            JSON,
+            s(r#"{"model": "tiergate-auto", "stop": [""], "messages": [{"role": "user", "content": "hi"}]}"#),
+            400,
+            "invalid_request",
+            "`stop` must not contain an empty string",
+        ),
+        (
             "model null",
             JSON,
             s(r#"{"model": null, "messages": [{"role": "user", "content": "hi"}]}"#),

@@ -203,6 +203,62 @@ async fn client_disconnecting_mid_stream_still_leaves_a_ledger_row() {
     assert!(row.completion_tokens > 0 && row.tokens_estimated, "{row:?}");
 }
 
+#[tokio::test]
+async fn a_client_leaving_a_whole_cloud_answer_is_billed_what_the_upstream_reports() {
+    // A key with a budget: leaving early must not dodge it.
+    let gw = common::gateway_with(&common::Setup {
+        key_limits: tiergate::auth::KeyLimits {
+            daily_usd: Some(1.0),
+            ..Default::default()
+        },
+        ..Default::default()
+    })
+    .await;
+    // `fake-sluggish` (tier `sluggish`, $2.5/$10 per Mtok) answers 2 s after it gets the request.
+    let conn = gw
+        .send_and_hold(&user("fake-sluggish", "Summarise the history of Rome."))
+        .await;
+    for _ in 0..500 {
+        if gw.fake.calls("fake-sluggish") == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(gw.fake.calls("fake-sluggish"), 1, "the request reached the upstream");
+    // The client hangs up while the upstream is still working on the answer.
+    drop(conn);
+    let rows = gw.ledger_rows(1).await;
+    assert_eq!(rows.len(), 1, "one row for the abandoned request: {rows:?}");
+    let row = &rows[0];
+    assert_eq!(
+        (row.outcome.as_str(), row.http_status),
+        ("client_disconnected", 499),
+        "{row:?}"
+    );
+    assert_eq!(row.tier.as_deref(), Some("sluggish"));
+    assert!(!row.streamed);
+    assert_eq!(
+        (row.prompt_tokens, row.completion_tokens),
+        FAKE_USAGE,
+        "the upstream's usage"
+    );
+    assert!(!row.tokens_estimated);
+    let price = (FAKE_USAGE.0 as f64 * 2.5 + FAKE_USAGE.1 as f64 * 10.0) / 1e6;
+    assert!(
+        row.cost_usd > 0.0 && (row.cost_usd - price).abs() < 1e-12,
+        "cost {} for {price}",
+        row.cost_usd
+    );
+    let key = row.api_key_id.as_deref().expect("the key's id");
+    let (today, _) = gw.state.auth.budgets.spent(key, tiergate::report::now_ms());
+    assert!((today - row.cost_usd).abs() < 1e-12, "budget charged {today}");
+    assert_eq!(
+        gw.fake.calls("fake-sluggish"),
+        1,
+        "nothing asked again for a client that left"
+    );
+}
+
 /// The answer is `status` with OpenAI's error envelope carrying `code`.
 pub async fn assert_error(r: reqwest::Response, status: u16, code: &str) -> Value {
     assert_eq!(r.status().as_u16(), status);

@@ -428,15 +428,34 @@ impl Gateway {
         serde_json::from_str(&self.get_text(path).await).expect("JSON answer")
     }
 
+    /// Sends a chat request with the test key on a bare connection and returns it without
+    /// reading the answer: dropping it is a client hanging up mid-request.
+    pub async fn send_and_hold(&self, body: &Value) -> tokio::net::TcpStream {
+        let body = body.to_string();
+        let addr = self.url.trim_start_matches("http://");
+        let mut conn = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let request = format!(
+            "POST /v1/chat/completions HTTP/1.1\r\nhost: {addr}\r\nauthorization: Bearer {}\r\n\
+             content-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+            self.key,
+            body.len()
+        );
+        tokio::io::AsyncWriteExt::write_all(&mut conn, request.as_bytes())
+            .await
+            .expect("send the request");
+        conn
+    }
+
     /// All ledger rows, after everything queued so far is committed.
     pub async fn ledger(&self) -> Vec<tiergate::ledger::Record> {
         self.state.ledger.flush().await;
         tiergate::ledger::read_all(&self.ledger_path).expect("read ledger")
     }
 
-    /// Waits (bounded) until the ledger holds `n` rows; for rows written when a stream ends.
+    /// Waits (bounded, generously) until the ledger holds `n` rows; for rows written when a
+    /// stream ends, or when a tier's call ends after its client left.
     pub async fn ledger_rows(&self, n: usize) -> Vec<tiergate::ledger::Record> {
-        for _ in 0..200 {
+        for _ in 0..600 {
             let rows = self.ledger().await;
             if rows.len() >= n {
                 return rows;

@@ -43,6 +43,18 @@ fn policy(then: &str) -> String {
 }
 
 const PROMPT: &str = "What is the capital of France?";
+
+/// Asks the one-slot local tier until it answers (bounded): whether an earlier request's
+/// sequence released the slot.
+async fn slot_frees(gw: &Gateway) -> bool {
+    for _ in 0..200 {
+        if gw.post_chat(&user(TEST_MODEL, PROMPT)).await.status() == 200 {
+            return true;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    false
+}
 const ANSWER: &str = "The capital of France is Paris.";
 
 #[tokio::test]
@@ -206,16 +218,36 @@ async fn saturation_is_a_429_or_a_spill_as_the_policy_says() {
 
     // The client of the long answer leaves: its sequence is cancelled and the slot frees.
     drop(busy);
-    let mut status = 0;
-    for _ in 0..100 {
-        let r = gw.post_chat(&user(TEST_MODEL, PROMPT)).await;
-        status = r.status().as_u16();
-        if status == 200 {
+    assert!(slot_frees(&gw).await, "the cancelled sequence released its slot");
+}
+
+#[tokio::test]
+async fn a_client_leaving_a_whole_local_answer_stops_its_generation() {
+    let gw = local_gateway(1, 0, None).await;
+    let mut long = user(TEST_MODEL, "Tell me a long story.");
+    long["ignore_eos"] = json!(true);
+    long["max_tokens"] = json!(4000);
+    let conn = gw.send_and_hold(&long).await;
+    let busy = "tiergate_local_queue_depth{tier=\"local\"} 1";
+    let mut seen = String::new();
+    for _ in 0..400 {
+        seen = gw.get_text("/metrics").await;
+        if seen.contains(busy) {
             break;
         }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
     }
-    assert_eq!(status, 200, "the cancelled sequence released its slot");
+    assert!(seen.contains(busy), "the long answer is generating: {seen}");
+    // Unlike a remote tier's call, the generation is for nobody once the client has gone.
+    drop(conn);
+    assert!(slot_frees(&gw).await, "the abandoned sequence released its slot");
+    let rows = gw.ledger_rows(2).await;
+    let left = rows
+        .iter()
+        .find(|r| r.outcome == "client_disconnected")
+        .unwrap_or_else(|| panic!("the abandoned request's row: {rows:?}"));
+    assert_eq!(left.http_status, 499);
+    assert_eq!((left.completion_tokens, left.cost_usd), (0, 0.0), "{left:?}");
 }
 
 #[tokio::test]
@@ -368,15 +400,7 @@ async fn an_escalated_stream_cancels_the_local_generation_and_frees_its_slot() {
     let body = r.text().await.expect("body");
     assert!(body.ends_with("data: [DONE]\n\n"), "{body}");
     // The slot is released at the engine's next step, not when 4000 tokens are done.
-    let mut status = 0;
-    for _ in 0..100 {
-        status = gw.post_chat(&user(TEST_MODEL, PROMPT)).await.status().as_u16();
-        if status == 200 {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
-    assert_eq!(status, 200, "the abandoned sequence released its slot");
+    assert!(slot_frees(&gw).await, "the abandoned sequence released its slot");
     let rows = gw.ledger_rows(2).await;
     let escalated = rows.iter().find(|r| r.escalated).expect("escalated row");
     assert_eq!(escalated.attempts[0].completion_tokens, 3);
