@@ -86,6 +86,7 @@ def encode(tok, text, max_tokens=MAX_TOKENS, head_tokens=HEAD_TOKENS):
 # ---------------------------------------------------------------- encoder
 class Encoder:
     def __init__(self, model_path=MODEL_PATH, threads=2):
+        """model_path: a file, or the serialized graph (bytes)."""
         import onnxruntime as ort
         so = ort.SessionOptions()
         so.intra_op_num_threads = threads
@@ -96,15 +97,19 @@ class Encoder:
 
     def run(self, batch_ids):
         """List of token-id lists -> (hidden [B,T,384] float32, mask [B,T] int64); pad to longest."""
+        (h,), mask = self.run_outputs(batch_ids, ["last_hidden_state"])
+        return h, mask
+
+    def run_outputs(self, batch_ids, names):
+        """Like run, for the graph outputs `names` (layers_experiment.py adds inner layers)."""
         T = max(len(x) for x in batch_ids)
         ids = np.zeros((len(batch_ids), T), dtype=np.int64)
         mask = np.zeros((len(batch_ids), T), dtype=np.int64)
         for i, x in enumerate(batch_ids):
             ids[i, :len(x)] = x
             mask[i, :len(x)] = 1
-        h = self.sess.run(["last_hidden_state"], {
-            "input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)})[0]
-        return h, mask
+        outs = self.sess.run(names, {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)})
+        return outs, mask
 
 
 def pool(h, mask):

@@ -35,20 +35,18 @@ LAYERS = ["layer_norm", "layer_norm_2", "layer_norm_4", "layer_norm_6", "layer_n
           "last_hidden_state"]   # embeddings, then the output of transformer layers 1..6
 
 
-def layer_session():
+def layer_encoder():
+    """The shipped encoder with every layer's output added to the graph's outputs."""
     import onnx
-    import onnxruntime as ort
     m = onnx.load(F.MODEL_PATH)
     have = {o.name for o in m.graph.output}
     for n in LAYERS:
         if n not in have:
             m.graph.output.append(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None))
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = 2
-    return ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    return F.Encoder(m.SerializeToString())
 
 
-def pooled_layers(texts, name, sess, tok):
+def pooled_layers(texts, name, enc, tok):
     """[N, len(LAYERS), 384] mean-pooled states, cached by model, tokenizer and texts."""
     key = hashlib.sha256(F._file_sha(F.MODEL_PATH).encode() + F._file_sha(F.TOKENIZER_PATH).encode())
     key.update(f"{F.MAX_TOKENS}/{F.HEAD_TOKENS}/{F.CHAR_HEAD}/{F.CHAR_TAIL}/{','.join(LAYERS)}".encode())
@@ -62,16 +60,9 @@ def pooled_layers(texts, name, sess, tok):
     out = np.zeros((len(texts), len(LAYERS), F.HIDDEN), np.float32)
     for s in range(0, len(order), 32):
         idx = order[s:s + 32]
-        n = max(len(ids[i]) for i in idx)
-        a = np.zeros((len(idx), n), np.int64)
-        mask = np.zeros_like(a)
-        for j, i in enumerate(idx):
-            a[j, :len(ids[i])] = ids[i]
-            mask[j, :len(ids[i])] = 1
-        hs = sess.run(LAYERS, {"input_ids": a, "attention_mask": mask, "token_type_ids": np.zeros_like(a)})
-        m = mask[:, :, None].astype(np.float32)
+        hs, mask = enc.run_outputs([ids[i] for i in idx], LAYERS)
         for k, h in enumerate(hs):
-            out[idx, k] = (h * m).sum(1) / m.sum(1)
+            out[idx, k] = F.pool(h, mask)[0]
     os.makedirs(os.path.dirname(path), exist_ok=True)
     np.savez(path, h=out)
     return out
@@ -98,8 +89,8 @@ def main():
     own = T.read_train_file(os.path.join(HERE, "data", "own_prompts.jsonl"))
     texts = {"mmlu": mtexts, "own": [t for t, _, _ in own],
              "gsm8k": data["gsm8k"]["texts"], "mt_bench": data["mt_bench"]["texts"]}
-    sess, tok = layer_session(), F.load_tokenizer()
-    H = {b: pooled_layers(t, b, sess, tok) for b, t in texts.items()}
+    enc, tok = layer_encoder(), F.load_tokenizer()
+    H = {b: pooled_layers(t, b, enc, tok) for b, t in texts.items()}
     folds = T.assign_folds(subj)
     fold_of = {s: k for k, f in enumerate(folds) for s in f}
     mfold = np.array([fold_of[s] for s in subj])

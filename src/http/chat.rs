@@ -226,15 +226,14 @@ async fn answer_whole_detached(
             r = answer_whole(&rt, &mut acct, &decision, req, conversation.as_deref()) => r,
             () = cut.cancelled() => Err(Error::ShuttingDown),
         };
-        if let Err((mut acct, _)) = tx.send((acct, result)) {
-            // Nobody waits for the answer: the handler was cut at shutdown, or its client left.
-            if cut.is_cancelled() {
-                let e = Error::ShuttingDown;
-                acct.finish_durably(e.code(), e.status_code().as_u16()).await;
-            } else {
-                let e = Error::ClientDisconnected;
-                acct.finish(e.code(), e.status_code().as_u16());
-            }
+        // Nobody waits for the answer: the handler was cut at shutdown (the row must be
+        // durable before the ledger closes), or its client left (dropping the row unfinished
+        // writes it as `client_disconnected`).
+        if let Err((mut acct, _)) = tx.send((acct, result))
+            && cut.is_cancelled()
+        {
+            let e = Error::ShuttingDown;
+            acct.finish_durably(e.code(), e.status_code().as_u16()).await;
         }
     };
     tokio::spawn(task.in_current_span());
@@ -986,8 +985,8 @@ impl Accounting {
 impl Drop for Accounting {
     fn drop(&mut self) {
         if self.ledger.is_some() && !self.done {
-            // 499: the client closed the connection (nginx's convention).
-            self.finish("client_disconnected", 499);
+            let e = Error::ClientDisconnected;
+            self.finish(e.code(), e.status_code().as_u16());
         }
     }
 }
