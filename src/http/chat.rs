@@ -222,19 +222,30 @@ async fn answer_whole_detached(
     let task = async move {
         let mut acct = task_acct;
         let cut = acct.cut.clone();
+        // A bug that panics here must still end the row as what it is, not as a client
+        // that left (which is what dropping it unfinished would record).
+        let calls = std::panic::AssertUnwindSafe(answer_whole(&rt, &mut acct, &decision, req, conversation.as_deref()));
         let result = tokio::select! {
-            r = answer_whole(&rt, &mut acct, &decision, req, conversation.as_deref()) => r,
+            r = futures::FutureExt::catch_unwind(calls) => r.unwrap_or_else(|panic| Err(Error::Internal(panic_message(&panic)))),
             () = cut.cancelled() => Err(Error::ShuttingDown),
         };
         // Nobody waits for the answer: the handler was cut at shutdown (the row must be
-        // durable before the ledger closes), or its client left (dropping the row unfinished
-        // writes it as `client_disconnected`).
-        if let Err((mut acct, _)) = tx.send((acct, result))
-            && cut.is_cancelled()
-        {
+        // durable before the ledger closes), or its client left.
+        let Err((mut acct, result)) = tx.send((acct, result)) else {
+            return;
+        };
+        if cut.is_cancelled() {
             let e = Error::ShuttingDown;
             acct.finish_durably(e.code(), e.status_code().as_u16()).await;
+        } else if let Err(e) = result
+            && !matches!(e, Error::ClientDisconnected)
+        {
+            // The tier failed as well: that is the row's outcome (an error in the report),
+            // while the status says nobody was there to be told.
+            acct.finish(e.code(), crate::error::CLIENT_CLOSED_REQUEST.as_u16());
         }
+        // Otherwise dropping the row unfinished writes it as `client_disconnected`, with
+        // what the tier used.
     };
     tokio::spawn(task.in_current_span());
     let (back, result) = rx
@@ -244,6 +255,15 @@ async fn answer_whole_detached(
     // The handler answers from here on; a client leaving now is the plain case again.
     acct.gone = None;
     result
+}
+
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    let what = panic
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("no message");
+    format!("the tier call panicked: {what}")
 }
 
 /// The tier calls of a whole answer, escalation included; see [`answer_whole_detached`].
@@ -423,23 +443,8 @@ async fn call_tiers<'a, T>(
         {
             routing::clamp_output(&mut this_req, cap);
         }
-        let guard = rt.guards.get(&tier.name).cloned().unwrap_or_else(Guard::none);
         let span = trace::tier_span(tier);
-        let (gone, local) = (acct.gone.clone(), matches!(tier.backend, BackendConfig::Local(_)));
-        let result = with_retries(
-            &tier.name,
-            &guard.retry,
-            guard.breaker.as_deref(),
-            || {
-                unless_gone(
-                    gone.clone(),
-                    local,
-                    call(backend.clone(), this_req.clone()).instrument(span.clone()),
-                )
-            },
-            |e| acct.retried(e),
-        )
-        .await;
+        let result = call_guarded(rt, acct, tier, &backend, &this_req, &span, &call).await;
         let e = match result {
             Ok(v) => return Ok((v, tier, span)),
             Err(e) => e,
@@ -468,6 +473,35 @@ async fn call_tiers<'a, T>(
         (tier, backend) = tier_backend(rt, next)?;
         acct.switch_tier(tier);
     }
+}
+
+/// One tier's call through its retries and circuit breaker, each failed try recorded as an
+/// attempt; see [`unless_gone`] for a client that leaves meanwhile.
+async fn call_guarded<T>(
+    rt: &Runtime,
+    acct: &mut Accounting,
+    tier: &TierConfig,
+    backend: &Arc<dyn Backend>,
+    req: &ChatRequest,
+    span: &tracing::Span,
+    call: &impl Fn(Arc<dyn Backend>, ChatRequest) -> BoxFuture<'static, Result<T, Error>>,
+) -> Result<T, Error> {
+    let guard = rt.guards.get(&tier.name).cloned().unwrap_or_else(Guard::none);
+    let (gone, local) = (acct.gone.clone(), matches!(tier.backend, BackendConfig::Local(_)));
+    with_retries(
+        &tier.name,
+        &guard.retry,
+        guard.breaker.as_deref(),
+        || {
+            unless_gone(
+                gone.clone(),
+                local,
+                call(backend.clone(), req.clone()).instrument(span.clone()),
+            )
+        },
+        |e| acct.retried(e),
+    )
+    .await
 }
 
 /// The tier to try after `tried` failed with `e`: the spill tier for a saturated local
@@ -509,23 +543,8 @@ async fn escalate<'a, T>(
     acct.rec.escalated = true;
     acct.switch_tier(tier);
     req.model = tier.model.clone();
-    let guard = rt.guards.get(to).cloned().unwrap_or_else(Guard::none);
     let span = trace::tier_span(tier);
-    let (gone, local) = (acct.gone.clone(), matches!(tier.backend, BackendConfig::Local(_)));
-    let result = with_retries(
-        to,
-        &guard.retry,
-        guard.breaker.as_deref(),
-        || {
-            unless_gone(
-                gone.clone(),
-                local,
-                call(backend.clone(), req.clone()).instrument(span.clone()),
-            )
-        },
-        |e| acct.retried(e),
-    )
-    .await;
+    let result = call_guarded(rt, acct, tier, &backend, &req, &span, &call).await;
     match result {
         Ok(v) => Some((v, tier, span)),
         Err(e) => {

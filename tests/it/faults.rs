@@ -76,6 +76,29 @@ async fn slow_headers_hit_the_first_token_timeout_and_fall_back() {
 }
 
 #[tokio::test]
+async fn a_tier_failing_after_its_client_left_is_recorded_as_its_failure_and_not_fallen_back() {
+    let gw = gateway_falling_back("late", String::new()).await;
+    let conn = gw.send_and_hold(&user("tiergate-auto", "hi")).await;
+    for _ in 0..500 {
+        if gw.fake.calls("fake-late") == 1 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert_eq!(gw.fake.calls("fake-late"), 1, "the request reached the upstream");
+    // Gone before the tier's 0.3 s first-token timeout.
+    drop(conn);
+    let (row, calls) = attempts(&gw).await;
+    assert_eq!(
+        (row.outcome.as_str(), row.http_status),
+        ("upstream_timeout", 499),
+        "the tier's failure, and nobody to tell: {row:?}"
+    );
+    assert!(calls.is_empty() && !row.fallback, "{calls:?}");
+    assert_eq!(gw.fake.calls("fake-cloud"), 0, "no fallback for a client that left");
+}
+
+#[tokio::test]
 async fn a_stream_whose_first_event_is_late_falls_back_before_any_byte_is_sent() {
     let gw = gateway_falling_back("late", String::new()).await;
     let r = gw.post_chat(&streamed("tiergate-auto")).await;
