@@ -17,10 +17,17 @@ over one-token passes:
 - `bound`: rows free, and at every step the best span any copying drafter could propose
   (`CopyOracle`, which knows the answer): no drafter that copies from the context gets more.
 
+With `--memory`, one more column prices a drafter the engine does not have (an experiment, see
+BENCHMARKS.md "An answer memory"): when the context offers no match, it drafts from an n-gram
+table of the model's greedy answers to the *other* prompts of the file (leave-one-out), the way
+a gateway could remember the answers it served before. Prompts that are also in
+`benches/local_prompts.jsonl` are listed under their names there.
+
 Needs the provisioned model and `$TIERGATE_CACHE/venv-convert` (run with its python, as
 `benches/local_generator.sh` does).
 """
 import argparse
+import collections
 import json
 import os
 import statistics
@@ -75,6 +82,50 @@ class PromptLookup:
                 self.misses = 0
         else:
             self.misses = self.pause = 0
+
+
+class AnswerMemory(PromptLookup):
+    """The shipped policy, and when the context has no match, a draft chained from the most
+    frequent continuation (seen at least MEMORY_MIN_COUNT times, at least half of the time) of
+    the longest 3..1-token tail found in `table` (other answers' n-grams)."""
+
+    def __init__(self, max_draft, table):
+        super().__init__(max_draft)
+        self.table = table
+
+    def draft(self, history, room):
+        paused = self.paused_for > 0
+        found = super().draft(history, room)
+        want = min(self.next_len, room)
+        if found or paused or want == 0:
+            return found
+        out, tail = [], list(history[-MAX_NGRAM:])
+        while len(out) < want:
+            nxt = None
+            for size in range(min(MAX_NGRAM, len(tail)), 0, -1):
+                seen = self.table.get(tuple(tail[-size:]))
+                if seen:
+                    tok, n = seen.most_common(1)[0]
+                    if n >= MEMORY_MIN_COUNT and 2 * n >= sum(seen.values()):
+                        nxt = tok
+                    break
+            if nxt is None:
+                break
+            out.append(nxt)
+            tail = (tail + [nxt])[-MAX_NGRAM:]
+        return out
+
+
+MEMORY_MIN_COUNT = 2
+
+
+def memory_table(answers):
+    table = collections.defaultdict(collections.Counter)
+    for seq in answers:
+        for i in range(1, len(seq)):
+            for size in range(1, min(MAX_NGRAM, i) + 1):
+                table[tuple(seq[i - size:i])][seq[i]] += 1
+    return table
 
 
 class CopyOracle:
@@ -140,36 +191,52 @@ def main():
                     help="ms of a pass over 1 + k tokens (default: Qwen2.5-Coder-0.5B, BENCHMARKS.md)")
     ap.add_argument("--draft", type=int, default=8, help="the engine's draft_tokens")
     ap.add_argument("--min-tokens", type=int, default=16, help="shorter answers are listed, not counted")
+    ap.add_argument("--memory", action="store_true",
+                    help="add a column: drafts also from the other prompts' answers (leave-one-out)")
     a = ap.parse_args()
     pass_ms = cost_model(a.pass_ms)
     free = lambda k: pass_ms(0)  # noqa: E731
     model = python_greedy.Model(a.model_dir, spin=False)
-    print("| prompt | tokens | drafted | accepted | shipped | free rows | bound |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
-    counted = {"shipped": [], "free": [], "bound": []}
-    for line in open(a.prompts, encoding="utf-8"):
+    bench_names = {}
+    for line in open(os.path.join(HERE, "local_prompts.jsonl"), encoding="utf-8"):
         r = json.loads(line)
+        bench_names[json.dumps(r["messages"], sort_keys=True)] = r["name"]
+    runs = []
+    for i, line in enumerate(open(a.prompts, encoding="utf-8")):
+        r = json.loads(line)
+        name = r.get("name") or bench_names.get(json.dumps(r["messages"], sort_keys=True)) or f"#{i + 1}"
         _, ids = model.messages_ids(r["messages"])
         max_tokens = r.get("max_tokens", 128)
         answer, _, _ = model.generate(ids, max_tokens, ignore_eos=r.get("ignore_eos", False))
+        runs.append((name, ids, answer, max_tokens))
+        print(f"decoded {name}: {len(answer)} tokens", file=sys.stderr, flush=True)
+    cols = ["shipped", "free rows", "bound"] + (["memory"] if a.memory else [])
+    print("| prompt | tokens | drafted | accepted | " + " | ".join(cols) + " |")
+    print("|---|---:|---:|---:|" + "---:|" * len(cols))
+    counted = {c: [] for c in cols}
+    named = {c: [] for c in cols}
+    for j, (name, ids, answer, max_tokens) in enumerate(runs):
         if len(answer) < 2:
             continue
         shipped = PromptLookup(a.draft)
-        s, _ = replay(ids, answer, shipped, pass_ms, max_tokens)
-        f, _ = replay(ids, answer, PromptLookup(a.draft), free, max_tokens)
-        b, _ = replay(ids, answer, CopyOracle(), free, max_tokens)
+        got = {"shipped": replay(ids, answer, shipped, pass_ms, max_tokens)[0],
+               "free rows": replay(ids, answer, PromptLookup(a.draft), free, max_tokens)[0],
+               "bound": replay(ids, answer, CopyOracle(), free, max_tokens)[0]}
+        if a.memory:
+            table = memory_table(other[2] for k, other in enumerate(runs) if k != j)
+            got["memory"] = replay(ids, answer, AnswerMemory(a.draft, table), pass_ms, max_tokens)[0]
         note = "" if len(answer) >= a.min_tokens else " (too short, not counted)"
-        print(f"| {r.get('name', '?')}{note} | {len(answer)} | {shipped.drafted} | {shipped.accepted} "
-              f"| {s:.2f} | {f:.2f} | {b:.2f} |", flush=True)
-        if not note and r.get("name") != "generic":
-            counted["shipped"].append(s)
-            counted["free"].append(f)
-            counted["bound"].append(b)
-    if counted["shipped"]:
-        med = {k: statistics.median(v) for k, v in counted.items()}
-        print(f"| median, gateway prompts ({len(counted['shipped'])}) | | | | {med['shipped']:.2f} "
-              f"| {med['free']:.2f} | {med['bound']:.2f} |")
-
+        print(f"| {name}{note} | {len(answer)} | {shipped.drafted} | {shipped.accepted} | "
+              + " | ".join(f"{got[c]:.2f}" for c in cols) + " |", flush=True)
+        if not note and name != "generic":
+            for c in cols:
+                counted[c].append(got[c])
+                if not name.startswith("#"):
+                    named[c].append(got[c])
+    for label, vals in (("gateway prompts", counted), ("of them in local_prompts.jsonl", named)):
+        if vals["shipped"] and (label == "gateway prompts" or len(vals["shipped"]) < len(counted["shipped"])):
+            print(f"| median, {label} ({len(vals['shipped'])}) | | | | "
+                  + " | ".join(f"{statistics.median(vals[c]):.2f}" for c in cols) + " |")
 
 if __name__ == "__main__":
     main()
