@@ -84,7 +84,7 @@ fn run(engine: &Engine, job: Job) -> (Finish, Option<Duration>) {
     let mut ttft = None;
     loop {
         match rx.blocking_recv().expect("engine answers") {
-            Event::Text(_) => {
+            Event::Text { .. } => {
                 ttft.get_or_insert_with(|| t0.elapsed());
             }
             Event::Prefix(_) => {}

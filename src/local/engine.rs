@@ -48,11 +48,23 @@ pub struct Job {
 /// `Prefix` among them, for a job with `assess_after`), then one `Done` or `Failed`.
 #[derive(Debug)]
 pub enum Event {
-    Text(String),
+    /// Text released to the client, with what the sequence has used so far: the exact
+    /// counts a stream that is cut off records.
+    Text {
+        text: String,
+        used: Used,
+    },
     /// The first `assess_after` tokens are generated and the answer goes on.
     Prefix(Prefix),
     Done(Finish),
     Failed(String),
+}
+
+/// Tokens a sequence has used so far.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Used {
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
 }
 
 /// The answer so far, judged: what a caller needs to decide whether to keep it.
@@ -384,7 +396,11 @@ impl Seq {
 
     fn send_text(&self, text: String) {
         if !text.is_empty() {
-            let _ = self.q.events.send(Event::Text(text));
+            let used = Used {
+                prompt_tokens: self.q.job.prompt.len(),
+                completion_tokens: self.out.len(),
+            };
+            let _ = self.q.events.send(Event::Text { text, used });
         }
     }
 

@@ -430,7 +430,7 @@ impl Backend for LocalBackend {
             let mut content = String::new();
             let finish = loop {
                 match rx.recv().await {
-                    Some(Event::Text(t)) => content.push_str(&t),
+                    Some(Event::Text { text, .. }) => content.push_str(&text),
                     // Not asked for (`assess_after` 0).
                     Some(Event::Prefix(_)) => {}
                     Some(Event::Done(f)) => break f,
@@ -516,11 +516,16 @@ impl Backend for LocalBackend {
                         None => rx.recv().await,
                     };
                     match event {
-                        Some(Event::Text(t)) => {
+                        Some(Event::Text { text, used }) => {
                             yield Ok(StreamItem::Chunk {
-                                json: chunk(delta(json!({"content": t}), None), None),
-                                usage: None,
-                                content: Some(t),
+                                json: chunk(delta(json!({"content": text}), None), None),
+                                // Not shown to the client: exact counts for the ledger, should
+                                // the stream be cut off before its usage chunk.
+                                usage: Some(Usage {
+                                    prompt_tokens: used.prompt_tokens as u64,
+                                    completion_tokens: used.completion_tokens as u64,
+                                }),
+                                content: Some(text),
                                 finished: false,
                                 usage_only: false,
                             });
@@ -600,9 +605,13 @@ mod tests {
         ));
 
         let (tx, mut rx) = unbounded_channel();
-        tx.send(Event::Text("Hi".into())).unwrap();
+        tx.send(Event::Text {
+            text: "Hi".into(),
+            used: Default::default(),
+        })
+        .unwrap();
         tx.send(Event::Failed("later".into())).unwrap();
-        assert!(matches!(first_event(&mut rx, "local").await, Ok(Event::Text(t)) if t == "Hi"));
+        assert!(matches!(first_event(&mut rx, "local").await, Ok(Event::Text { text, .. }) if text == "Hi"));
         // Later events stay for the stream, which reports a failure after the first token in-band.
         assert!(matches!(rx.recv().await, Some(Event::Failed(_))));
     }

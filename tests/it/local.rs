@@ -71,7 +71,7 @@ async fn run_job(b: &LocalBackend, job: Job) -> (String, Finish) {
     let mut text = String::new();
     loop {
         match rx.recv().await.expect("engine answers") {
-            Event::Text(t) => text.push_str(&t),
+            Event::Text { text: t, .. } => text.push_str(&t),
             Event::Prefix(p) => panic!("a prefix was reported unasked: {p:?}"),
             Event::Done(f) => return (text, f),
             Event::Failed(e) => panic!("generation failed: {e}"),
@@ -282,8 +282,8 @@ async fn the_prefix_is_judged_once_after_its_tokens_and_the_answer_goes_on() {
     let (mut before, mut after, mut prefixes) = (String::new(), String::new(), Vec::new());
     let finish = loop {
         match rx.recv().await.expect("engine answers") {
-            Event::Text(t) if prefixes.is_empty() => before.push_str(&t),
-            Event::Text(t) => after.push_str(&t),
+            Event::Text { text: t, .. } if prefixes.is_empty() => before.push_str(&t),
+            Event::Text { text: t, .. } => after.push_str(&t),
             Event::Prefix(p) => prefixes.push(p),
             Event::Done(f) => break f,
             Event::Failed(e) => panic!("generation failed: {e}"),

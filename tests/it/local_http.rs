@@ -251,6 +251,41 @@ async fn a_client_leaving_a_whole_local_answer_stops_its_generation() {
 }
 
 #[tokio::test]
+async fn a_local_stream_cut_off_by_its_client_records_the_tokens_it_used_exactly() {
+    let gw = local_gateway(1, 0, None).await;
+    let mut long = user(TEST_MODEL, "Tell me a long story.");
+    long["ignore_eos"] = json!(true);
+    long["max_tokens"] = json!(4000);
+    long["stream"] = json!(true);
+    let r = gw.post_chat(&long).await;
+    assert_eq!(r.status(), 200);
+    let mut body = r.bytes_stream();
+    let mut pieces = 0;
+    while let Some(b) = body.next().await {
+        pieces += String::from_utf8_lossy(&b.expect("chunk"))
+            .matches("\"content\"")
+            .count();
+        if pieces > 8 {
+            break;
+        }
+    }
+    drop(body);
+    let rows = gw.ledger_rows(1).await;
+    let row = &rows[0];
+    assert_eq!(row.outcome, "client_disconnected", "{row:?}");
+    assert!(row.streamed);
+    assert!(
+        row.completion_tokens >= 8 && row.completion_tokens < 4000 && !row.tokens_estimated,
+        "the engine's own counts, not an estimate from the text: {row:?}"
+    );
+    assert!(row.prompt_tokens > 0 && row.cost_usd > 0.0, "{row:?}");
+    assert!(
+        slot_frees(&gw).await,
+        "the abandoned stream's sequence released its slot"
+    );
+}
+
+#[tokio::test]
 async fn a_weak_local_answer_is_escalated_and_both_attempts_are_accounted() {
     // A threshold no answer reaches, so the local answer is always judged weak. Without
     // stickiness, so that the second request (same conversation) tries the local tier again.
