@@ -221,13 +221,18 @@ async fn saturation_is_a_429_or_a_spill_as_the_policy_says() {
     assert!(slot_frees(&gw).await, "the cancelled sequence released its slot");
 }
 
-#[tokio::test]
-async fn a_client_leaving_a_whole_local_answer_stops_its_generation() {
-    let gw = local_gateway(1, 0, None).await;
+/// A request whose answer runs far longer than any test waits.
+fn endless_story() -> Value {
     let mut long = user(TEST_MODEL, "Tell me a long story.");
     long["ignore_eos"] = json!(true);
     long["max_tokens"] = json!(4000);
-    let conn = gw.send_and_hold(&long).await;
+    long
+}
+
+#[tokio::test]
+async fn a_client_leaving_a_whole_local_answer_stops_its_generation() {
+    let gw = local_gateway(1, 0, None).await;
+    let conn = gw.send_and_hold(&endless_story()).await;
     let busy = "tiergate_local_queue_depth{tier=\"local\"} 1";
     let mut seen = String::new();
     for _ in 0..400 {
@@ -253,9 +258,7 @@ async fn a_client_leaving_a_whole_local_answer_stops_its_generation() {
 #[tokio::test]
 async fn a_local_stream_cut_off_by_its_client_records_the_tokens_it_used_exactly() {
     let gw = local_gateway(1, 0, None).await;
-    let mut long = user(TEST_MODEL, "Tell me a long story.");
-    long["ignore_eos"] = json!(true);
-    long["max_tokens"] = json!(4000);
+    let mut long = endless_story();
     long["stream"] = json!(true);
     let r = gw.post_chat(&long).await;
     assert_eq!(r.status(), 200);
