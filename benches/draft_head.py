@@ -173,8 +173,9 @@ def features(forced, runs):
 
 
 class Head:
-    def __init__(self, train, lm, dim, seed=0):
+    def __init__(self, train, lm, dim, shared=False, seed=0):
         rng = np.random.default_rng(seed)
+        self.shared = shared
         self.vocab = np.unique(train["y"])
         self.index = {int(v): i for i, v in enumerate(self.vocab)}
         self.out = lm(self.vocab)
@@ -190,6 +191,10 @@ class Head:
         self.rng = rng
 
     def embed(self, tokens):
+        if self.shared:
+            # Only the rows the head guesses from: a token outside them reads as zeros.
+            i = np.searchsorted(self.vocab, tokens).clip(0, len(self.vocab) - 1)
+            return np.where((self.vocab[i] == tokens)[:, None], self.out[i], 0.0).astype(np.float32)
         u, inv = np.unique(tokens, return_inverse=True)
         return self.lm(u)[inv]
 
@@ -334,6 +339,9 @@ def main():
                     help="ms of a pass over 1 + k tokens (default: Qwen2.5-Coder-0.5B, BENCHMARKS.md)")
     ap.add_argument("--head-ms", type=float, help="ms the head adds to every step (default: measured here)")
     ap.add_argument("--thresholds", default="0,0.3,0.5,0.7")
+    ap.add_argument("--shared-rows", action="store_true",
+                    help="embed the produced token with the head's own output rows only (zeros for "
+                         "other tokens) instead of the model's whole table: what an engine would ship")
     ap.add_argument("--work", help="where answers are cached (default: $TIERGATE_CACHE/draft-head/MODEL)")
     a = ap.parse_args()
     work = a.work or os.path.join(cache_dir(), "draft-head", os.path.basename(os.path.normpath(a.model_dir)))
@@ -348,7 +356,7 @@ def main():
     test, agree = features(forced, eval_runs)
     print(f"training positions {len(train['h'])} ({int(train['answer'].sum())} in answers); "
           f"vocabulary of guesses {len(np.unique(train['y']))}", file=sys.stderr, flush=True)
-    head = Head(train, forced.lm, a.dim)
+    head = Head(train, forced.lm, a.dim, shared=a.shared_rows)
     head.fit(train, a.epochs)
     sess = export(head, os.path.join(work, "draft_head.onnx"))
     guess, conf = guess_int8(head, sess, test["h"], test["x"])
