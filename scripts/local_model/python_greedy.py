@@ -70,7 +70,8 @@ class Model:
         self.n_layers = self.config["num_hidden_layers"]
         self.n_kv = self.config["num_key_value_heads"]
         self.head_dim = self.config["head_dim"]
-        self.out_names = [o.name for o in self.sess.get_outputs()]
+        # logits, then the cache in layer order; a graph may carry more outputs (not fetched).
+        self.out_names = ["logits"] + [f"present.{i}.{kv}" for i in range(self.n_layers) for kv in ("key", "value")]
 
     def chat_ids(self, user: str, system: str | None = None) -> tuple[str, list[int]]:
         msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
