@@ -223,10 +223,11 @@ async fn answer_whole_detached(
         let mut acct = task_acct;
         let cut = acct.cut.clone();
         // A bug that panics here must still end the row as what it is, not as a client
-        // that left (which is what dropping it unfinished would record).
+        // that left (which is what dropping it unfinished would record). The panic's own
+        // text goes to the log (the panic hook), not into an answer.
         let calls = std::panic::AssertUnwindSafe(answer_whole(&rt, &mut acct, &decision, req, conversation.as_deref()));
         let result = tokio::select! {
-            r = futures::FutureExt::catch_unwind(calls) => r.unwrap_or_else(|panic| Err(Error::Internal(panic_message(&panic)))),
+            r = futures::FutureExt::catch_unwind(calls) => r.unwrap_or_else(|_| Err(Error::Internal("the tier call panicked".to_owned()))),
             () = cut.cancelled() => Err(Error::ShuttingDown),
         };
         // Nobody waits for the answer: the handler was cut at shutdown (the row must be
@@ -255,15 +256,6 @@ async fn answer_whole_detached(
     // The handler answers from here on; a client leaving now is the plain case again.
     acct.gone = None;
     result
-}
-
-fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
-    let what = panic
-        .downcast_ref::<&str>()
-        .copied()
-        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
-        .unwrap_or("no message");
-    format!("the tier call panicked: {what}")
 }
 
 /// The tier calls of a whole answer, escalation included; see [`answer_whole_detached`].

@@ -70,8 +70,7 @@ pub struct Used {
 /// The answer so far, judged: what a caller needs to decide whether to keep it.
 #[derive(Debug, Clone, Copy)]
 pub struct Prefix {
-    pub prompt_tokens: usize,
-    pub completion_tokens: usize,
+    pub used: Used,
     pub confidence: Confidence,
 }
 
@@ -366,8 +365,7 @@ impl Seq {
         }
         if self.out.len() == self.q.job.assess_after {
             let _ = self.q.events.send(Event::Prefix(Prefix {
-                prompt_tokens: self.q.job.prompt.len(),
-                completion_tokens: self.out.len(),
+                used: self.used(),
                 confidence: confidence::assess(&self.out, &self.logprobs),
             }));
         }
@@ -396,11 +394,15 @@ impl Seq {
 
     fn send_text(&self, text: String) {
         if !text.is_empty() {
-            let used = Used {
-                prompt_tokens: self.q.job.prompt.len(),
-                completion_tokens: self.out.len(),
-            };
+            let used = self.used();
             let _ = self.q.events.send(Event::Text { text, used });
+        }
+    }
+
+    fn used(&self) -> Used {
+        Used {
+            prompt_tokens: self.q.job.prompt.len(),
+            completion_tokens: self.out.len(),
         }
     }
 

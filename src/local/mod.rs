@@ -24,7 +24,7 @@ use tokio::sync::mpsc::UnboundedReceiver;
 use crate::error::Error;
 use crate::openai::{ChatRequest, Usage};
 use crate::upstream::{Backend, ChunkStream, Completion, StreamItem};
-use engine::{Engine, EngineSettings, Event, Finish, Job};
+use engine::{Engine, EngineSettings, Event, Finish, Job, Used};
 use model::{ModelFiles, SessionSettings};
 use sampling::SamplingParams;
 use template::{ChatTemplate, TurnView};
@@ -417,9 +417,16 @@ async fn first_event(rx: &mut UnboundedReceiver<Event>, tier: &str) -> Result<Ev
 }
 
 fn usage_of(f: &Finish) -> Usage {
+    usage(Used {
+        prompt_tokens: f.prompt_tokens,
+        completion_tokens: f.completion_tokens,
+    })
+}
+
+fn usage(u: Used) -> Usage {
     Usage {
-        prompt_tokens: f.prompt_tokens as u64,
-        completion_tokens: f.completion_tokens as u64,
+        prompt_tokens: u.prompt_tokens as u64,
+        completion_tokens: u.completion_tokens as u64,
     }
 }
 
@@ -521,23 +528,14 @@ impl Backend for LocalBackend {
                                 json: chunk(delta(json!({"content": text}), None), None),
                                 // Not shown to the client: exact counts for the ledger, should
                                 // the stream be cut off before its usage chunk.
-                                usage: Some(Usage {
-                                    prompt_tokens: used.prompt_tokens as u64,
-                                    completion_tokens: used.completion_tokens as u64,
-                                }),
+                                usage: Some(usage(used)),
                                 content: Some(text),
                                 finished: false,
                                 usage_only: false,
                             });
                         }
                         Some(Event::Prefix(p)) => {
-                            yield Ok(StreamItem::Assessed {
-                                confidence: p.confidence.score,
-                                usage: Usage {
-                                    prompt_tokens: p.prompt_tokens as u64,
-                                    completion_tokens: p.completion_tokens as u64,
-                                },
-                            });
+                            yield Ok(StreamItem::Assessed { confidence: p.confidence.score, usage: usage(p.used) });
                         }
                         Some(Event::Done(f)) => {
                             // An answer that ended within the held prefix is judged whole.

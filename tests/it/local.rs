@@ -292,7 +292,10 @@ async fn the_prefix_is_judged_once_after_its_tokens_and_the_answer_goes_on() {
     let [p] = prefixes[..] else {
         panic!("one prefix: {prefixes:?}")
     };
-    assert_eq!((p.prompt_tokens, p.completion_tokens), (plain.prompt_tokens, 3));
+    assert_eq!(
+        (p.used.prompt_tokens, p.used.completion_tokens),
+        (plain.prompt_tokens, 3)
+    );
     assert!(p.confidence.score > 0.0 && p.confidence.score <= 1.0, "{p:?}");
     assert!(!before.is_empty() && !after.is_empty(), "{before:?} | {after:?}");
     assert_eq!((before + &after, &finish.output_ids), (whole, &plain.output_ids));
