@@ -51,16 +51,12 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.join(HERE, "..")
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(ROOT, "scripts", "local_model"))
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
 import lookup_bound  # noqa: E402
 import python_greedy  # noqa: E402
+from provision import cache_dir  # noqa: E402
 
 HIDDEN = "/model/norm/Mul_out0"  # the final norm's output in graphs from gguf2onnx.py
-
-
-def cache_dir():
-    base = os.environ.get("TIERGATE_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "tiergate")
-    return base
 
 
 def training_requests(n_gsm8k):
@@ -304,29 +300,36 @@ def step_ms(head, sess, h, x):
     return float(np.median(times[10:]) * 1000)
 
 
-def replay(run, guesses, pass_ms, head_ms, threshold):
-    """Decode time of a known greedy answer with prompt lookup (and, with `guesses`, the head's
-    guess when lookup has none): speed-up over one-token passes."""
-    prompt, ans = run["prompt"], run["answer"]
-    lookup = lookup_bound.PromptLookup(8)
-    out, spent = [ans[0]], 0.0
-    while len(out) < len(ans):
-        truth = ans[len(out):]
-        room = max(0, 128 - len(out) - 1)
-        draft, guessed = lookup.draft(prompt + out, room), False
-        if not draft and guesses is not None and room > 0:
-            # The pass that gave the last token ran its row at position len(prompt) + len(out) - 2.
-            tok, conf = guesses.get(len(prompt) + len(out) - 2, (None, 0.0))
-            if tok is not None and conf >= threshold:
-                draft, guessed = [tok], True
-        ok = 0
-        while ok < len(draft) and ok < len(truth) - 1 and draft[ok] == truth[ok]:
-            ok += 1
-        if not guessed:
-            lookup.record(len(draft), ok)
-        spent += pass_ms(len(draft)) + (head_ms if guesses is not None else 0.0)
-        out += truth[:ok + 1]
-    return (len(ans) - 1) * pass_ms(0) / spent
+class HeadGuess(lookup_bound.PromptLookup):
+    """Prompt lookup, and when it has no draft, the head's guess (if confident enough) for the
+    token after the last one: `guesses` maps the position of the row that produced that last
+    token to (token, confidence). A guess does not feed lookup's draft-length bookkeeping."""
+
+    def __init__(self, guesses, threshold):
+        super().__init__(8)
+        self.guesses, self.threshold, self.guessed = guesses, threshold, False
+
+    def draft(self, history, room):
+        found = super().draft(history, room)
+        tok, conf = self.guesses.get(len(history) - 2, (None, 0.0))
+        self.guessed = not found and room > 0 and tok is not None and conf >= self.threshold
+        return [tok] if self.guessed else found
+
+    def record(self, drafted, accepted):
+        if not self.guessed:
+            super().record(drafted, accepted)
+
+
+def speedup(run, guesses, pass_ms, head_ms, threshold):
+    """Decode speed-up of a known greedy answer over one-token passes: prompt lookup alone
+    (`guesses` None), or with the head's guesses, every step charged `head_ms` more."""
+    if guesses is None:
+        drafter, cost = lookup_bound.PromptLookup(8), pass_ms
+    else:
+        drafter, cost = HeadGuess(guesses, threshold), (lambda k: pass_ms(k) + head_ms)
+    # Speed-ups are against one-token passes without the head.
+    ratio, _ = lookup_bound.replay(run["prompt"], run["answer"], drafter, cost, 128)
+    return ratio * pass_ms(0) / cost(0)
 
 
 def main():
@@ -344,7 +347,7 @@ def main():
                          "other tokens) instead of the model's whole table: what an engine would ship")
     ap.add_argument("--work", help="where answers are cached (default: $TIERGATE_CACHE/draft-head/MODEL)")
     a = ap.parse_args()
-    work = a.work or os.path.join(cache_dir(), "draft-head", os.path.basename(os.path.normpath(a.model_dir)))
+    work = a.work or os.path.join(str(cache_dir()), "draft-head", os.path.basename(os.path.normpath(a.model_dir)))
     os.makedirs(work, exist_ok=True)
     model = python_greedy.Model(a.model_dir, spin=False)
     train_runs = answers(model, training_requests(a.gsm8k_train), os.path.join(work, "train_answers.jsonl"), "train")
@@ -385,8 +388,8 @@ def main():
     for s, ((name, _), run) in enumerate(zip(eval_named, eval_runs)):
         if len(run["answer"]) < 16:
             continue
-        row = [replay(run, None, pass_ms, 0.0, 0.0)]
-        row += [replay(run, by_seq.get(s, {}), pass_ms, head_ms, t) for t in thresholds]
+        row = [speedup(run, None, pass_ms, 0.0, 0.0)]
+        row += [speedup(run, by_seq.get(s, {}), pass_ms, head_ms, t) for t in thresholds]
         print(f"| {name} | {len(run['answer'])} | " + " | ".join(f"{v:.2f}" for v in row) + " |")
         for group in ("all", "bench") if not name.startswith("#") else ("all",):
             for k, v in enumerate(row):
