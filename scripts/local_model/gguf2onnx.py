@@ -11,6 +11,8 @@ Produces a decoder-only model in the Hugging Face Optimum ONNX layout with KV ca
   outputs: logits                    float32 [batch, seq, vocab]
            present.{i}.key           float32 [batch, n_kv_heads, past + seq, head_dim]
            present.{i}.value         float32 [batch, n_kv_heads, past + seq, head_dim]
+           last_hidden_state         float32 [batch, seq, hidden]  (the final norm's output:
+                                     what a draft head reads; costs nothing to return)
 
 Supported GGUF architectures: `llama` (e.g. SmolLM2) and `qwen2` (e.g. Qwen2.5).
 
@@ -269,7 +271,9 @@ def build_onnx(m: GGUFModel, out_path: str, progress=log, weights: str = "fp32",
         helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch_size", "total_sequence_length"]),
         helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch_size", "sequence_length"]),
     ]
-    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch_size", "sequence_length", V])]
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch_size", "sequence_length", V]),
+               helper.make_tensor_value_info("last_hidden_state", TensorProto.FLOAT,
+                                             ["batch_size", "sequence_length", H])]
     for i in range(m.n_layers):
         for kv in ("key", "value"):
             inputs.append(helper.make_tensor_value_info(
@@ -387,6 +391,7 @@ def build_onnx(m: GGUFModel, out_path: str, progress=log, weights: str = "fp32",
 
     norm = w.add("model.norm.weight", m.weight("output_norm.weight"))
     h = rms_norm(g, h, norm, m.eps, "/model/norm")
+    g.nodes.append(helper.make_node("Identity", [h], ["last_hidden_state"], name="/model/norm/Identity"))
     if exact4:
         logits = matmul(h, "output.weight" if not m.tied else "token_embd.weight", "/lm_head", "lm_head.weight")
         g.nodes.append(helper.make_node("Identity", [logits], ["logits"], name="/lm_head/Identity"))

