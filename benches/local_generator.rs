@@ -4,12 +4,15 @@
 //! side by side with the Python onnxruntime loop on the same model file.
 //!
 //!   cargo bench --bench local_generator -- MODEL_DIR [--repeat N] [--threads N] [--no-spin]
-//!       [--draft N] [--prompts FILE [--serve]] [--raw] [--profile]
+//!       [--draft N] [--no-head] [--prompts FILE [--serve]] [--raw] [--profile]
 //!
 //! `--draft N` sets the prompt-lookup draft length of the speculative runs (default 8;
-//! 0 leaves only plain runs). `--prompts FILE` (JSON lines with
+//! 0 leaves only plain runs); `--no-head` leaves the model's draft head unloaded.
+//! `--prompts FILE` (JSON lines with
 //! `name`, `messages`, `max_tokens`, `ignore_eos`, as `benches/local_prompts.jsonl`) runs
-//! each prompt once plain and once speculative, and prints one `RESULT` line each, like
+//! each prompt plain, with prompt lookup alone (`lookup`, when the model has a draft head)
+//! and speculative as served (`spec`: lookup, and the draft head's guesses where lookup has
+//! none), and prints one `RESULT` line each, like
 //! `python_greedy.py --prompts`; with `--serve` it reads prompt names from stdin instead
 //! (one per line, answered by a `DONE` line), so that `benches/local_generator_paired.py`
 //! can alternate the two sides prompt by prompt. `--raw` times a bare greedy loop over the
@@ -22,6 +25,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use tiergate::local::draft::DraftHead;
 use tiergate::local::engine::{Engine, EngineSettings, Event, Finish, Job};
 use tiergate::local::lookup::SUGGESTED_DRAFT_TOKENS;
 use tiergate::local::model::{Graph, KvCache, ModelFiles, SessionSettings};
@@ -42,6 +46,7 @@ struct Args {
     raw: bool,
     profile: bool,
     draft: usize,
+    head: bool,
     prompts: Option<PathBuf>,
     serve: bool,
 }
@@ -55,6 +60,7 @@ fn args() -> Args {
         raw: false,
         profile: false,
         draft: SUGGESTED_DRAFT_TOKENS,
+        head: true,
         prompts: None,
         serve: false,
     };
@@ -67,6 +73,7 @@ fn args() -> Args {
             "--raw" => a.raw = true,
             "--profile" => a.profile = true,
             "--draft" => a.draft = it.next().and_then(|v| v.parse().ok()).unwrap_or(SUGGESTED_DRAFT_TOKENS),
+            "--no-head" => a.head = false,
             "--prompts" => a.prompts = it.next().map(PathBuf::from),
             "--serve" => a.serve = true,
             // cargo bench passes `--bench`.
@@ -103,6 +110,7 @@ fn job(prompt: &[u32], max_tokens: usize, draft_tokens: usize) -> Job {
         // Like the Python loop's `ignore_eos`: always 64 decode steps.
         ignore_eos: true,
         draft_tokens,
+        draft_head: true,
         assess_after: 0,
     }
 }
@@ -117,18 +125,30 @@ fn raw_loop(files: &ModelFiles, prompt: &[u32], a: &Args) {
         let mut kv = KvCache::default();
         let mut token = 0;
         let t0 = Instant::now();
-        g.step(&mut kv, prompt, 1, |row| {
-            token = argmax(row).0 as u32;
-            false
-        })
+        g.step(
+            &mut kv,
+            prompt,
+            1,
+            |row| {
+                token = argmax(row).0 as u32;
+                false
+            },
+            None,
+        )
         .expect("prefill");
         let t1 = Instant::now();
         for _ in 0..NEW_TOKENS {
             let input = [token];
-            g.step(&mut kv, &input, 1, |row| {
-                token = argmax(row).0 as u32;
-                false
-            })
+            g.step(
+                &mut kv,
+                &input,
+                1,
+                |row| {
+                    token = argmax(row).0 as u32;
+                    false
+                },
+                None,
+            )
             .expect("decode");
         }
         if r > 0 {
@@ -203,34 +223,73 @@ fn profile(files: &ModelFiles, prompt: &[u32], a: &Args) {
     let mut kv = KvCache::default();
     let mut token = 0;
     let mut row0 = Vec::new();
-    g.step(&mut kv, prompt, 1, |row| {
-        token = argmax(row).0 as u32;
-        row0 = row.to_vec();
-        false
-    })
+    g.step(
+        &mut kv,
+        prompt,
+        1,
+        |row| {
+            token = argmax(row).0 as u32;
+            row0 = row.to_vec();
+            false
+        },
+        None,
+    )
     .expect("prefill");
     // Plain steps: the forward pass (with feeding and reading outputs), then the product's
     // pick (argmax + log-softmax) on the same row, then the detokenizer.
     let mut sampler = Sampler::new(SamplingParams::GREEDY);
     let mut detok = Detokenizer::default();
     let (mut fwd, mut pick, mut text) = (Duration::ZERO, Duration::ZERO, Duration::ZERO);
+    // The draft head's guess after each step, with the engine's thread count and with one.
+    let mut heads: Vec<(usize, DraftHead, Duration)> = match &files.draft_head {
+        Some(path) if g.has_hidden => [a.threads, 1]
+            .into_iter()
+            .map(|threads| {
+                let s = SessionSettings { threads, ..settings };
+                (
+                    threads,
+                    DraftHead::load(path, s).expect("draft head loads"),
+                    Duration::ZERO,
+                )
+            })
+            .collect(),
+        _ => Vec::new(),
+    };
+    let (mut hidden, mut next) = (Vec::new(), Vec::new());
     let steps = 48;
     for _ in 0..steps {
         let t0 = Instant::now();
         let input = [token];
         let mut picked = None;
-        g.step(&mut kv, &input, 1, |row| {
-            let t = Instant::now();
-            picked = Some(sampler.pick(row, allowed));
-            pick += t.elapsed();
-            false
-        })
+        g.step(
+            &mut kv,
+            &input,
+            1,
+            |row| {
+                let t = Instant::now();
+                picked = Some(sampler.pick(row, allowed));
+                pick += t.elapsed();
+                false
+            },
+            (!heads.is_empty()).then_some(&mut hidden),
+        )
         .expect("decode");
         fwd += t0.elapsed();
         token = picked.expect("picked").token;
         let t = Instant::now();
         let _ = detok.push(&files.tokenizer, token);
         text += t.elapsed();
+        for (_, head, spent) in heads.iter_mut() {
+            let t = Instant::now();
+            head.guess(&hidden, token, &mut next).expect("guess");
+            *spent += t.elapsed();
+        }
+    }
+    for (threads, _, spent) in &heads {
+        println!(
+            "profile: draft head guess ({threads} intra-op threads) {:.3} ms a step",
+            ms(*spent) / steps as f64
+        );
     }
     fwd -= pick;
     let per = |d: Duration| ms(d) / steps as f64;
@@ -250,7 +309,7 @@ fn profile(files: &ModelFiles, prompt: &[u32], a: &Args) {
             let input: Vec<u32> = std::iter::repeat_n(token, k + 1).collect();
             let len = kv.len;
             let t0 = Instant::now();
-            g.step(&mut kv, &input, k + 1, |_| true).expect("verify");
+            g.step(&mut kv, &input, k + 1, |_| true, None).expect("verify");
             fwd += t0.elapsed();
             let t1 = Instant::now();
             kv.truncate(len + 1).expect("truncate");
@@ -308,16 +367,19 @@ fn main() {
             },
             max_concurrent: 8,
             queue_capacity: 8,
+            draft_head: a.head,
         },
     )
     .expect("engine starts");
+    let has_head = a.head && a.draft > 0 && files.draft_head.is_some();
     println!(
-        "# tiergate engine: {} loaded in {:.2}s, intra_op_threads={}, spinning={}, draft_tokens={}",
+        "# tiergate engine: {} loaded in {:.2}s, intra_op_threads={}, spinning={}, draft_tokens={}, draft_head={}",
         a.model_dir.display(),
         t_load.elapsed().as_secs_f64(),
         a.threads,
         a.spinning,
-        a.draft
+        a.draft,
+        has_head
     );
     if a.profile {
         drop(engine);
@@ -331,16 +393,18 @@ fn main() {
         let run_prompt = |p: &BenchPrompt| {
             let ids = encode(&files, &template, &p.turns);
             let mut plain_ids = None;
-            for (mode, draft) in [("plain", 0), ("spec", a.draft)] {
-                if mode == "spec" && draft == 0 {
+            for (mode, draft, head) in [("plain", 0, false), ("lookup", a.draft, false), ("spec", a.draft, true)] {
+                // Without a head, `lookup` is `spec`.
+                if mode != "plain" && draft == 0 || mode == "lookup" && !has_head {
                     continue;
                 }
                 let mut j = job(&ids, p.max_tokens, draft);
                 j.ignore_eos = p.ignore_eos;
+                j.draft_head = head;
                 let (f, _) = run(&engine, j);
                 let same = plain_ids.as_ref().is_none_or(|ids: &Vec<u32>| *ids == f.output_ids);
                 println!(
-                    "RESULT side=tiergate-{mode} prompt={} prompt_tokens={} new_tokens={} prefill_ms={:.1} decode_tok_s={:.2} steps={} drafted={} accepted={} same_as_plain={same} ids_sum={}",
+                    "RESULT side=tiergate-{mode} prompt={} prompt_tokens={} new_tokens={} prefill_ms={:.1} decode_tok_s={:.2} steps={} drafted={} accepted={} guessed={} guessed_right={} same_as_plain={same} ids_sum={}",
                     p.name,
                     ids.len(),
                     f.completion_tokens,
@@ -349,6 +413,8 @@ fn main() {
                     f.decode_steps,
                     f.drafted,
                     f.accepted,
+                    f.guessed,
+                    f.guessed_right,
                     checksum(&f.output_ids),
                 );
                 plain_ids.get_or_insert(f.output_ids);

@@ -13,9 +13,10 @@
 # from examples/workloads/mixed.jsonl (FAQ with context, extraction, translation, bullet
 # points, code; up to 128 tokens, ending at EOS), once on each side. Both sides stay loaded
 # and benches/local_generator_paired.py alternates them prompt by prompt (the side going
-# first alternates too). The engine runs each prompt plain (one token per step) and with
-# prompt-lookup speculation (DRAFT tokens, default 8), and prints the drafted/accepted
-# counts. At the end, benches/local_generator_summary.py tabulates decode ratios
+# first alternates too). The engine runs each prompt plain (one token per step), with
+# prompt-lookup speculation alone (DRAFT tokens, default 8; only when the model has a draft
+# head) and speculative as served (lookup, and the draft head's guesses where lookup has
+# none), and prints the drafted/accepted and guessed/right counts. At the end, benches/local_generator_summary.py tabulates decode ratios
 # (engine / Python) per prompt and round, and their medians.
 #
 # MODE=generic runs the older bench instead: the generic prompt only, prefill best of 3,

@@ -100,13 +100,18 @@ fn a_local_tier_gets_defaults_and_a_model_dir_under_the_cache() {
     assert_eq!(s.queue_capacity, 16);
     assert!(s.threads >= 1 && !s.spinning);
     assert_eq!(s.draft_tokens, None, "the model decides");
+    assert!(s.draft_head, "a model's draft head is used unless turned off");
     assert!(s.model_dir.ends_with("examples/models/x"), "{}", s.model_dir.display());
-    let c = parse(&format!("{}{LOCAL_TIER}draft_tokens = 6\n", example())).expect("valid");
+    let c = parse(&format!(
+        "{}{LOCAL_TIER}draft_tokens = 6\ndraft_head = false\n",
+        example()
+    ))
+    .expect("valid");
     let super::BackendConfig::Local(s) = &c.tiers["local"].backend else {
         panic!("local backend");
     };
     assert!(s.model_dir.ends_with("models/smollm2-135m-instruct"));
-    assert_eq!(s.draft_tokens, Some(6));
+    assert_eq!((s.draft_tokens, s.draft_head), (Some(6), false));
 }
 
 #[test]

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 
 use super::confidence::{self, Confidence};
+use super::draft::{self, DraftHead};
 use super::lookup::PromptLookup;
 use super::model::{Graph, KvCache, ModelFiles, SessionSettings};
 use super::sampling::{Pick, Sampler, SamplingParams};
@@ -24,6 +25,8 @@ pub struct EngineSettings {
     pub max_concurrent: usize,
     /// Requests waiting for a free sequence slot; beyond this the engine is saturated.
     pub queue_capacity: usize,
+    /// Load the model's draft head, if it has one ([`draft`]).
+    pub draft_head: bool,
 }
 
 /// One generation to run.
@@ -39,6 +42,9 @@ pub struct Job {
     /// Most tokens prompt lookup drafts per decode step for the model to verify (0: plain
     /// one-token steps). Greedy jobs only: a sampled job never drafts.
     pub draft_tokens: usize,
+    /// When lookup has no draft, draft the draft head's guess (if the engine has a head and
+    /// `draft_tokens` > 0).
+    pub draft_head: bool,
     /// After this many generated tokens, report the answer's confidence so far
     /// (`Event::Prefix`) unless the answer ended there; 0: never.
     pub assess_after: usize,
@@ -104,9 +110,13 @@ pub struct Finish {
     pub decode: Duration,
     /// Forward passes after the prompt's (fewer than the tokens when drafts were accepted).
     pub decode_steps: usize,
-    /// Tokens drafted by prompt lookup, and how many of them the model confirmed.
+    /// Tokens drafted (by prompt lookup and the draft head), and how many of them the
+    /// model confirmed.
     pub drafted: usize,
     pub accepted: usize,
+    /// Of those, the draft head's guesses, and how many of them were right.
+    pub guessed: usize,
+    pub guessed_right: usize,
 }
 
 /// The admission was refused: every sequence slot and every queue place is taken.
@@ -142,6 +152,24 @@ impl Engine {
     /// Loads the model (blocking: seconds for a large one) and starts the engine thread.
     pub fn start(files: Arc<ModelFiles>, settings: EngineSettings) -> Result<Engine, String> {
         let graph = Graph::load(&files, settings.session)?;
+        let head = match &files.draft_head {
+            Some(path) if settings.draft_head => {
+                if !graph.has_hidden {
+                    return Err(format!(
+                        "`{}` has a draft head, but its model.onnx has no `{}` output to feed it; provision the model again, or remove the head",
+                        files.dir.display(),
+                        draft::HIDDEN_OUTPUT
+                    ));
+                }
+                // One thread: its matmuls are too small to share (and no slower alone).
+                let one = SessionSettings {
+                    threads: 1,
+                    ..settings.session
+                };
+                Some(DraftHead::load(path, one)?)
+            }
+            _ => None,
+        };
         let limit = settings.max_concurrent + settings.queue_capacity;
         // The admission counter keeps at most `limit` jobs in flight, so this channel is
         // never full when a job is sent.
@@ -151,7 +179,7 @@ impl Engine {
         let max_concurrent = settings.max_concurrent;
         std::thread::Builder::new()
             .name("tiergate-local".into())
-            .spawn(move || run(graph, &f, &rx, max_concurrent))
+            .spawn(move || run(graph, head, &f, &rx, max_concurrent))
             .map_err(|e| format!("cannot start the local engine thread: {e}"))?;
         Ok(Engine {
             tx,
@@ -206,6 +234,12 @@ struct Seq {
     out: Vec<u32>,
     logprobs: Vec<f32>,
     lookup: PromptLookup,
+    /// Whether the draft head guesses for this sequence.
+    use_head: bool,
+    /// The final hidden state of the row that produced the last token (with `use_head`).
+    hidden: Vec<f32>,
+    guessed: usize,
+    guessed_right: usize,
     prefill: Duration,
     decode: Duration,
     decode_steps: usize,
@@ -218,9 +252,17 @@ struct Scratch {
     input: Vec<u32>,
     draft: Vec<u32>,
     picks: Vec<Pick>,
+    /// Hidden states the draft head predicts, when it chains guesses.
+    predicted: [Vec<f32>; 2],
 }
 
-fn run(mut graph: Graph, files: &ModelFiles, rx: &Receiver<Queued>, max_concurrent: usize) {
+fn run(
+    mut graph: Graph,
+    mut head: Option<DraftHead>,
+    files: &ModelFiles,
+    rx: &Receiver<Queued>,
+    max_concurrent: usize,
+) {
     let mut active: Vec<Seq> = Vec::with_capacity(max_concurrent);
     let mut scratch = Scratch::default();
     let mut open = true;
@@ -237,7 +279,8 @@ fn run(mut graph: Graph, files: &ModelFiles, rx: &Receiver<Queued>, max_concurre
                     if q.events.is_closed() {
                         continue;
                     }
-                    active.push(Seq::new(q));
+                    let use_head = head.is_some();
+                    active.push(Seq::new(q, use_head));
                 }
                 Err(TryRecvError::Empty) => break,
                 Err(TryRecvError::Disconnected) => open = false,
@@ -247,7 +290,7 @@ fn run(mut graph: Graph, files: &ModelFiles, rx: &Receiver<Queued>, max_concurre
             return;
         }
         for seq in active.iter_mut() {
-            seq.advance(&mut graph, files, &mut scratch);
+            seq.advance(&mut graph, &mut head, files, &mut scratch);
         }
         // Dropping a finished sequence releases its admission permit.
         active.retain(|s| !s.done);
@@ -255,7 +298,7 @@ fn run(mut graph: Graph, files: &ModelFiles, rx: &Receiver<Queued>, max_concurre
 }
 
 impl Seq {
-    fn new(q: Queued) -> Seq {
+    fn new(q: Queued, have_head: bool) -> Seq {
         let sampler = Sampler::new(q.job.sampling);
         let stop = StopMatcher::new(q.job.stop.clone());
         // Drafts are checked against the greedy choice; a sampled answer never drafts.
@@ -264,6 +307,7 @@ impl Seq {
         } else {
             0
         };
+        let use_head = have_head && draft_tokens > 0 && q.job.draft_head;
         Seq {
             history: q.job.prompt.clone(),
             q,
@@ -274,6 +318,10 @@ impl Seq {
             out: Vec::new(),
             logprobs: Vec::new(),
             lookup: PromptLookup::new(draft_tokens),
+            use_head,
+            hidden: Vec::new(),
+            guessed: 0,
+            guessed_right: 0,
             prefill: Duration::ZERO,
             decode: Duration::ZERO,
             decode_steps: 0,
@@ -282,20 +330,27 @@ impl Seq {
     }
 
     /// One forward step: the prompt first, then the last generated token followed by any
-    /// drafted tokens. Gives out every token the step settled: the greedy choice after
-    /// each confirmed draft token, exactly what one-token steps would have chosen.
-    fn advance(&mut self, graph: &mut Graph, files: &ModelFiles, scratch: &mut Scratch) {
+    /// drafted tokens (lookup's, or else the draft head's guess). Gives out every token the
+    /// step settled: the greedy choice after each confirmed draft token, exactly what
+    /// one-token steps would have chosen.
+    fn advance(&mut self, graph: &mut Graph, head: &mut Option<DraftHead>, files: &ModelFiles, scratch: &mut Scratch) {
         if self.q.events.is_closed() {
             // Cancelled: the client went away.
             self.done = true;
             return;
         }
         let t0 = Instant::now();
-        let Scratch { input, draft, picks } = scratch;
+        let Scratch {
+            input,
+            draft,
+            picks,
+            predicted,
+        } = scratch;
         input.clear();
         draft.clear();
         picks.clear();
         let first = self.out.is_empty();
+        let mut guessed = false;
         match self.out.last() {
             Some(&last) => {
                 // Every drafted token that is confirmed brings one more token after it:
@@ -305,6 +360,9 @@ impl Seq {
                     .min(files.context_tokens.saturating_sub(produced))
                     .saturating_sub(1);
                 self.lookup.draft(&self.history, room, draft);
+                if draft.is_empty() && room > 0 && self.use_head {
+                    guessed = self.guess(head, last, room, draft, predicted);
+                }
                 input.push(last);
                 input.extend_from_slice(draft);
             }
@@ -312,12 +370,19 @@ impl Seq {
         }
         let allowed = files.real_vocab.min(graph.vocab);
         let sampler = &mut self.sampler;
-        let visited = graph.step(&mut self.kv, input, 1 + draft.len(), |row| {
-            let pick = sampler.pick(row, allowed);
-            let confirmed = draft.get(picks.len()) == Some(&pick.token);
-            picks.push(pick);
-            confirmed
-        });
+        let hidden = self.use_head.then_some(&mut self.hidden);
+        let visited = graph.step(
+            &mut self.kv,
+            input,
+            1 + draft.len(),
+            |row| {
+                let pick = sampler.pick(row, allowed);
+                let confirmed = draft.get(picks.len()) == Some(&pick.token);
+                picks.push(pick);
+                confirmed
+            },
+            hidden,
+        );
         let accepted = match visited {
             Ok(visited) => visited - 1,
             Err(e) => return self.fail(e),
@@ -329,7 +394,13 @@ impl Seq {
                 return self.fail(e);
             }
         }
-        self.lookup.record(draft.len(), accepted);
+        if guessed {
+            // A guess is not lookup's: its misses must not pause lookup or shorten its drafts.
+            self.guessed += draft.len();
+            self.guessed_right += accepted;
+        } else {
+            self.lookup.record(draft.len(), accepted);
+        }
         if first {
             self.prefill = t0.elapsed();
         } else {
@@ -341,6 +412,42 @@ impl Seq {
                 return;
             }
         }
+    }
+
+    /// Drafts the head's guesses of the tokens after `last`, each from the hidden state
+    /// the head predicted for the one before, while they are confident enough. True when
+    /// it drafted any. A head that fails is not the answer's failure: the sequence goes on
+    /// without guesses.
+    fn guess(
+        &mut self,
+        head: &mut Option<DraftHead>,
+        last: u32,
+        room: usize,
+        draft: &mut Vec<u32>,
+        predicted: &mut [Vec<f32>; 2],
+    ) -> bool {
+        let Some(head) = head.as_mut() else {
+            return false;
+        };
+        let mut token = last;
+        for i in 0..draft::MAX_GUESSES.min(room) {
+            let [from, next] = predicted;
+            let hidden = if i == 0 { &self.hidden } else { &*from };
+            match head.guess(hidden, token, next) {
+                Ok((guess, confidence)) if confidence >= draft::MIN_CONFIDENCE => {
+                    draft.push(guess);
+                    token = guess;
+                    predicted.swap(0, 1);
+                }
+                Ok(_) => break,
+                Err(e) => {
+                    tracing::warn!(error = %e, "draft head failed; this answer goes on without its guesses");
+                    self.use_head = false;
+                    break;
+                }
+            }
+        }
+        !draft.is_empty()
     }
 
     /// Gives out one generated token. True when the sequence ended with it.
@@ -429,8 +536,10 @@ impl Seq {
             prefill: self.prefill,
             decode: self.decode,
             decode_steps: self.decode_steps,
-            drafted: self.lookup.drafted,
-            accepted: self.lookup.accepted,
+            drafted: self.lookup.drafted + self.guessed,
+            accepted: self.lookup.accepted + self.guessed_right,
+            guessed: self.guessed,
+            guessed_right: self.guessed_right,
         }));
         self.done = true;
     }

@@ -4,6 +4,7 @@
 //! chunk shapes. The model runs on the engine's own thread (`engine`), never here.
 
 pub mod confidence;
+pub mod draft;
 pub mod engine;
 pub mod lookup;
 pub mod model;
@@ -41,6 +42,8 @@ pub struct LocalSettings {
     /// Most tokens prompt lookup drafts per greedy decode step (0: no speculative decoding);
     /// `None`: the model decides ([`lookup::default_draft_tokens`]).
     pub draft_tokens: Option<usize>,
+    /// Use the model's trained draft head ([`draft`]) when it has one and drafting is on.
+    pub draft_head: bool,
     pub max_concurrent: usize,
     pub queue_capacity: usize,
     /// Tokens (prompt + answer) allowed per request; at most the model's context window.
@@ -83,7 +86,14 @@ impl LocalBackend {
             .or_else(|| generation_max_new_tokens(&files.dir))
             .unwrap_or(FALLBACK_MAX_TOKENS);
         let draft_tokens = s.draft_tokens.unwrap_or(lookup::default_draft_tokens(files.rows_exact));
-        tracing::info!(tier, rows_exact = files.rows_exact, draft_tokens, "local model loaded");
+        let draft_head = s.draft_head && draft_tokens > 0 && files.draft_head.is_some();
+        tracing::info!(
+            tier,
+            rows_exact = files.rows_exact,
+            draft_tokens,
+            draft_head,
+            "local model loaded"
+        );
         let engine = Engine::start(
             Arc::new(files),
             EngineSettings {
@@ -93,6 +103,7 @@ impl LocalBackend {
                 },
                 max_concurrent: s.max_concurrent,
                 queue_capacity: s.queue_capacity,
+                draft_head,
             },
         )
         .map_err(|e| format!("tier `{tier}`: {e}"))?;
@@ -219,6 +230,7 @@ fn prepare(shared: &Shared, req: &ChatRequest) -> Result<Job, Error> {
             }
         },
         draft_tokens: shared.draft_tokens,
+        draft_head: true,
         assess_after: 0,
     })
 }

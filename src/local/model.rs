@@ -32,6 +32,8 @@ pub struct ModelFiles {
     /// (`"rows_exact": true` in `tiergate_model.json`, written by provisioning for `row8`
     /// graphs), so speculative verification returns plain greedy decoding's tokens.
     pub rows_exact: bool,
+    /// A trained draft head beside the model ([`super::draft::FILE`]), if there is one.
+    pub draft_head: Option<PathBuf>,
 }
 
 fn read_json(dir: &Path, name: &str) -> Result<Value, String> {
@@ -120,6 +122,7 @@ impl ModelFiles {
             .ok()
             .and_then(|v| v.get("rows_exact").and_then(Value::as_bool))
             .unwrap_or(false);
+        let draft_head = Some(dir.join(super::draft::FILE)).filter(|p| p.is_file());
         Ok(ModelFiles {
             dir: dir.to_path_buf(),
             layers,
@@ -133,6 +136,7 @@ impl ModelFiles {
             tokenizer,
             real_vocab,
             rows_exact,
+            draft_head,
         })
     }
 }
@@ -156,6 +160,32 @@ pub struct SessionSettings {
     pub spinning: bool,
 }
 
+impl SessionSettings {
+    /// An ONNX Runtime session over the graph at `path`, with these settings.
+    pub fn load(&self, path: &Path) -> Result<Session, String> {
+        let env = crate::onnx::environment()
+            .ok_or("ONNX Runtime is not loaded; `onnx::init` must run before a model is loaded")?;
+        let spin = if self.spinning { "1" } else { "0" };
+        let configure = |what: &str, e: ort::Error<_>| format!("cannot set {what} on the session: {e}");
+        let mut builder = Session::builder(env).map_err(ort_err("cannot create a session"))?;
+        builder = builder
+            .with_optimization_level(GraphOptimizationLevel::All)
+            .map_err(|e| configure("the optimization level", e))?;
+        builder = builder
+            .with_intra_threads(self.threads)
+            .map_err(|e| configure("the thread count", e))?;
+        builder = builder
+            .with_inter_threads(1)
+            .map_err(|e| configure("the inter-op thread count", e))?;
+        builder = builder
+            .with_config_entry("session.intra_op.allow_spinning", spin)
+            .map_err(|e| configure("spinning", e))?;
+        builder
+            .commit_from_file(path)
+            .map_err(|e| format!("cannot load `{}`: {e}", path.display()))
+    }
+}
+
 /// The ONNX graph and how to feed it.
 pub struct Graph {
     session: Session,
@@ -165,6 +195,9 @@ pub struct Graph {
     /// Zero-length past (`[1, kv_heads, 0, head_dim]`), fed on a sequence's first step.
     empty_past: DynValue,
     pub vocab: usize,
+    /// The graph also returns its final hidden states ([`super::draft::HIDDEN_OUTPUT`]),
+    /// which a draft head reads.
+    pub has_hidden: bool,
 }
 
 /// One sequence's keys and values for every layer (`2 × layers` tensors, key then value),
@@ -182,27 +215,8 @@ fn ort_err(what: &str) -> impl Fn(ort::Error) -> String + '_ {
 
 impl Graph {
     pub fn load(files: &ModelFiles, settings: SessionSettings) -> Result<Graph, String> {
-        let env = crate::onnx::environment()
-            .ok_or("ONNX Runtime is not loaded; `onnx::init` must run before a model is loaded")?;
         let path = files.dir.join("model.onnx");
-        let spin = if settings.spinning { "1" } else { "0" };
-        let configure = |what: &str, e: ort::Error<_>| format!("cannot set {what} on the session: {e}");
-        let mut builder = Session::builder(env).map_err(ort_err("cannot create a session"))?;
-        builder = builder
-            .with_optimization_level(GraphOptimizationLevel::All)
-            .map_err(|e| configure("the optimization level", e))?;
-        builder = builder
-            .with_intra_threads(settings.threads)
-            .map_err(|e| configure("the thread count", e))?;
-        builder = builder
-            .with_inter_threads(1)
-            .map_err(|e| configure("the inter-op thread count", e))?;
-        builder = builder
-            .with_config_entry("session.intra_op.allow_spinning", spin)
-            .map_err(|e| configure("spinning", e))?;
-        let session = builder
-            .commit_from_file(&path)
-            .map_err(|e| format!("cannot load `{}`: {e}", path.display()))?;
+        let session = settings.load(&path)?;
 
         let layers = files.layers;
         let mut inputs = Vec::new();
@@ -283,6 +297,7 @@ impl Graph {
             .filter(|&v| v > 0)
             .map(|v| v as usize)
             .unwrap_or(files.real_vocab);
+        let has_hidden = output_names.contains(&super::draft::HIDDEN_OUTPUT);
         let empty_past = Tensor::<f32>::from_array(([1usize, files.kv_heads, 0, files.head_dim], Vec::<f32>::new()))
             .map_err(ort_err("cannot create the empty KV cache"))?
             .into_dyn();
@@ -292,6 +307,7 @@ impl Graph {
             present_names,
             empty_past,
             vocab,
+            has_hidden,
         })
     }
 
@@ -299,13 +315,16 @@ impl Graph {
     /// possibly followed by drafted tokens to verify), appends them all to the cache, and
     /// hands the logits of the last `rows` positions to `visit`, in order, until it returns
     /// false. Returns how many rows were visited. The rows are read in place from the
-    /// output: nothing vocabulary-sized is copied.
+    /// output: nothing vocabulary-sized is copied. With `hidden` (on a graph that
+    /// [`has_hidden`](Graph::has_hidden)), the final hidden state of the last row visited
+    /// is copied into it.
     pub fn step(
         &mut self,
         kv: &mut KvCache,
         ids: &[u32],
         rows: usize,
         mut visit: impl FnMut(&[f32]) -> bool,
+        hidden: Option<&mut Vec<f32>>,
     ) -> Result<usize, String> {
         let Graph {
             session,
@@ -372,6 +391,18 @@ impl Graph {
             }
             visited
         };
+        if let Some(hidden) = hidden {
+            let (shape, data) = outputs[super::draft::HIDDEN_OUTPUT]
+                .try_extract_tensor::<f32>()
+                .map_err(ort_err(super::draft::HIDDEN_OUTPUT))?;
+            let width = shape.last().copied().unwrap_or(0).max(0) as usize;
+            let row = n - rows + visited - 1;
+            if width == 0 || data.len() < n * width {
+                return Err(format!("unexpected {} shape {shape:?}", super::draft::HIDDEN_OUTPUT));
+            }
+            hidden.clear();
+            hidden.extend_from_slice(&data[row * width..(row + 1) * width]);
+        }
         let mut past = Vec::with_capacity(present_names.len());
         for name in present_names.iter() {
             past.push(

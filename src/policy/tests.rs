@@ -20,6 +20,7 @@ pub(crate) fn tiers() -> BTreeMap<String, TierConfig> {
                     max_context_tokens: None,
                     default_max_tokens: None,
                     draft_tokens: Some(0),
+                    draft_head: false,
                 })
             } else {
                 BackendConfig::OpenAi {

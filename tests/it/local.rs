@@ -28,6 +28,7 @@ pub fn settings() -> LocalSettings {
         threads: 2,
         spinning: true,
         draft_tokens: None,
+        draft_head: true,
         max_concurrent: 4,
         queue_capacity: 16,
         max_context_tokens: None,
@@ -216,6 +217,50 @@ async fn speculative_decoding_confirms_drafts_and_keeps_limits_and_counts() {
     );
 }
 
+/// The trained draft head (provisioned beside the test model): where prompt lookup finds
+/// nothing it guesses, the model confirms some guesses, and the answer is still plain
+/// greedy decoding's, token for token; turned off, nothing is guessed.
+#[tokio::test]
+async fn the_draft_head_guesses_where_lookup_cannot_and_keeps_the_greedy_answer() {
+    let b = backend();
+    assert!(
+        b.engine().files.draft_head.is_some(),
+        "the test model is provisioned with its draft head (python3 scripts/provision.py --test)"
+    );
+    let (mut guessed, mut right) = (0, 0);
+    // Free writing: little for lookup to copy.
+    for user in [
+        "Write a short paragraph about why the sky is blue.",
+        "Give three tips for writing clear emails.",
+    ] {
+        let req = request(json!({"model": TEST_MODEL, "max_tokens": 48, "messages": [
+            {"role": "user", "content": user}]}));
+        let job = |draft_tokens, draft_head| Job {
+            draft_tokens,
+            draft_head,
+            ..b.prepare(&req).expect("job")
+        };
+        let (plain_text, plain) = run_job(b, job(0, true)).await;
+        let (lookup_text, lookup) = run_job(b, job(8, false)).await;
+        let (text, s) = run_job(b, job(8, true)).await;
+        assert_eq!((plain.drafted, lookup.guessed), (0, 0), "{plain:?} {lookup:?}");
+        for (t, f) in [(&lookup_text, &lookup), (&text, &s)] {
+            assert_eq!(
+                (t, &f.output_ids),
+                (&plain_text, &plain.output_ids),
+                "drafting changed the answer"
+            );
+        }
+        assert!(s.guessed_right <= s.guessed && s.guessed <= s.drafted, "{s:?}");
+        assert!(s.accepted >= s.guessed_right, "{s:?}");
+        // Every pass gives its own token plus the confirmed drafts.
+        assert!(s.completion_tokens <= 1 + s.decode_steps + s.accepted, "{s:?}");
+        guessed += s.guessed;
+        right += s.guessed_right;
+    }
+    assert!(right > 0, "no guess was ever confirmed ({guessed} made)");
+}
+
 /// Rolling the cache back keeps exactly the first positions: a cache of A + B cut to A
 /// holds A's keys and values bit for bit.
 #[test]
@@ -238,7 +283,7 @@ fn kv_cache_truncation_keeps_the_exact_prefix() {
         .get_ids()
         .to_vec();
     let mut kv = KvCache::default();
-    g.step(&mut kv, &ids, 1, |_| false).expect("step");
+    g.step(&mut kv, &ids, 1, |_| false, None).expect("step");
     let full: Vec<Vec<f32>> = kv.tensors().expect("tensors");
     kv.truncate(2).expect("truncate");
     assert_eq!(kv.len, 2);
