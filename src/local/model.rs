@@ -392,7 +392,9 @@ impl Graph {
             visited
         };
         if let Some(hidden) = hidden {
-            let (shape, data) = outputs[super::draft::HIDDEN_OUTPUT]
+            let (shape, data) = outputs
+                .get(super::draft::HIDDEN_OUTPUT)
+                .ok_or_else(|| format!("the model returned no `{}`", super::draft::HIDDEN_OUTPUT))?
                 .try_extract_tensor::<f32>()
                 .map_err(ort_err(super::draft::HIDDEN_OUTPUT))?;
             let width = shape.last().copied().unwrap_or(0).max(0) as usize;
