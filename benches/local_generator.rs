@@ -371,7 +371,7 @@ fn main() {
         },
     )
     .expect("engine starts");
-    let has_head = a.head && a.draft > 0 && files.draft_head.is_some();
+    let has_head = engine.draft_head && a.draft > 0;
     println!(
         "# tiergate engine: {} loaded in {:.2}s, intra_op_threads={}, spinning={}, draft_tokens={}, draft_head={}",
         a.model_dir.display(),

@@ -130,6 +130,8 @@ pub struct Engine {
     in_flight: Arc<AtomicUsize>,
     limit: usize,
     pub files: Arc<ModelFiles>,
+    /// The model's draft head is loaded and guesses for drafting jobs.
+    pub draft_head: bool,
 }
 
 struct Queued {
@@ -177,6 +179,7 @@ impl Engine {
         let in_flight = Arc::new(AtomicUsize::new(0));
         let f = files.clone();
         let max_concurrent = settings.max_concurrent;
+        let draft_head = head.is_some();
         std::thread::Builder::new()
             .name("tiergate-local".into())
             .spawn(move || run(graph, head, &f, &rx, max_concurrent))
@@ -186,6 +189,7 @@ impl Engine {
             in_flight,
             limit,
             files,
+            draft_head,
         })
     }
 
@@ -279,8 +283,7 @@ fn run(
                     if q.events.is_closed() {
                         continue;
                     }
-                    let use_head = head.is_some();
-                    active.push(Seq::new(q, use_head));
+                    active.push(Seq::new(q, head.is_some()));
                 }
                 Err(TryRecvError::Empty) => break,
                 Err(TryRecvError::Disconnected) => open = false,

@@ -86,14 +86,7 @@ impl LocalBackend {
             .or_else(|| generation_max_new_tokens(&files.dir))
             .unwrap_or(FALLBACK_MAX_TOKENS);
         let draft_tokens = s.draft_tokens.unwrap_or(lookup::default_draft_tokens(files.rows_exact));
-        let draft_head = s.draft_head && draft_tokens > 0 && files.draft_head.is_some();
-        tracing::info!(
-            tier,
-            rows_exact = files.rows_exact,
-            draft_tokens,
-            draft_head,
-            "local model loaded"
-        );
+        let rows_exact = files.rows_exact;
         let engine = Engine::start(
             Arc::new(files),
             EngineSettings {
@@ -103,10 +96,17 @@ impl LocalBackend {
                 },
                 max_concurrent: s.max_concurrent,
                 queue_capacity: s.queue_capacity,
-                draft_head,
+                draft_head: s.draft_head && draft_tokens > 0,
             },
         )
         .map_err(|e| format!("tier `{tier}`: {e}"))?;
+        tracing::info!(
+            tier,
+            rows_exact,
+            draft_tokens,
+            draft_head = engine.draft_head,
+            "local model loaded"
+        );
         Ok(LocalBackend {
             tier: tier.to_owned(),
             model: model.to_owned(),
