@@ -202,7 +202,8 @@ async fn handle(
 /// ledger row meanwhile and hands both back. A client that goes away drops the handler but
 /// not the task: a remote tier's call runs to its end (the upstream has the request and
 /// bills it), and the row records its usage and cost as `client_disconnected` (499); a
-/// local tier's generation stops at once (it would be for nobody). Either way no retry,
+/// local tier's generation stops at once (it would be for nobody), and the row records
+/// what it had used and the machine time it held. Either way no retry,
 /// fallback or escalation starts for a client that left. Streams need none of this: their
 /// row follows the stream, whose usage arrives as it goes.
 async fn answer_whole_detached(
@@ -293,18 +294,24 @@ async fn answer_whole(
 }
 
 /// One call to a tier for a request whose client may leave (`gone`, for whole answers): a
-/// local tier's generation stops when it does, a remote tier's call is billed anyway and
-/// runs to its end (bounded by its timeouts).
+/// local tier's generation stops when it does (`local`: the slot its usage so far is
+/// reported into, for the row), a remote tier's call is billed anyway and runs to its end
+/// (bounded by its timeouts).
 async fn unless_gone<T>(
     gone: Option<tokio_util::sync::CancellationToken>,
-    local: bool,
+    local: Option<&crate::upstream::Progress>,
     call: impl std::future::Future<Output = Result<T, Error>>,
 ) -> Result<T, Error> {
-    match gone {
-        Some(gone) if local => tokio::select! {
-            r = call => r,
-            () = gone.cancelled() => Err(Error::ClientDisconnected),
-        },
+    match (gone, local) {
+        (Some(gone), Some(progress)) => {
+            // A retry starts from nothing: what an earlier try used is in its own attempt.
+            progress.lock().map(|mut p| *p = None).ok();
+            let call = crate::upstream::watch_progress(progress.clone(), call);
+            tokio::select! {
+                r = call => r,
+                () = gone.cancelled() => Err(Error::ClientDisconnected),
+            }
+        }
         _ => call.await,
     }
 }
@@ -479,21 +486,32 @@ async fn call_guarded<T>(
     call: &impl Fn(Arc<dyn Backend>, ChatRequest) -> BoxFuture<'static, Result<T, Error>>,
 ) -> Result<T, Error> {
     let guard = rt.guards.get(&tier.name).cloned().unwrap_or_else(Guard::none);
-    let (gone, local) = (acct.gone.clone(), matches!(tier.backend, BackendConfig::Local(_)));
-    with_retries(
+    let gone = acct.gone.clone();
+    let progress = matches!(tier.backend, BackendConfig::Local(_)).then(crate::upstream::Progress::default);
+    let result = with_retries(
         &tier.name,
         &guard.retry,
         guard.breaker.as_deref(),
         || {
             unless_gone(
                 gone.clone(),
-                local,
+                progress.as_ref(),
                 call(backend.clone(), req.clone()).instrument(span.clone()),
             )
         },
         |e| acct.retried(e),
     )
-    .await
+    .await;
+    // The client left a local answer half-made: the engine did that work (its machine time,
+    // the tokens so far), so the row bills it like a stream cut off at the same point.
+    // (Before its first token it may still have been queued: then it used nothing.)
+    if let (Err(Error::ClientDisconnected), Some(progress)) = (&result, &progress)
+        && let Some(used) = progress.lock().ok().and_then(|p| *p)
+    {
+        acct.called_tier = true;
+        acct.usage = Some(used);
+    }
+    result
 }
 
 /// The tier to try after `tried` failed with `e`: the spill tier for a saturated local

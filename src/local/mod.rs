@@ -449,7 +449,11 @@ impl Backend for LocalBackend {
             let mut content = String::new();
             let finish = loop {
                 match rx.recv().await {
-                    Some(Event::Text { text, .. }) => content.push_str(&text),
+                    Some(Event::Text { text, used }) => {
+                        content.push_str(&text);
+                        // A client that leaves stops this answer; its row still counts this.
+                        crate::upstream::report_progress(usage(used));
+                    }
                     // Not asked for (`assess_after` 0).
                     Some(Event::Prefix(_)) => {}
                     Some(Event::Done(f)) => break f,

@@ -63,6 +63,29 @@ impl Guard {
 
 pub type ChunkStream = BoxStream<'static, Result<StreamItem, Error>>;
 
+/// What a whole answer has used so far, for a caller that may stop waiting for it (its
+/// client left). Set by [`watch_progress`] around the call, reported by a backend that
+/// knows its usage as it goes (the local tier); a streamed answer carries this in its items.
+pub type Progress = std::sync::Arc<std::sync::Mutex<Option<Usage>>>;
+
+tokio::task_local! {
+    static PROGRESS: Progress;
+}
+
+/// Runs `call` with `progress` as the slot its backend reports usage into.
+pub async fn watch_progress<T>(progress: Progress, call: impl std::future::Future<Output = T>) -> T {
+    PROGRESS.scope(progress, call).await
+}
+
+/// Reports what the answer in progress has used, if its caller watches (`watch_progress`).
+pub fn report_progress(used: Usage) {
+    let _ = PROGRESS.try_with(|p| {
+        if let Ok(mut slot) = p.lock() {
+            *slot = Some(used);
+        }
+    });
+}
+
 pub trait Backend: Send + Sync {
     /// Sends a request that has `stream` unset and returns the whole answer.
     fn complete(&self, req: ChatRequest) -> BoxFuture<'_, Result<Completion, Error>>;
