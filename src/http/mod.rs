@@ -236,7 +236,10 @@ async fn metrics(State(st): State<Arc<AppState>>) -> impl IntoResponse {
 /// scrape time rather than registered): local tiers' queues and the classifier's counters.
 fn live_metrics(encoded: &str, rt: &crate::Runtime, reload: &crate::reload::ReloadState) -> String {
     use std::fmt::Write as _;
+    use std::sync::atomic::AtomicU64;
     use std::sync::atomic::Ordering::Relaxed;
+
+    use crate::local::engine::EngineStats;
     let body = encoded.strip_suffix("# EOF\n").unwrap_or(encoded);
     let mut out = String::with_capacity(body.len() + 1024);
     out.push_str(body);
@@ -245,6 +248,54 @@ fn live_metrics(encoded: &str, rt: &crate::Runtime, reload: &crate::reload::Relo
         out.push_str("# TYPE tiergate_local_queue_depth gauge\n");
         for (tier, b) in &rt.local_tiers {
             let _ = writeln!(out, "tiergate_local_queue_depth{{tier=\"{tier}\"}} {}", b.in_flight());
+        }
+        // Since the engine started (a reload that restarts it starts them again at 0).
+        // (name, help, the series: `source` label and the count it reads)
+        type Series = [(&'static str, fn(&EngineStats) -> &AtomicU64)];
+        let families: [(&str, &str, &Series); 5] = [
+            (
+                "tiergate_local_prompt_tokens",
+                "Prompt tokens the local engine has read.",
+                &[("", |s| &s.prompt_tokens)],
+            ),
+            (
+                "tiergate_local_generated_tokens",
+                "Tokens the local engine has generated.",
+                &[("", |s| &s.generated_tokens)],
+            ),
+            (
+                "tiergate_local_decode_steps",
+                "Forward passes after the prompt's; one yields several tokens when drafts are confirmed.",
+                &[("", |s| &s.decode_steps)],
+            ),
+            (
+                "tiergate_local_draft_tokens",
+                "Tokens drafted for the model to verify, by source (prompt lookup, the draft head).",
+                &[("lookup", |s| &s.lookup_drafted), ("head", |s| &s.head_drafted)],
+            ),
+            (
+                "tiergate_local_draft_accepted_tokens",
+                "Drafted tokens the model confirmed into an answer, by source; each saved a forward pass.",
+                &[("lookup", |s| &s.lookup_accepted), ("head", |s| &s.head_accepted)],
+            ),
+        ];
+        for (name, help, series) in families {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+            for (tier, b) in &rt.local_tiers {
+                let stats = &b.engine().stats;
+                for (source, count) in series {
+                    let source = if source.is_empty() {
+                        String::new()
+                    } else {
+                        format!(",source=\"{source}\"")
+                    };
+                    let _ = writeln!(
+                        out,
+                        "{name}_total{{tier=\"{tier}\"{source}}} {}",
+                        count(stats).load(Relaxed)
+                    );
+                }
+            }
         }
     }
     if !rt.guards.is_empty() {

@@ -4,7 +4,7 @@
 //! sequence. Admission is counted so that a full engine says "saturated" at once.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TryRecvError, TrySendError, sync_channel};
 use std::time::{Duration, Instant};
 
@@ -119,6 +119,31 @@ pub struct Finish {
     pub guessed_right: usize,
 }
 
+/// Running totals of what the engine has done, over every sequence (finished, failed or
+/// cancelled), for `/metrics`: the rates an operator watches to see whether speculation
+/// pays on their traffic.
+#[derive(Debug, Default)]
+pub struct EngineStats {
+    pub prompt_tokens: AtomicU64,
+    pub generated_tokens: AtomicU64,
+    /// Forward passes after a prompt's.
+    pub decode_steps: AtomicU64,
+    /// Tokens drafted by prompt lookup and by the draft head, and how many of them the model
+    /// confirmed into an answer: `generated = prompts + decode_steps + accepted`.
+    pub lookup_drafted: AtomicU64,
+    pub lookup_accepted: AtomicU64,
+    pub head_drafted: AtomicU64,
+    pub head_accepted: AtomicU64,
+}
+
+impl EngineStats {
+    fn add(counter: &AtomicU64, n: usize) {
+        if n > 0 {
+            counter.fetch_add(n as u64, Ordering::Relaxed);
+        }
+    }
+}
+
 /// The admission was refused: every sequence slot and every queue place is taken.
 #[derive(Debug)]
 pub struct Saturated;
@@ -132,6 +157,7 @@ pub struct Engine {
     pub files: Arc<ModelFiles>,
     /// The model's draft head is loaded and guesses for drafting jobs.
     pub draft_head: bool,
+    pub stats: Arc<EngineStats>,
 }
 
 struct Queued {
@@ -180,9 +206,11 @@ impl Engine {
         let f = files.clone();
         let max_concurrent = settings.max_concurrent;
         let draft_head = head.is_some();
+        let stats = Arc::new(EngineStats::default());
+        let counts = stats.clone();
         std::thread::Builder::new()
             .name("tiergate-local".into())
-            .spawn(move || run(graph, head, &f, &rx, max_concurrent))
+            .spawn(move || run(graph, head, &f, &rx, max_concurrent, &counts))
             .map_err(|e| format!("cannot start the local engine thread: {e}"))?;
         Ok(Engine {
             tx,
@@ -190,6 +218,7 @@ impl Engine {
             limit,
             files,
             draft_head,
+            stats,
         })
     }
 
@@ -266,6 +295,7 @@ fn run(
     files: &ModelFiles,
     rx: &Receiver<Queued>,
     max_concurrent: usize,
+    stats: &EngineStats,
 ) {
     let mut active: Vec<Seq> = Vec::with_capacity(max_concurrent);
     let mut scratch = Scratch::default();
@@ -293,7 +323,7 @@ fn run(
             return;
         }
         for seq in active.iter_mut() {
-            seq.advance(&mut graph, &mut head, files, &mut scratch);
+            seq.advance(&mut graph, &mut head, files, &mut scratch, stats);
         }
         // Dropping a finished sequence releases its admission permit.
         active.retain(|s| !s.done);
@@ -336,7 +366,14 @@ impl Seq {
     /// drafted tokens (lookup's, or else the draft head's guess). Gives out every token the
     /// step settled: the greedy choice after each confirmed draft token, exactly what
     /// one-token steps would have chosen.
-    fn advance(&mut self, graph: &mut Graph, head: &mut Option<DraftHead>, files: &ModelFiles, scratch: &mut Scratch) {
+    fn advance(
+        &mut self,
+        graph: &mut Graph,
+        head: &mut Option<DraftHead>,
+        files: &ModelFiles,
+        scratch: &mut Scratch,
+        stats: &EngineStats,
+    ) {
         if self.q.events.is_closed() {
             // Cancelled: the client went away.
             self.done = true;
@@ -406,15 +443,29 @@ impl Seq {
         }
         if first {
             self.prefill = t0.elapsed();
+            EngineStats::add(&stats.prompt_tokens, self.q.job.prompt.len());
         } else {
             self.decode += t0.elapsed();
             self.decode_steps += 1;
+            EngineStats::add(&stats.decode_steps, 1);
         }
+        let mut emitted = 0;
         for &pick in picks.iter() {
+            emitted += 1;
             if self.emit(files, pick) {
-                return;
+                break;
             }
         }
+        // Every token a pass gives out past its first is a confirmed draft token that saved
+        // a pass; confirmed ones past the answer's end (a stop inside the draft) saved none.
+        EngineStats::add(&stats.generated_tokens, emitted);
+        let (drafted, useful) = if guessed {
+            (&stats.head_drafted, &stats.head_accepted)
+        } else {
+            (&stats.lookup_drafted, &stats.lookup_accepted)
+        };
+        EngineStats::add(drafted, draft.len());
+        EngineStats::add(useful, emitted - 1);
     }
 
     /// Drafts the head's guesses of the tokens after `last`, each from the hidden state

@@ -73,6 +73,31 @@ async fn answers_with_the_clouds_shapes_and_exact_usage() {
         .lines()
         .find_map(|l| l.strip_prefix("tiergate_local_queue_depth{tier=\"local\"} "));
     assert!(matches!(depth, Some("0" | "1")), "{metrics}");
+    // The engine's totals: this answer's exact counts (it sent them before it was done).
+    let total = |series: &str| -> u64 {
+        let prefix = format!("tiergate_local_{series} ");
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(&prefix))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no `{prefix}` in {metrics}"))
+    };
+    assert_eq!(total("prompt_tokens_total{tier=\"local\"}"), 37);
+    assert_eq!(total("generated_tokens_total{tier=\"local\"}"), 8);
+    // Every pass after the prompt's yields at least one token; drafts only ever save passes.
+    let steps = total("decode_steps_total{tier=\"local\"}");
+    assert!((1..=7).contains(&steps), "{metrics}");
+    let mut drafted_right = 0;
+    for source in ["lookup", "head"] {
+        let drafted = total(&format!("draft_tokens_total{{tier=\"local\",source=\"{source}\"}}"));
+        let accepted = total(&format!(
+            "draft_accepted_tokens_total{{tier=\"local\",source=\"{source}\"}}"
+        ));
+        assert!(accepted <= drafted, "{metrics}");
+        drafted_right += accepted;
+    }
+    // One token from the prompt's pass, one from each later pass, one per confirmed draft.
+    assert_eq!(1 + steps + drafted_right, 8, "{metrics}");
     assert!(
         body["id"].as_str().is_some_and(|id| id.starts_with("chatcmpl-")),
         "{body}"
