@@ -14,7 +14,7 @@ use std::time::Duration;
 use rusqlite::{Connection, params};
 use tokio::sync::{mpsc, oneshot};
 
-/// One request's accounting. Never holds a secret: `api_key_id` is a hash prefix.
+/// One request's accounting. Never holds a secret: `api_key_id` is the key's id.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Record {
     /// Unix time in milliseconds when the request arrived.

@@ -184,7 +184,7 @@ pub struct Facts {
     pub images: bool,
     /// The scored text (system prompt + last user message).
     pub text: String,
-    /// The client's key id (`key-…`, a hash: never the key itself).
+    /// The name of the client's gateway key, never the secret.
     pub key: Option<String>,
     pub team: Option<String>,
     /// Request headers, names lowercased.

@@ -27,7 +27,7 @@ pub struct Filter {
     pub since_ms: Option<i64>,
     /// Exclusive upper bound on `ts_ms`.
     pub until_ms: Option<i64>,
-    /// `api_key_id` as stored in the ledger (`key-` + 12 hex digits), never the key.
+    /// `api_key_id` as stored in the ledger (the key's id, `key_` + 12 hex digits), never the key.
     pub key: Option<String>,
     pub policy: Option<String>,
     /// Only requests whose id starts with this (what `tiergate replay` sends).
@@ -47,8 +47,8 @@ pub struct FilterArgs {
     /// Only requests before this (same forms as `--since`). Default: all.
     #[arg(long)]
     pub until: Option<String>,
-    /// Only requests made with this API key id, as stored in the ledger (`key-` + 12 hex
-    /// digits; never the key itself).
+    /// Only requests made with this API key id, as stored in the ledger (`key_` + 12 hex
+    /// digits, as `tiergate keys list` shows it; never the key itself).
     #[arg(long)]
     pub key: Option<String>,
     /// Only requests routed by this policy (its `name`).

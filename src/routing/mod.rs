@@ -62,7 +62,7 @@ impl Scorer for LengthScorer {
 pub struct RequestContext {
     /// Request headers, names lowercased (values that are not visible ASCII are left out).
     pub headers: BTreeMap<String, String>,
-    /// The client's key id (`key-` + hash), never the key.
+    /// The name of the client's gateway key (`tiergate keys create --name`), never the secret.
     pub key: Option<String>,
     pub team: Option<String>,
     /// Local tiers' load now: requests running or waiting / `max_concurrent`.
