@@ -51,6 +51,9 @@ pub struct Usage {
 /// predecessor of `tool`).
 pub const ROLES: &[&str] = &["system", "developer", "user", "assistant", "tool", "function"];
 
+/// Longest `model` accepted, in bytes (OpenAI's and our tiers' names are tens).
+pub const MAX_MODEL_BYTES: usize = 256;
+
 impl ChatRequest {
     /// Parses and validates a request body; errors name the offending field.
     pub fn parse(body: &[u8]) -> Result<ChatRequest, Error> {
@@ -70,8 +73,19 @@ impl ChatRequest {
                 ));
             }
         }
-        if !obj["model"].is_string() {
+        let Some(model) = obj["model"].as_str() else {
             return Err(Error::invalid("`model` must be a string", Some("model")));
+        };
+        // The name is echoed in errors and stored in the ledger and the log: a megabyte of
+        // it would be a megabyte in each, per request.
+        if model.len() > MAX_MODEL_BYTES {
+            return Err(Error::invalid(
+                format!(
+                    "`model` is {} bytes long; a model name has at most {MAX_MODEL_BYTES}",
+                    model.len()
+                ),
+                Some("model"),
+            ));
         }
         let Some(messages) = obj["messages"].as_array() else {
             return Err(Error::invalid(

@@ -84,6 +84,10 @@ fn roles_content_and_numbers_are_checked_by_name() {
             "`n` must be an integer in 1..=128",
         ),
         (
+            json!({"model": "m".repeat(3_000_000), "messages": [{"role": "user", "content": "x"}]}),
+            "`model` is 3000000 bytes long; a model name has at most 256",
+        ),
+        (
             json!({"model": "m", "temperature": 1e308, "messages": [{"role": "user", "content": "x"}]}),
             "`temperature` must be a number in 0..=2",
         ),
