@@ -22,6 +22,10 @@ pub enum Error {
     },
     #[error("request body is larger than the limit of {limit} bytes (`limits.max_body_bytes`)")]
     BodyTooLarge { limit: usize },
+    /// The client sent its headers but not its whole body in time (a stalled or very slow
+    /// client would otherwise hold its connection and its key's request slot forever).
+    #[error("the request body did not arrive within {secs:.0}s (`limits.body_timeout_secs`)")]
+    BodyTimeout { secs: f64 },
     #[error("The model `{0}` does not exist or you do not have access to it.")]
     ModelNotFound(String),
     /// `tiergate:<name>` names no loaded policy.
@@ -99,6 +103,7 @@ impl Error {
         match self {
             Error::InvalidRequest { .. } => StatusCode::BAD_REQUEST,
             Error::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Error::BodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
             Error::ModelNotFound(_) | Error::PolicyNotFound { .. } => StatusCode::NOT_FOUND,
             Error::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             Error::Upstream { .. } => StatusCode::BAD_GATEWAY,
@@ -125,6 +130,7 @@ impl Error {
         match self {
             Error::InvalidRequest { .. }
             | Error::BodyTooLarge { .. }
+            | Error::BodyTimeout { .. }
             | Error::UpstreamRejected { .. }
             | Error::HeadersTooLarge { .. }
             | Error::MethodNotAllowed { .. } => "invalid_request_error",
@@ -151,6 +157,7 @@ impl Error {
         match self {
             Error::InvalidRequest { code, .. } => code,
             Error::BodyTooLarge { .. } => "body_too_large",
+            Error::BodyTimeout { .. } => "request_timeout",
             Error::ModelNotFound(_) | Error::PolicyNotFound { .. } => "model_not_found",
             Error::UpstreamTimeout { .. } => "upstream_timeout",
             Error::Upstream { .. } => "upstream_error",
@@ -178,6 +185,7 @@ impl Error {
             Error::InvalidRequest { param, .. } => param.as_deref(),
             Error::ModelNotFound(_) | Error::PolicyNotFound { .. } => Some("model"),
             Error::BodyTooLarge { .. }
+            | Error::BodyTimeout { .. }
             | Error::UpstreamTimeout { .. }
             | Error::Upstream { .. }
             | Error::UpstreamUnreachable { .. }
@@ -221,6 +229,7 @@ impl Error {
             Error::LocalEngine { .. } => tier_down(None, true),
             Error::InvalidRequest { .. }
             | Error::BodyTooLarge { .. }
+            | Error::BodyTimeout { .. }
             | Error::ModelNotFound(_)
             | Error::PolicyNotFound { .. }
             | Error::Upstream { .. }

@@ -187,6 +187,7 @@ struct LimitsToml {
     max_messages: Option<usize>,
     max_message_chars: Option<usize>,
     max_tokens: Option<u64>,
+    body_timeout_secs: Option<f64>,
 }
 
 /// `[limits]`: the largest request the gateway accepts, each breach a 4xx naming the key.
@@ -200,6 +201,8 @@ pub struct Limits {
     pub max_message_chars: usize,
     /// Ceiling on `max_tokens` / `max_completion_tokens`.
     pub max_tokens: u64,
+    /// How long a client may take to send its request body once its headers are in.
+    pub body_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -210,6 +213,7 @@ impl Default for Limits {
             max_messages: 1000,
             max_message_chars: 1_000_000,
             max_tokens: 131_072,
+            body_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -537,6 +541,7 @@ impl Config {
             max_messages,
             max_message_chars,
             max_tokens,
+            body_timeout_secs,
         } = limits;
         let d = Limits::default();
         let limits = Limits {
@@ -557,6 +562,16 @@ impl Config {
                 max_message_chars.unwrap_or(d.max_message_chars),
             )?,
             max_tokens: positive(path, "limits.max_tokens", max_tokens.unwrap_or(d.max_tokens) as usize)? as u64,
+            body_timeout: match body_timeout_secs {
+                None => d.body_timeout,
+                Some(s) if s.is_finite() && s > 0.0 && s <= 3600.0 => Duration::from_secs_f64(s),
+                Some(s) => {
+                    return Err(err(
+                        path,
+                        format!("limits.body_timeout_secs = {s} must be a number of seconds in (0, 3600]"),
+                    ));
+                }
+            },
         };
         let auth = auth_config(path, auth, &resolve)?;
 

@@ -49,6 +49,10 @@ fn errors_name_the_file_and_key() {
             "tiers.small.timeout_secs must be > 0",
         ),
         (
+            example().replace("body_timeout_secs = 30", "body_timeout_secs = -1"),
+            "limits.body_timeout_secs = -1 must be a number of seconds in (0, 3600]",
+        ),
+        (
             example().replace("aliases = [\"tiergate-auto\"]", "aliases = [\"gpt-4o\"]"),
             "routing.aliases: `gpt-4o` is also tiers.cloud.model",
         ),

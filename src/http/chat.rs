@@ -100,7 +100,7 @@ async fn handle(
         st.auth.rate.check_request(&p.key.id, &p.limits)?;
     }
     super::require_json(headers)?;
-    let bytes = super::read_body(body, rt.config.limits.max_body_bytes).await?;
+    let bytes = super::read_body(headers, body, &rt.config.limits).await?;
     let mut req = ChatRequest::parse(&bytes)?;
     acct.rec.requested_model = Some(req.model.clone());
     acct.rec.streamed = req.is_stream();

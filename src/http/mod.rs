@@ -146,15 +146,49 @@ fn require_json(headers: &axum::http::HeaderMap) -> Result<(), Error> {
     })
 }
 
-/// Reads a request body up to `limit` bytes; over it, a 413 in OpenAI's shape.
-async fn read_body(body: axum::body::Body, limit: usize) -> Result<axum::body::Bytes, Error> {
-    axum::body::to_bytes(body, limit).await.map_err(|e| {
-        let over = std::error::Error::source(&e).is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
-        if over {
-            Error::BodyTooLarge { limit }
-        } else {
-            Error::invalid("could not read the request body", None)
+/// Reads a request body within `limits`: over `max_body_bytes` (declared or sent) a 413,
+/// slower than `body_timeout` a 408, both in OpenAI's shape; a client that leaves while
+/// sending it is `client_disconnected`.
+async fn read_body(
+    headers: &axum::http::HeaderMap,
+    body: axum::body::Body,
+    limits: &crate::config::Limits,
+) -> Result<axum::body::Bytes, Error> {
+    let limit = limits.max_body_bytes;
+    let declared = headers
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(Error::BodyTooLarge { limit });
+    }
+    let read = tokio::time::timeout(limits.body_timeout, axum::body::to_bytes(body, limit));
+    let Ok(result) = read.await else {
+        return Err(Error::BodyTimeout {
+            secs: limits.body_timeout.as_secs_f64(),
+        });
+    };
+    result.map_err(|e| {
+        let mut cause = std::error::Error::source(&e);
+        while let Some(c) = cause {
+            if c.is::<http_body_util::LengthLimitError>() {
+                return Error::BodyTooLarge { limit };
+            }
+            // hyper reports a body cut short by the connection's end as an io error.
+            if let Some(io) = c.downcast_ref::<std::io::Error>()
+                && matches!(
+                    io.kind(),
+                    std::io::ErrorKind::UnexpectedEof
+                        | std::io::ErrorKind::ConnectionReset
+                        | std::io::ErrorKind::ConnectionAborted
+                        | std::io::ErrorKind::BrokenPipe
+                )
+            {
+                return Error::ClientDisconnected;
+            }
+            cause = c.source();
         }
+        Error::invalid("could not read the request body", None)
     })
 }
 
@@ -188,7 +222,7 @@ async fn route(
     let rt = st.runtime.load_full();
     let result = async {
         require_json(&headers)?;
-        let body = read_body(body, rt.config.limits.max_body_bytes).await?;
+        let body = read_body(&headers, body, &rt.config.limits).await?;
         let req = crate::openai::ChatRequest::parse(&body)?;
         req.check_limits(&rt.config.limits)?;
         // The policy may read the key's name and team.

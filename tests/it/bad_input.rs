@@ -4,7 +4,7 @@
 
 use serde_json::Value;
 
-use crate::common::{Setup, gateway_with};
+use crate::common::{Gateway, Setup, gateway_with};
 
 const JSON: Option<&str> = Some("application/json");
 
@@ -444,4 +444,73 @@ async fn a_wrong_method_gets_a_405_envelope_with_allow() {
             format!("Invalid method for URL ({method} {path})")
         );
     }
+}
+
+/// Sends raw request `head` (and `body`) and reads the whole answer until the gateway
+/// closes the connection or `wait` passes.
+async fn raw_exchange(gw: &Gateway, head: &str, body: &[u8], wait: std::time::Duration) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = gw.url.trim_start_matches("http://");
+    let mut conn = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let request = format!(
+        "{head}host: {addr}\r\nauthorization: Bearer {}\r\ncontent-type: application/json\r\nconnection: close\r\n\r\n",
+        gw.key
+    );
+    conn.write_all(request.as_bytes()).await.expect("send head");
+    conn.write_all(body).await.expect("send body");
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(wait, conn.read_to_end(&mut answer)).await;
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+#[tokio::test]
+async fn a_body_too_large_by_its_length_or_too_slow_is_refused_and_a_client_leaving_mid_body_is_recorded() {
+    let gw = gateway_with(&Setup {
+        extra: "[limits]\nmax_body_bytes = 16384\nbody_timeout_secs = 0.5\n".into(),
+        ..Setup::default()
+    })
+    .await;
+    let patience = std::time::Duration::from_secs(30);
+    // Declared over the limit: refused before a byte of it is read.
+    let answer = raw_exchange(
+        &gw,
+        "POST /v1/chat/completions HTTP/1.1\r\ncontent-length: 99999999999\r\n",
+        b"",
+        patience,
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    assert!(answer.contains("\"body_too_large\""), "{answer}");
+    // A body that stops coming: 408 once `body_timeout_secs` has passed.
+    let answer = raw_exchange(
+        &gw,
+        "POST /v1/chat/completions HTTP/1.1\r\ncontent-length: 100\r\n",
+        b"{",
+        patience,
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(
+        answer.contains("\"request_timeout\"") && answer.contains("`limits.body_timeout_secs`"),
+        "{answer}"
+    );
+    // A client that leaves halfway through its body.
+    let left = raw_exchange(
+        &gw,
+        "POST /v1/chat/completions HTTP/1.1\r\ncontent-length: 100\r\n",
+        b"{",
+        std::time::Duration::from_millis(100),
+    )
+    .await;
+    assert_eq!(left, "", "nothing was answered yet");
+    let rows = gw.ledger_rows(3).await;
+    let outcomes: Vec<(&str, u16)> = rows.iter().map(|r| (r.outcome.as_str(), r.http_status)).collect();
+    assert_eq!(
+        outcomes,
+        [
+            ("body_too_large", 413),
+            ("request_timeout", 408),
+            ("client_disconnected", 499)
+        ]
+    );
 }
