@@ -232,6 +232,65 @@ impl AppState {
 /// How long cut requests get to answer and queue their rows.
 const CUT_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
+/// Accepts connections until `shutdown` resolves, then closes idle ones and waits for the
+/// rest to finish their requests: `axum::serve`, plus what it does not let one set. A
+/// client must send its request head within `header_timeout` (hyper then drops the
+/// connection; the same bound closes a keep-alive connection idle that long), so slow or
+/// stalled clients cannot hold connections open for ever.
+async fn serve_connections(
+    listener: tokio::net::TcpListener,
+    app: axum::Router,
+    header_timeout: std::time::Duration,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_timeout);
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    tokio::pin!(shutdown);
+    loop {
+        let tcp = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((tcp, _)) => tcp,
+                Err(e) => {
+                    // A client that gave up before we accepted it: nothing to do. Anything
+                    // else (out of file descriptors) may pass once connections close.
+                    if !matches!(
+                        e.kind(),
+                        std::io::ErrorKind::ConnectionRefused
+                            | std::io::ErrorKind::ConnectionAborted
+                            | std::io::ErrorKind::ConnectionReset
+                    ) {
+                        tracing::error!("accept error: {e}");
+                        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                    }
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        // Without it, Nagle's algorithm holds each small SSE write until the client's
+        // delayed ACK: ~40 ms added to every streamed answer (measured by scripts/bench-load).
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::warn!("cannot set TCP_NODELAY on an accepted connection: {e}");
+        }
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        let conn = builder.serve_connection_with_upgrades(TokioIo::new(tcp), service);
+        let conn = graceful.watch(conn.into_owned());
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!("connection ended with an error: {e}");
+            }
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
+    Ok(())
+}
+
 /// Serves until `shutdown` resolves, then stops accepting, lets in-flight requests finish
 /// for up to the config's `shutdown_grace`, and flushes the ledger. Meanwhile the config
 /// and policy files are watched and reloaded when they change (and on SIGHUP, see
@@ -241,19 +300,12 @@ pub async fn serve(
     state: Arc<AppState>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    use axum::serve::ListenerExt;
-    // Without it, Nagle's algorithm holds each small SSE write until the client's delayed
-    // ACK: ~40 ms added to every streamed answer (measured by scripts/bench-load).
-    let listener = listener.tap_io(|tcp| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::warn!("cannot set TCP_NODELAY on an accepted connection: {e}");
-        }
-    });
     let stop = tokio_util::sync::CancellationToken::new();
     let watcher = tokio::spawn(reload::watch(state.clone(), stop.clone()));
     let grace = state.runtime.load().config.shutdown_grace;
+    let header_timeout = state.runtime.load().config.limits.header_timeout;
     let (stopping, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = axum::serve(listener, app(state.clone())).with_graceful_shutdown(async move {
+    let server = serve_connections(listener, app(state.clone()), header_timeout, async move {
         shutdown.await;
         tracing::info!(
             grace_secs = grace.as_secs_f64(),
@@ -285,7 +337,7 @@ pub async fn serve(
         }
     };
     let result = tokio::select! {
-        r = std::future::IntoFuture::into_future(server) => {
+        r = server => {
             // Whole answers whose client left are on no connection, so the server did not
             // wait for them: their tier calls end within the grace period or are cut.
             tokio::select! {

@@ -53,7 +53,8 @@ pub fn reload(state: &AppState) -> Result<(), String> {
     let built = Config::load(&old.config.file)
         .map_err(|e| e.to_string())
         .and_then(|mut config| {
-            // `--listen` and the ledger are bound at start; a change to them needs a restart.
+            // `--listen`, the ledger and the connections' header timeout are bound at start;
+            // a change to them needs a restart.
             if config.listen_in_file != old.config.listen_in_file {
                 tracing::warn!(
                     listen = %config.listen_in_file,
@@ -64,6 +65,9 @@ pub fn reload(state: &AppState) -> Result<(), String> {
             config.listen = old.config.listen;
             if config.ledger.path != old.config.ledger.path {
                 tracing::warn!("ledger.path changed; the new path is used after a restart");
+            }
+            if config.limits.header_timeout != old.config.limits.header_timeout {
+                tracing::warn!("limits.header_timeout_secs changed; the new limit is used after a restart");
             }
             Runtime::rebuild(config, Some(&old))
         });

@@ -24,6 +24,18 @@ fn err(file: &Path, msg: impl std::fmt::Display) -> ConfigError {
     ConfigError(format!("config `{}`: {msg}", file.display()))
 }
 
+/// A time limit in seconds, in (0, 3600], or `default` when not set.
+fn seconds(file: &Path, key: &str, value: Option<f64>, default: Duration) -> Result<Duration, ConfigError> {
+    match value {
+        None => Ok(default),
+        Some(s) if s.is_finite() && s > 0.0 && s <= 3600.0 => Ok(Duration::from_secs_f64(s)),
+        Some(s) => Err(err(
+            file,
+            format!("{key} = {s} must be a number of seconds in (0, 3600]"),
+        )),
+    }
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ConfigToml {
@@ -188,6 +200,7 @@ struct LimitsToml {
     max_message_chars: Option<usize>,
     max_tokens: Option<u64>,
     body_timeout_secs: Option<f64>,
+    header_timeout_secs: Option<f64>,
 }
 
 /// `[limits]`: the largest request the gateway accepts, each breach a 4xx naming the key.
@@ -203,6 +216,9 @@ pub struct Limits {
     pub max_tokens: u64,
     /// How long a client may take to send its request body once its headers are in.
     pub body_timeout: Duration,
+    /// How long a client may take to send a request head (and how long a keep-alive
+    /// connection may sit idle); read when the gateway starts.
+    pub header_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -214,6 +230,7 @@ impl Default for Limits {
             max_message_chars: 1_000_000,
             max_tokens: 131_072,
             body_timeout: Duration::from_secs(30),
+            header_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -542,6 +559,7 @@ impl Config {
             max_message_chars,
             max_tokens,
             body_timeout_secs,
+            header_timeout_secs,
         } = limits;
         let d = Limits::default();
         let limits = Limits {
@@ -562,16 +580,13 @@ impl Config {
                 max_message_chars.unwrap_or(d.max_message_chars),
             )?,
             max_tokens: positive(path, "limits.max_tokens", max_tokens.unwrap_or(d.max_tokens) as usize)? as u64,
-            body_timeout: match body_timeout_secs {
-                None => d.body_timeout,
-                Some(s) if s.is_finite() && s > 0.0 && s <= 3600.0 => Duration::from_secs_f64(s),
-                Some(s) => {
-                    return Err(err(
-                        path,
-                        format!("limits.body_timeout_secs = {s} must be a number of seconds in (0, 3600]"),
-                    ));
-                }
-            },
+            body_timeout: seconds(path, "limits.body_timeout_secs", body_timeout_secs, d.body_timeout)?,
+            header_timeout: seconds(
+                path,
+                "limits.header_timeout_secs",
+                header_timeout_secs,
+                d.header_timeout,
+            )?,
         };
         let auth = auth_config(path, auth, &resolve)?;
 

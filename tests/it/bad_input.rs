@@ -514,3 +514,25 @@ async fn a_body_too_large_by_its_length_or_too_slow_is_refused_and_a_client_leav
         ]
     );
 }
+
+#[tokio::test]
+async fn a_client_that_never_finishes_its_request_head_is_dropped() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let gw = gateway_with(&Setup {
+        extra: "[limits]\nheader_timeout_secs = 0.5\n".into(),
+        ..Setup::default()
+    })
+    .await;
+    let addr = gw.url.trim_start_matches("http://");
+    let mut conn = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    conn.write_all(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\n")
+        .await
+        .expect("send half a head");
+    let mut answer = Vec::new();
+    let closed = tokio::time::timeout(std::time::Duration::from_secs(20), conn.read_to_end(&mut answer)).await;
+    assert!(closed.is_ok(), "the gateway still holds the connection");
+    assert!(answer.is_empty(), "no request, no answer: {answer:?}");
+    // Whole requests are unaffected.
+    let r = gw.post_chat(&crate::common::user("tiergate-auto", "hi")).await;
+    assert_eq!(r.status(), 200);
+}
