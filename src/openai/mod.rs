@@ -408,7 +408,8 @@ pub struct DeltaPeek {
 pub struct CompletionPeek {
     #[serde(default)]
     pub usage: Option<Usage>,
-    #[serde(default)]
+    /// Required: a 200 without it is not a chat completion, and passing it on as one would
+    /// hand the client an answer its SDK cannot read.
     pub choices: Vec<CompletionChoicePeek>,
 }
 

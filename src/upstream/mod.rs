@@ -107,11 +107,20 @@ pub fn redact_secrets(text: &str, known: &[&str]) -> String {
     for k in known.iter().filter(|k| k.len() >= 4) {
         out = out.replace(k, "[redacted]");
     }
+    // OpenAI's key shape, and the gateway's own (`tg-`), should an upstream echo one.
+    for prefix in ["sk-", crate::auth::store::KEY_PREFIX] {
+        out = redact_words(&out, prefix);
+    }
+    out
+}
+
+/// Replaces every word that starts with `prefix` and has at least 8 key characters after it.
+fn redact_words(out: &str, prefix: &str) -> String {
     let mut result = String::with_capacity(out.len());
-    let mut rest = out.as_str();
-    while let Some(pos) = rest.find("sk-") {
+    let mut rest = out;
+    while let Some(pos) = rest.find(prefix) {
         result.push_str(&rest[..pos]);
-        let tail = &rest[pos + 3..];
+        let tail = &rest[pos + prefix.len()..];
         let len = tail
             .find(|c: char| !(c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '*'))
             .unwrap_or(tail.len());
@@ -119,7 +128,7 @@ pub fn redact_secrets(text: &str, known: &[&str]) -> String {
         if starts_word && len >= 8 {
             result.push_str("[redacted]");
         } else {
-            result.push_str(&rest[pos..pos + 3 + len]);
+            result.push_str(&rest[pos..pos + prefix.len() + len]);
         }
         rest = &tail[len..];
     }
@@ -137,5 +146,8 @@ mod tests {
         let r = redact_secrets(s, &["topsecretvalue"]);
         assert_eq!(r, "Incorrect API key provided: [redacted]. Key [redacted] leaked");
         assert_eq!(redact_secrets("task-sk-ab", &[]), "task-sk-ab");
+        let gateway_key = format!("Bearer tg-{}", "0a".repeat(32));
+        assert_eq!(redact_secrets(&gateway_key, &[]), "Bearer [redacted]");
+        assert_eq!(redact_secrets("a long-tg-word stays", &[]), "a long-tg-word stays");
     }
 }

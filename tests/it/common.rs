@@ -109,6 +109,8 @@ async fn fake_chat(State(fake): State<Arc<Fake>>, headers: HeaderMap, Json(body)
             let e = Json(json!({"error": {"message": "max_tokens is too large", "type": "invalid_request_error"}}));
             return (StatusCode::BAD_REQUEST, e).into_response();
         }
+        // A whole answer that is JSON but no chat completion.
+        "fake-malformed" if !stream => return Json(json!({"hello": "world"})).into_response(),
         // Fails its first call, then answers.
         "fake-flaky" if fake.calls(&model) == 1 => return StatusCode::INTERNAL_SERVER_ERROR.into_response(),
         m if m.starts_with("fake-500-") => return StatusCode::INTERNAL_SERVER_ERROR.into_response(),

@@ -310,6 +310,22 @@ async fn malformed_sse_mid_stream_ends_with_an_sse_error() {
 }
 
 #[tokio::test]
+async fn a_whole_answer_that_is_no_chat_completion_is_a_502() {
+    let gw = gateway().await;
+    let r = gw.post_chat(&user("fake-malformed", "hi")).await;
+    assert_eq!(r.status(), 502);
+    let e: Value = r.json().await.expect("json");
+    assert_eq!(e["error"]["code"], "upstream_error");
+    assert!(
+        e["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("not a chat completion")),
+        "{e}"
+    );
+    assert_eq!(gw.ledger_rows(1).await[0].outcome, "upstream_error");
+}
+
+#[tokio::test]
 async fn a_slow_drip_is_cut_at_the_total_timeout() {
     let gw = gateway().await;
     let text = gw.post_chat(&streamed("fake-drip")).await.text().await.expect("body");
