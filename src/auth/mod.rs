@@ -104,10 +104,18 @@ impl Auth {
         if !cfg.enabled {
             return Ok(None);
         }
-        let Some(secret) = presented_key(headers) else {
-            return Err(Error::Unauthorized(
-                "You didn't provide an API key. Send a tiergate key (created with `tiergate keys create`) as `Authorization: Bearer tg-…`.",
-            ));
+        let secret = match presented_keys(headers).as_slice() {
+            [] => {
+                return Err(Error::Unauthorized(
+                    "You didn't provide an API key. Send a tiergate key (created with `tiergate keys create`) as `Authorization: Bearer tg-…`.",
+                ));
+            }
+            [one] => *one,
+            _ => {
+                return Err(Error::Unauthorized(
+                    "More than one API key was sent (in repeated `Authorization` or `x-api-key` headers); send exactly one.",
+                ));
+            }
         };
         let hash = store::hash_secret(secret);
         let key = match self.cache.get(&hash) {
@@ -146,17 +154,28 @@ impl Auth {
     }
 }
 
-fn presented_key(headers: &HeaderMap) -> Option<&str> {
-    let from_auth = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| {
+/// Every distinct key the request presents, as a bearer token or in `x-api-key`. More than
+/// one is refused rather than resolved: which copy of a repeated header wins differs
+/// between the proxies in front and the gateway, so honouring one could let a request
+/// pass on credentials that a proxy checked were not its own.
+fn presented_keys(headers: &HeaderMap) -> Vec<&str> {
+    let bearer = headers
+        .get_all(header::AUTHORIZATION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .filter_map(|v| {
             let (scheme, rest) = v.trim().split_once(' ')?;
             scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim())
         });
-    from_auth
-        .or_else(|| headers.get("x-api-key").and_then(|v| v.to_str().ok()).map(str::trim))
-        .filter(|k| !k.is_empty())
+    let api_key = headers
+        .get_all("x-api-key")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .map(str::trim);
+    let mut keys: Vec<&str> = bearer.chain(api_key).filter(|k| !k.is_empty()).collect();
+    keys.sort_unstable();
+    keys.dedup();
+    keys
 }
 
 #[cfg(test)]

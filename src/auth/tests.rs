@@ -102,10 +102,24 @@ fn authenticate_accepts_live_keys_and_refuses_missing_unknown_and_revoked_ones()
     x_api_key.insert("x-api-key", secret.parse().expect("header"));
     assert!(auth.authenticate(&cfg, &x_api_key).expect("ok").is_some());
 
+    // The same key twice (an SDK that sends both headers) is one key; two keys are refused
+    // whichever comes first.
+    let mut both = bearer(&secret);
+    both.insert("x-api-key", secret.parse().expect("header"));
+    assert!(auth.authenticate(&cfg, &both).expect("ok").is_some());
+    let mut two = bearer(&secret);
+    two.append(
+        header::AUTHORIZATION,
+        format!("Bearer {revoked}").parse().expect("header"),
+    );
+    let mut good_and_garbage = bearer(&secret);
+    good_and_garbage.insert("x-api-key", "garbage".parse().expect("header"));
     for (headers, says) in [
         (HeaderMap::new(), "didn't provide"),
         (bearer("tg-0000"), "Incorrect API key"),
         (bearer(&revoked), "revoked"),
+        (two, "More than one API key"),
+        (good_and_garbage, "More than one API key"),
     ] {
         match auth.authenticate(&cfg, &headers) {
             Err(e @ Error::Unauthorized(m)) => {
