@@ -125,6 +125,18 @@ fn check_header_size(headers: &axum::http::HeaderMap, limit: usize) -> Result<()
 /// Request bodies are JSON: a form post, plain text or a body without a content type is
 /// refused by name rather than with a JSON parse error.
 fn require_json(headers: &axum::http::HeaderMap) -> Result<(), Error> {
+    // A compressed body would otherwise be parsed as if it were JSON text (an opaque
+    // `invalid_json`), or a plain one labelled compressed taken as it is.
+    for encoding in headers.get_all(axum::http::header::CONTENT_ENCODING) {
+        let shown: String = String::from_utf8_lossy(encoding.as_bytes()).chars().take(40).collect();
+        if !shown.trim().eq_ignore_ascii_case("identity") {
+            return Err(Error::InvalidRequest {
+                message: format!("`content-encoding` is `{}`; send the body uncompressed", shown.trim()),
+                param: None,
+                code: "unsupported_content_encoding",
+            });
+        }
+    }
     let ct = headers
         .get(axum::http::header::CONTENT_TYPE)
         .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())

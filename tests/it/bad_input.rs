@@ -536,3 +536,29 @@ async fn a_client_that_never_finishes_its_request_head_is_dropped() {
     let r = gw.post_chat(&crate::common::user("tiergate-auto", "hi")).await;
     assert_eq!(r.status(), 200);
 }
+
+#[tokio::test]
+async fn a_compressed_body_is_refused_by_name() {
+    let gw = gateway_with(&Setup::default()).await;
+    let body = crate::common::user("tiergate-auto", "hi").to_string();
+    for (encoding, status) in [("gzip", 400), ("identity", 200)] {
+        let r = gw
+            .client()
+            .post(format!("{}/v1/chat/completions", gw.url))
+            .header("content-type", "application/json")
+            .header("content-encoding", encoding)
+            .body(body.clone())
+            .send()
+            .await
+            .expect("send");
+        assert_eq!(r.status().as_u16(), status, "{encoding}");
+        if status == 400 {
+            let e: Value = r.json().await.expect("json");
+            assert_eq!(e["error"]["code"], "unsupported_content_encoding", "{e}");
+            assert!(
+                e["error"]["message"].as_str().is_some_and(|m| m.contains("`gzip`")),
+                "{e}"
+            );
+        }
+    }
+}
