@@ -48,8 +48,13 @@ impl Detokenizer {
     }
 
     /// Whatever a full decode has beyond what was given out (held-back bytes at the end).
+    /// An answer cut (by `max_tokens`) inside a multi-byte character ends before it: the
+    /// lossy decode of its first bytes is U+FFFD, which is no text the model wrote.
     pub fn finish(&mut self, tok: &Tokenizer) -> Result<Option<String>, String> {
-        self.flush_full(tok)
+        Ok(self.flush_full(tok)?.and_then(|rest| {
+            let kept = rest.trim_end_matches('\u{FFFD}');
+            (!kept.is_empty()).then(|| kept.to_owned())
+        }))
     }
 
     fn flush_full(&mut self, tok: &Tokenizer) -> Result<Option<String>, String> {

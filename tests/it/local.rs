@@ -491,3 +491,25 @@ fn a_developer_message_is_the_system_prompt() {
     };
     assert_eq!(prompt("developer"), prompt("system"));
 }
+
+#[test]
+fn an_answer_cut_inside_a_character_ends_before_it() {
+    use tiergate::local::text::Detokenizer;
+    let tok = tokenizers::Tokenizer::from_file(model_dir().join("tokenizer.json")).expect("tokenizer");
+    let text = "Go 👉🏽 now";
+    let ids = tok.encode(text, false).expect("encode").get_ids().to_vec();
+    // Every cut: what is given out, plus what `finish` adds, is a prefix of the text and never
+    // a replacement character.
+    for cut in 1..=ids.len() {
+        let mut d = Detokenizer::default();
+        let mut out = String::new();
+        for &id in &ids[..cut] {
+            out.push_str(&d.push(&tok, id).expect("push").unwrap_or_default());
+        }
+        out.push_str(&d.finish(&tok).expect("finish").unwrap_or_default());
+        assert!(
+            !out.contains('\u{FFFD}') && text.starts_with(&out),
+            "cut {cut}: {out:?}"
+        );
+    }
+}
