@@ -308,6 +308,9 @@ impl IntoResponse for Error {
             Error::RateLimited { retry_after_secs, .. } | Error::BudgetExceeded { retry_after_secs, .. } => {
                 Some(HeaderValue::from(*retry_after_secs))
             }
+            // A local answer takes seconds; a slot frees as soon as one ends. OpenAI's SDKs
+            // honour the header and would otherwise back off on their own schedule.
+            Error::LocalSaturated { .. } => Some(HeaderValue::from_static("1")),
             _ => None,
         };
         if let Some(v) = retry_after {

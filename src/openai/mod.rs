@@ -225,6 +225,14 @@ impl ChatRequest {
                 Some("stream_options"),
             ));
         }
+        if let Some(v) = obj.get("stream_options").and_then(|s| s.get("include_usage"))
+            && !(v.is_boolean() || v.is_null())
+        {
+            return Err(Error::invalid(
+                "`stream_options.include_usage` must be a boolean",
+                Some("stream_options.include_usage"),
+            ));
+        }
         if obj.get("stream_options").is_some_and(|s| !s.is_null()) && obj.get("stream") != Some(&Value::Bool(true)) {
             // OpenAI's own message for it.
             return Err(Error::invalid(

@@ -84,6 +84,11 @@ fn roles_content_and_numbers_are_checked_by_name() {
             "`n` must be an integer in 1..=128",
         ),
         (
+            json!({"model": "m", "stream": true, "stream_options": {"include_usage": "yes"},
+                   "messages": [{"role": "user", "content": "x"}]}),
+            "`stream_options.include_usage` must be a boolean",
+        ),
+        (
             json!({"model": "m".repeat(3_000_000), "messages": [{"role": "user", "content": "x"}]}),
             "`model` is 3000000 bytes long; a model name has at most 256",
         ),

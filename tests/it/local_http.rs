@@ -215,6 +215,7 @@ async fn saturation_is_a_429_or_a_spill_as_the_policy_says() {
     // Named directly, the saturated tier answers 429 in OpenAI's envelope.
     let r = gw.post_chat(&user(TEST_MODEL, PROMPT)).await;
     assert_eq!(r.status(), 429);
+    assert_eq!(header(&r, "retry-after"), "1");
     let e: Value = r.json().await.expect("json");
     assert_eq!(e["error"]["code"], "tier_saturated");
     assert_eq!(e["error"]["type"], "rate_limit_error");
