@@ -185,24 +185,28 @@ impl Backend for OpenAiBackend {
                 let is_timeout = matches!(&e, eventsource_stream::EventStreamError::Transport(t) if t.is_timeout());
                 (is_timeout, e.to_string())
             });
-            let mut items = events.map(move |ev| {
-                let ev = match ev {
-                    Ok(ev) => ev,
-                    Err((true, _)) => {
-                        return Err(Error::UpstreamTimeout {
-                            tier: tier.clone(),
-                            secs: total,
-                            phase: "total",
-                        });
-                    }
-                    Err((false, _)) => {
-                        return Err(Error::Upstream {
-                            tier: tier.clone(),
-                            detail: "the upstream stream broke off".to_owned(),
-                        });
-                    }
+            let mut items = events.filter_map(move |ev| {
+                let item = match ev {
+                    // Unnamed events are "message"; OpenAI's chunks come only as those.
+                    Ok(ev) if ev.event == "message" => Some(chunk_item(&tier, ev.data.trim())),
+                    Ok(ev) if ev.event == "error" => Some(Err(Error::Upstream {
+                        tier: tier.clone(),
+                        detail: "the upstream reported an error in the middle of the stream".to_owned(),
+                    })),
+                    // Keep-alives and other named events carry no chunk: passed on as data,
+                    // a client's SDK would read them as chunks without `choices`.
+                    Ok(_) => None,
+                    Err((true, _)) => Some(Err(Error::UpstreamTimeout {
+                        tier: tier.clone(),
+                        secs: total,
+                        phase: "total",
+                    })),
+                    Err((false, _)) => Some(Err(Error::Upstream {
+                        tier: tier.clone(),
+                        detail: "the upstream stream broke off".to_owned(),
+                    })),
                 };
-                chunk_item(&tier, ev.data.trim())
+                futures::future::ready(item)
             });
             // Nothing reaches the client before the first event, so until then a failure
             // can still be retried or fall back to another tier.

@@ -162,6 +162,10 @@ async fn fake_chat(State(fake): State<Arc<Fake>>, headers: HeaderMap, Json(body)
             }
         }
         for (i, p) in PIECES.iter().enumerate() {
+            if model == "fake-pings" {
+                // Keep-alives as some servers send them: named events, no chunk in them.
+                yield Ok("event: ping\ndata: {}\n\n".to_owned());
+            }
             yield Ok(chunk(&model, json!({"content": p}), None));
             if i == 0 && model == "fake-gated" {
                 fake2.gate.notified().await;
@@ -235,6 +239,7 @@ pub const FAULT_TIERS: &[(&str, &str, &str)] = &[
     ),
     ("cut", "fake-cut", ""),
     ("malformed", "fake-malformed", ""),
+    ("pinging", "fake-pings", ""),
     ("drip", "fake-drip", "timeout_secs = 0.5"),
     ("endless_short", "fake-endless-short", "timeout_secs = 0.5"),
     ("sluggish", "fake-sluggish", ""),

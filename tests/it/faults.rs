@@ -310,6 +310,22 @@ async fn malformed_sse_mid_stream_ends_with_an_sse_error() {
 }
 
 #[tokio::test]
+async fn named_keep_alive_events_are_not_relayed_as_chunks() {
+    let gw = gateway().await;
+    let text = gw.post_chat(&streamed("fake-pings")).await.text().await.expect("body");
+    let payloads = sse_payloads(&text);
+    assert_eq!(payloads.last().map(String::as_str), Some("[DONE]"), "{text}");
+    assert!(!payloads.iter().any(|p| p == "{}"), "a ping passed as a chunk: {text}");
+    let content: String = payloads
+        .iter()
+        .filter_map(|p| serde_json::from_str::<Value>(p).ok())
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str().map(str::to_owned))
+        .collect();
+    assert_eq!(content, PIECES.concat());
+    assert_eq!(gw.ledger_rows(1).await[0].outcome, "ok");
+}
+
+#[tokio::test]
 async fn a_whole_answer_that_is_no_chat_completion_is_a_502() {
     let gw = gateway().await;
     let r = gw.post_chat(&user("fake-malformed", "hi")).await;
