@@ -331,7 +331,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Report { source, filter, format } => {
             let _tracing = crate::telemetry::init(None)?;
             let paths = source.paths()?;
-            let filter = filter.filter(crate::report::now_ms())?;
+            let filter = filter.filter(crate::report::now_ms()).map_err(|(e, _)| e)?;
             let report = tokio::task::spawn_blocking(move || crate::report::build(&paths, &filter)).await??;
             print!("{}", crate::report::render::render(&report, format));
             Ok(())

@@ -39,7 +39,9 @@ async fn build(
             .map(|(field, _)| field);
         bad(message.clone(), param)
     })?;
-    let filter = args.filter(report::now_ms()).map_err(|e| bad(e.0, None))?;
+    let filter = args
+        .filter(report::now_ms())
+        .map_err(|(e, param)| bad(e.0, Some(param)))?;
     let path = st.ledger.path().to_path_buf();
     let built = tokio::task::spawn_blocking(move || report::build(&[path], &filter)).await;
     match built {

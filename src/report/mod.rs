@@ -60,12 +60,27 @@ pub struct FilterArgs {
 }
 
 impl FilterArgs {
-    pub fn filter(&self, now_ms: i64) -> Result<Filter, ReportError> {
+    /// The filter these arguments ask for; an error names the argument (`since`, `until`)
+    /// it is about.
+    pub fn filter(&self, now_ms: i64) -> Result<Filter, (ReportError, &'static str)> {
         let given = |v: &Option<String>| v.as_deref().map(str::trim).filter(|s| !s.is_empty()).map(str::to_owned);
-        let time = |what: &str, v: &Option<String>| given(v).map(|s| parse_time(what, &s, now_ms)).transpose();
+        let time = |what: &'static str, v: &Option<String>| {
+            given(v)
+                .map(|s| parse_time(what, &s, now_ms))
+                .transpose()
+                .map_err(|e| (e, what))
+        };
+        let since_ms = time("since", &self.since)?;
+        let until_ms = time("until", &self.until)?;
+        if let (Some(s), Some(u)) = (since_ms, until_ms)
+            && s >= u
+        {
+            // The window `[since, until)` would be empty: a mistake, not a question.
+            return Err((ReportError("`since` must be before `until`".to_owned()), "since"));
+        }
         Ok(Filter {
-            since_ms: time("since", &self.since)?,
-            until_ms: time("until", &self.until)?,
+            since_ms,
+            until_ms,
             key: given(&self.key),
             policy: given(&self.policy),
             request_id_prefix: given(&self.request_id_prefix),

@@ -100,9 +100,16 @@ async fn report_json_filters_like_the_cli() {
     assert_eq!(body["error"]["code"], "invalid_request");
     let msg = body["error"]["message"].as_str().unwrap_or_default();
     assert!(msg.contains("last-tuesday"), "{msg}");
+    assert_eq!(body["error"]["param"], "since");
 
-    // A misspelt or repeated filter must not quietly report the whole ledger.
-    for (query, param) in [("sinse=1h", "sinse"), ("since=1h&since=2h", "since")] {
+    // A misspelt or repeated filter, or an empty window, must not quietly report the whole
+    // ledger or nothing.
+    for (query, param) in [
+        ("sinse=1h", "sinse"),
+        ("since=1h&since=2h", "since"),
+        ("since=1h&until=2h", "since"),
+        ("until=yesterday-ish", "until"),
+    ] {
         let r = get(&gw, &format!("/report.json?{query}")).await;
         assert_eq!(r.status(), 400, "{query}");
         let body: Value = r.json().await.expect("an OpenAI error envelope");
