@@ -119,7 +119,9 @@ async fn check_reference(b: &LocalBackend, model: &str, main: &Reference) {
         );
         let (text, f) = generate_on(b, req).await;
         assert_eq!(f.output_ids, r.output_ids, "{:?}", r.prompt);
-        assert_eq!(text, r.text, "{:?}", r.prompt);
+        // Python decodes the ids lossily: an answer cut inside a character ends there with
+        // U+FFFD, where ours ends before the character (as vLLM's does).
+        assert_eq!(text, r.text.trim_end_matches('\u{FFFD}'), "{:?}", r.prompt);
         assert_eq!(Some(f.reason.as_str()), r.finish_reason.as_deref());
         assert_eq!(f.prompt_tokens, r.prompt_ids.len());
         assert_eq!(f.completion_tokens, r.output_ids.len());
