@@ -305,7 +305,9 @@ async fn unless_gone<T>(
     match (gone, local) {
         (Some(gone), Some(progress)) => {
             // A retry starts from nothing: what an earlier try used is in its own attempt.
-            progress.lock().map(|mut p| *p = None).ok();
+            if let Ok(mut p) = progress.lock() {
+                *p = None;
+            }
             let call = crate::upstream::watch_progress(progress.clone(), call);
             tokio::select! {
                 r = call => r,

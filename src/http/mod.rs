@@ -122,8 +122,8 @@ fn check_header_size(headers: &axum::http::HeaderMap, limit: usize) -> Result<()
     Ok(())
 }
 
-/// Request bodies are JSON: a form post, plain text or a body without a content type is
-/// refused by name rather than with a JSON parse error.
+/// Request bodies are uncompressed JSON: a form post, plain text, a body without a content
+/// type or a compressed one is refused by name rather than with a JSON parse error.
 fn require_json(headers: &axum::http::HeaderMap) -> Result<(), Error> {
     // A compressed body would otherwise be parsed as if it were JSON text (an opaque
     // `invalid_json`), or a plain one labelled compressed taken as it is.

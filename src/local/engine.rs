@@ -129,7 +129,7 @@ pub struct EngineStats {
     /// Forward passes after a prompt's.
     pub decode_steps: AtomicU64,
     /// Tokens drafted by prompt lookup and by the draft head, and how many of them the model
-    /// confirmed into an answer: `generated = prompts + decode_steps + accepted`.
+    /// confirmed into an answer: generated = one per prompt pass + decode_steps + accepted.
     pub lookup_drafted: AtomicU64,
     pub lookup_accepted: AtomicU64,
     pub head_drafted: AtomicU64,
