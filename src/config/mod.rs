@@ -881,8 +881,12 @@ fn classifier_config(
         .map(resolve)
         .unwrap_or_else(|| crate::cache::cache_dir().join("models").join("all-minilm-l6-v2-int8"));
     let timeout_ms = timeout_ms.unwrap_or(50.0);
-    if !(timeout_ms.is_finite() && timeout_ms > 0.0) {
-        return Err(err(file, "routing.classifier.timeout_ms must be > 0"));
+    // Bounded above too: `Duration::from_secs_f64` panics on what it cannot hold.
+    if !(timeout_ms.is_finite() && timeout_ms > 0.0 && timeout_ms <= 1e12) {
+        return Err(err(
+            file,
+            "routing.classifier.timeout_ms must be > 0 (and at most 1e12)",
+        ));
     }
     Ok(ClassifierConfig {
         encoder_dir,
@@ -961,9 +965,17 @@ fn price(file: &Path, key: &str, v: f64) -> Result<f64, ConfigError> {
     }
 }
 
+/// Seconds as a `Duration`. The bound keeps `Duration::from_secs_f64` from panicking on a
+/// value it cannot hold (`timeout_secs = 1e300` used to crash the config load).
 fn secs(file: &Path, key: &str, v: f64) -> Result<Duration, ConfigError> {
-    if v.is_finite() && v > 0.0 {
+    const MAX: f64 = 1e9;
+    if v.is_finite() && v > 0.0 && v <= MAX {
         Ok(Duration::from_secs_f64(v))
+    } else if v > MAX {
+        Err(err(
+            file,
+            format!("{key} must be > 0 and at most {MAX} seconds, got {v}"),
+        ))
     } else {
         Err(err(file, format!("{key} must be > 0")))
     }

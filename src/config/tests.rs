@@ -49,6 +49,10 @@ fn errors_name_the_file_and_key() {
             "tiers.small.timeout_secs must be > 0",
         ),
         (
+            example().replace("timeout_secs = 120", "timeout_secs = 1e300"),
+            "tiers.small.timeout_secs must be > 0",
+        ),
+        (
             example().replace("body_timeout_secs = 30", "body_timeout_secs = -1"),
             "limits.body_timeout_secs = -1 must be a number of seconds in (0, 3600]",
         ),
