@@ -16,7 +16,7 @@ use crate::error::Error;
 use crate::ledger::{Attempt, Ledger, Record};
 use crate::openai::{ChatRequest, Usage};
 use crate::policy::OverBudget;
-use crate::policy::Then;
+use crate::policy::{Escalate, Then};
 use crate::routing::sticky::{self, HEADER_CONVERSATION};
 use crate::routing::{self, RequestContext, RouteDecision};
 use crate::telemetry::trace;
@@ -146,12 +146,13 @@ async fn handle(
             .as_ref()
             .and_then(|o| o.include_usage)
             .unwrap_or(false);
-        let hold = decision.then.escalate.as_ref().map_or(0, |e| e.hold_tokens);
+        let escalation = usable_escalation(rt, &decision);
+        let hold = escalation.map_or(0, |e| e.hold_tokens);
         let (mut upstream, mut tier, mut tier_span) = call_tiers(rt, acct, &decision, &mut req, move |b, r| {
             Box::pin(async move { b.stream_assessed(r, hold).await })
         })
         .await?;
-        if let Some(esc) = &decision.then.escalate
+        if let Some(esc) = escalation
             && hold > 0
             && matches!(tier.backend, BackendConfig::Local(_))
         {
@@ -272,7 +273,7 @@ async fn answer_whole(
     })
     .await?;
     // A client that left gets the first answer recorded, not a second tier's.
-    if let Some(esc) = &decision.then.escalate
+    if let Some(esc) = usable_escalation(rt, decision)
         && done.confidence.is_some_and(|c| c < esc.min_confidence)
         && !acct.client_gone()
     {
@@ -454,7 +455,16 @@ async fn call_tiers<'a, T>(
         if acct.client_gone() {
             return Err(e);
         }
-        let Some(next) = next_tier(&decision.then, &tried, &e) else {
+        // A tier that cannot be called at all (no API key; `/readyz` says so) is passed over:
+        // its 503 would hide why the request really failed, e.g. a saturated local tier's 429.
+        let usable = |t: &str| match rt.tier_problems.get(t) {
+            Some(problem) => {
+                tracing::warn!(request_id = %acct.rec.request_id, tier = %t, problem = %problem, "passing over a tier that cannot be called");
+                false
+            }
+            None => true,
+        };
+        let Some(next) = next_tier(&decision.then, &tried, &e, usable) else {
             return Err(e);
         };
         tracing::warn!(
@@ -517,9 +527,9 @@ async fn call_guarded<T>(
 }
 
 /// The tier to try after `tried` failed with `e`: the spill tier for a saturated local
-/// tier (`on_saturated`), then the rule's `fallback` list; none for errors that another
-/// tier would not fix (the request itself was rejected).
-fn next_tier<'a>(then: &'a Then, tried: &[&str], e: &Error) -> Option<&'a str> {
+/// tier (`on_saturated`), then the rule's `fallback` list, skipping tiers not `usable`; none
+/// for errors that another tier would not fix (the request itself was rejected).
+fn next_tier<'a>(then: &'a Then, tried: &[&str], e: &Error, usable: impl Fn(&str) -> bool) -> Option<&'a str> {
     if !e.falls_back() {
         return None;
     }
@@ -530,7 +540,17 @@ fn next_tier<'a>(then: &'a Then, tried: &[&str], e: &Error) -> Option<&'a str> {
     spill
         .into_iter()
         .chain(then.fallback.iter().map(String::as_str))
-        .find(|t| !tried.contains(t))
+        .find(|t| !tried.contains(t) && usable(t))
+}
+
+/// The rule's escalation, unless its tier cannot be called at all (no API key): then a weak
+/// answer is kept as it is, and a stream is not held back for a judgement nothing could act on.
+fn usable_escalation<'a>(rt: &Runtime, decision: &'a RouteDecision) -> Option<&'a Escalate> {
+    decision
+        .then
+        .escalate
+        .as_ref()
+        .filter(|e| !rt.tier_problems.contains_key(&e.tier))
 }
 
 /// The first answer is too weak: re-ask `to`, recording the first call as a
@@ -1030,6 +1050,7 @@ mod tests {
 
     #[test]
     fn saturation_spills_first_then_the_fallback_list_and_rejections_stop_the_chain() {
+        let any = |_: &str| true;
         let then = Then {
             on_saturated: Some("spill".into()),
             fallback: vec!["b".into(), "c".into()],
@@ -1040,16 +1061,16 @@ mod tests {
             tier: "a".into(),
             status: 503,
         };
-        assert_eq!(next_tier(&then, &["a"], &saturated), Some("spill"));
+        assert_eq!(next_tier(&then, &["a"], &saturated, any), Some("spill"));
         assert_eq!(
-            next_tier(&then, &["a"], &down),
+            next_tier(&then, &["a"], &down, any),
             Some("b"),
             "`on_saturated` is for saturation only"
         );
-        assert_eq!(next_tier(&then, &["a", "spill"], &down), Some("b"));
-        assert_eq!(next_tier(&then, &["a", "b"], &saturated), Some("spill"));
+        assert_eq!(next_tier(&then, &["a", "spill"], &down, any), Some("b"));
+        assert_eq!(next_tier(&then, &["a", "b"], &saturated, any), Some("spill"));
         assert_eq!(
-            next_tier(&then, &["a", "b", "spill", "c"], &down),
+            next_tier(&then, &["a", "b", "spill", "c"], &down, any),
             None,
             "chain exhausted"
         );
@@ -1058,7 +1079,11 @@ mod tests {
             status: 400,
             detail: "bad".into(),
         };
-        assert_eq!(next_tier(&then, &["a"], &rejected), None);
-        assert_eq!(next_tier(&Then::default(), &["a"], &down), None);
+        assert_eq!(next_tier(&then, &["a"], &rejected, any), None);
+        assert_eq!(next_tier(&Then::default(), &["a"], &down, any), None);
+        // A tier that cannot be called is passed over, as if it were not listed.
+        let not_spill = |t: &str| t != "spill";
+        assert_eq!(next_tier(&then, &["a"], &saturated, not_spill), Some("b"));
+        assert_eq!(next_tier(&then, &["a", "b", "c"], &saturated, not_spill), None);
     }
 }

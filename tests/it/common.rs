@@ -211,6 +211,14 @@ output_usd_per_mtok = {price_out}
     t
 }
 
+/// A `[tiers.NAME]` table for an `openai` tier whose key variable nobody sets: it can never
+/// be called, and `/readyz` shows it not ready.
+pub fn keyless_tier_toml(name: &str) -> String {
+    format!(
+        "\n[tiers.{name}]\nbackend = \"openai\"\nbase_url = \"http://127.0.0.1:9/v1\"\nmodel = \"fake-{name}\"\napi_key_env = \"TIERGATE_TEST_KEY_THAT_NOBODY_SETS\"\ninput_usd_per_mtok = 1.0\noutput_usd_per_mtok = 1.0\n"
+    )
+}
+
 pub struct Gateway {
     pub url: String,
     pub state: Arc<tiergate::AppState>,

@@ -392,3 +392,33 @@ async fn the_fallback_chain_is_tried_in_order_each_tier_with_its_retries() {
     );
     assert_eq!(row.rule.as_deref(), Some("primary"));
 }
+
+#[tokio::test]
+async fn a_tier_without_its_api_key_is_passed_over_in_the_fallback_chain() {
+    let with_chain = |fallback: &str| Setup {
+        policy: Some(format!(
+            "[[rules]]\nname = \"primary\"\ntier = \"down\"\nfallback = {fallback}\n"
+        )),
+        extra: common::keyless_tier_toml("keyless"),
+        ..Setup::default()
+    };
+
+    let gw = gateway_with(&with_chain("[\"keyless\", \"cloud\"]")).await;
+    assert_fell_back_to_cloud(gw.post_chat(&user("tiergate-auto", "hi")).await).await;
+    let (row, calls) = attempts(&gw).await;
+    assert!(row.fallback);
+    assert_eq!(calls, pairs(&[("down", "upstream_error"), ("cloud", "ok")]));
+
+    // With nothing else to try, the client hears why the routed tier failed, not the
+    // keyless tier's 503.
+    let gw = gateway_with(&with_chain("[\"keyless\"]")).await;
+    let r = gw.post_chat(&user("tiergate-auto", "hi")).await;
+    assert_eq!(header(&r, "x-tiergate-tier"), "down");
+    assert_error(r, 502, "upstream_error").await;
+    let (row, _) = attempts(&gw).await;
+    assert_eq!(
+        (row.tier.as_deref(), row.outcome.as_str()),
+        (Some("down"), "upstream_error")
+    );
+    assert!(!row.fallback, "nothing else was tried");
+}

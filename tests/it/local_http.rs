@@ -5,7 +5,7 @@
 use futures::StreamExt;
 use serde_json::{Value, json};
 
-use crate::common::{Gateway, PIECES, Setup, gateway_with, header, sse_payloads, user};
+use crate::common::{Gateway, PIECES, Setup, gateway_with, header, keyless_tier_toml, sse_payloads, user};
 use crate::local::{TEST_MODEL, model_dir};
 
 fn local_tier(max_concurrent: usize, queue_capacity: usize) -> String {
@@ -550,6 +550,37 @@ async fn when_a_streams_escalation_fails_the_held_local_answer_is_streamed_whole
         (row.cost_usd - (37.0 * 0.05 + 8.0 * 0.1) / 1e6).abs() < 1e-15,
         "the failed call cost nothing"
     );
+}
+
+#[tokio::test]
+async fn an_escalation_tier_without_its_api_key_is_not_asked_nor_waited_for() {
+    // Every answer is weak, but the escalation tier cannot be called: the local answer is
+    // kept as if the rule had no escalation, whole or streamed (no prefix held for judging).
+    let p = policy("min_confidence = 1.0\nescalate_to = \"keyless\"\nhold_tokens = 3");
+    let gw = gateway_with(&Setup {
+        extra: local_tier(2, 4) + &keyless_tier_toml("keyless"),
+        policy: Some(p),
+        ..Setup::default()
+    })
+    .await;
+    let r = gw.post_chat(&user("tiergate-auto", PROMPT)).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(header(&r, "x-tiergate-tier"), "local");
+    assert!(r.headers().get("x-tiergate-escalated").is_none());
+    let body: Value = r.json().await.expect("json");
+    assert_eq!(body["choices"][0]["message"]["content"], ANSWER);
+    let (h, chunks) = stream_chunks(&gw, "tiergate-auto").await;
+    assert_eq!(h["x-tiergate-tier"], "local");
+    assert!(h.get("x-tiergate-escalated").is_none());
+    assert!(
+        h.get("x-tiergate-confidence").is_none(),
+        "no prefix was held to be judged"
+    );
+    assert_eq!(read_stream(&chunks).0, ANSWER);
+    for row in gw.ledger_rows(2).await {
+        assert!(!row.escalated && row.attempts.is_empty(), "{row:?}");
+        assert_eq!((row.tier.as_deref(), row.outcome.as_str()), (Some("local"), "ok"));
+    }
 }
 
 #[tokio::test]
