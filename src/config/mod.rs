@@ -24,18 +24,6 @@ fn err(file: &Path, msg: impl std::fmt::Display) -> ConfigError {
     ConfigError(format!("config `{}`: {msg}", file.display()))
 }
 
-/// A time limit in seconds, in (0, 3600], or `default` when not set.
-fn seconds(file: &Path, key: &str, value: Option<f64>, default: Duration) -> Result<Duration, ConfigError> {
-    match value {
-        None => Ok(default),
-        Some(s) if s.is_finite() && s > 0.0 && s <= 3600.0 => Ok(Duration::from_secs_f64(s)),
-        Some(s) => Err(err(
-            file,
-            format!("{key} = {s} must be a number of seconds in (0, 3600]"),
-        )),
-    }
-}
-
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ConfigToml {
@@ -580,13 +568,13 @@ impl Config {
                 max_message_chars.unwrap_or(d.max_message_chars),
             )?,
             max_tokens: positive(path, "limits.max_tokens", max_tokens.unwrap_or(d.max_tokens) as usize)? as u64,
-            body_timeout: seconds(path, "limits.body_timeout_secs", body_timeout_secs, d.body_timeout)?,
-            header_timeout: seconds(
-                path,
-                "limits.header_timeout_secs",
-                header_timeout_secs,
-                d.header_timeout,
-            )?,
+            // An hour at most: a client may hold a connection this long without a request.
+            body_timeout: body_timeout_secs.map_or(Ok(d.body_timeout), |v| {
+                secs_at_most(path, "limits.body_timeout_secs", v, 3600.0)
+            })?,
+            header_timeout: header_timeout_secs.map_or(Ok(d.header_timeout), |v| {
+                secs_at_most(path, "limits.header_timeout_secs", v, 3600.0)
+            })?,
         };
         let auth = auth_config(path, auth, &resolve)?;
 
@@ -968,16 +956,17 @@ fn price(file: &Path, key: &str, v: f64) -> Result<f64, ConfigError> {
 /// Seconds as a `Duration`. The bound keeps `Duration::from_secs_f64` from panicking on a
 /// value it cannot hold (`timeout_secs = 1e300` used to crash the config load).
 fn secs(file: &Path, key: &str, v: f64) -> Result<Duration, ConfigError> {
-    const MAX: f64 = 1e9;
-    if v.is_finite() && v > 0.0 && v <= MAX {
+    secs_at_most(file, key, v, 1e9)
+}
+
+fn secs_at_most(file: &Path, key: &str, v: f64, max: f64) -> Result<Duration, ConfigError> {
+    if v.is_finite() && v > 0.0 && v <= max {
         Ok(Duration::from_secs_f64(v))
-    } else if v > MAX {
+    } else {
         Err(err(
             file,
-            format!("{key} must be > 0 and at most {MAX} seconds, got {v}"),
+            format!("{key} must be > 0 and at most {max} seconds, got {v}"),
         ))
-    } else {
-        Err(err(file, format!("{key} must be > 0")))
     }
 }
 

@@ -54,7 +54,7 @@ fn errors_name_the_file_and_key() {
         ),
         (
             example().replace("body_timeout_secs = 30", "body_timeout_secs = -1"),
-            "limits.body_timeout_secs = -1 must be a number of seconds in (0, 3600]",
+            "limits.body_timeout_secs must be > 0 and at most 3600 seconds, got -1",
         ),
         (
             example().replace("aliases = [\"tiergate-auto\"]", "aliases = [\"gpt-4o\"]"),
