@@ -209,7 +209,9 @@ impl ReportError {
 pub fn parse_time(what: &str, s: &str, now_ms: i64) -> Result<i64, ReportError> {
     let s = s.trim();
     if let Ok(d) = humantime::parse_duration(s) {
-        return Ok(now_ms - i64::try_from(d.as_millis()).unwrap_or(i64::MAX / 2));
+        // Further back than the epoch is the whole ledger (and a time that can be shown).
+        let ago = i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
+        return Ok(now_ms.saturating_sub(ago).max(0));
     }
     let rfc3339 = time::format_description::well_known::Rfc3339;
     if let Ok(t) = time::OffsetDateTime::parse(s, &rfc3339) {
