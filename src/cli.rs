@@ -298,9 +298,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let body = serde_json::json!({"model": model, "messages": messages}).to_string();
             let req = crate::openai::ChatRequest::parse(body.as_bytes()).map_err(|e| anyhow::anyhow!("{e}"))?;
             let ctx = crate::routing::RequestContext::from_headers(&headers.into_iter().collect());
-            let e = crate::routing::explain_with(&rt.config, &rt.scorer, &req, &ctx, None)
+            let mut e = crate::routing::explain_with(&rt.config, &rt.scorer, &req, &ctx, None)
                 .await
                 .map_err(|e| anyhow::anyhow!("{e}"))?;
+            e.note_unusable(&rt.tier_problems);
             if json {
                 println!("{}", serde_json::to_string_pretty(&e)?);
             } else {

@@ -240,7 +240,9 @@ async fn route(
         // The policy may read the key's name and team.
         let principal = caller.principal()?;
         let ctx = chat::request_context(&rt, &headers, principal.as_ref());
-        crate::routing::explain_with(&rt.config, &rt.scorer, &req, &ctx, rt.stickiness.as_deref()).await
+        let mut e = crate::routing::explain_with(&rt.config, &rt.scorer, &req, &ctx, rt.stickiness.as_deref()).await?;
+        e.note_unusable(&rt.tier_problems);
+        Ok::<_, Error>(e)
     }
     .await;
     match result {

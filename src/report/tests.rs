@@ -320,7 +320,11 @@ fn times_are_durations_back_from_now_or_dates() {
     let now = T0;
     assert_eq!(parse_time("--since", "24h", now), Ok(now - 86_400_000));
     assert_eq!(parse_time("--since", "7d", now), Ok(now - 7 * 86_400_000));
-    assert_eq!(parse_time("--since", "999999999999d", now), Ok(0), "clamped to the epoch");
+    assert_eq!(
+        parse_time("--since", "999999999999d", now),
+        Ok(0),
+        "clamped to the epoch"
+    );
     assert_eq!(
         parse_time("--since", "2025-06-15T15:06:40Z", now),
         Ok(1_750_000_000_000)

@@ -360,6 +360,31 @@ pub struct Explanation {
     pub min_confidence: Option<f64>,
 }
 
+impl Explanation {
+    /// Notes the tiers on this route that cannot be called at all (`problems`: tier → why,
+    /// e.g. a missing API key): serving passes them over in spill, fallback and escalation.
+    pub fn note_unusable(&mut self, problems: &BTreeMap<String, String>) {
+        if let Some(p) = problems.get(&self.tier) {
+            self.notes.push(format!(
+                "tier `{}` cannot be called ({p}): the request fails with 503 `tier_unavailable` unless a fallback answers",
+                self.tier
+            ));
+        }
+        let mut seen = vec![self.tier.as_str()];
+        let later = self.on_saturated.iter().chain(&self.fallback).chain(&self.escalate_to);
+        for t in later {
+            if seen.contains(&t.as_str()) {
+                continue;
+            }
+            seen.push(t);
+            if let Some(p) = problems.get(t) {
+                self.notes
+                    .push(format!("tier `{t}` cannot be called ({p}): it is passed over"));
+            }
+        }
+    }
+}
+
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct RuleTrace {
     pub rule: String,

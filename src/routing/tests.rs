@@ -261,3 +261,34 @@ fn rules_never_see_the_clients_key_headers() {
     let ctx = RequestContext::from_headers(&h);
     assert_eq!(ctx.headers.keys().collect::<Vec<_>>(), ["x-priority"]);
 }
+
+#[test]
+fn tiers_that_cannot_be_called_are_noted_once_each() {
+    let mut e = Explanation {
+        requested_model: "tiergate-auto".into(),
+        tier: "local".into(),
+        backend_model: "m".into(),
+        rule: "r".into(),
+        policy: None,
+        score: None,
+        scorer: None,
+        prompt_tokens: 1,
+        output_tokens_assumed: 1,
+        estimated_cost_usd: 0.0,
+        baseline_cost_usd: 0.0,
+        trace: vec![],
+        notes: vec![],
+        on_saturated: Some("cloud".into()),
+        fallback: vec!["cloud".into(), "other".into()],
+        escalate_to: Some("cloud".into()),
+        min_confidence: Some(0.5),
+    };
+    let mut problems = BTreeMap::from([("cloud".to_owned(), "no key".to_owned())]);
+    e.note_unusable(&problems);
+    assert_eq!(e.notes, ["tier `cloud` cannot be called (no key): it is passed over"]);
+    problems.insert("local".into(), "no key".into());
+    e.notes.clear();
+    e.note_unusable(&problems);
+    assert_eq!(e.notes.len(), 2);
+    assert!(e.notes[0].contains("503 `tier_unavailable`"), "{:?}", e.notes);
+}

@@ -404,6 +404,13 @@ async fn a_tier_without_its_api_key_is_passed_over_in_the_fallback_chain() {
     };
 
     let gw = gateway_with(&with_chain("[\"keyless\", \"cloud\"]")).await;
+    let route = gw.post_json("/v1/route", &user("tiergate-auto", "hi")).await;
+    assert_eq!(route["fallback"], json!(["keyless", "cloud"]));
+    let notes = route["notes"].to_string();
+    assert!(
+        notes.contains("tier `keyless` cannot be called") && notes.contains("passed over"),
+        "{notes}"
+    );
     assert_fell_back_to_cloud(gw.post_chat(&user("tiergate-auto", "hi")).await).await;
     let (row, calls) = attempts(&gw).await;
     assert!(row.fallback);
