@@ -326,6 +326,14 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 c.policy.rules.len(),
                 c.policies.keys().map(String::as_str).collect::<Vec<_>>().join(", ")
             );
+            // Valid, but a tier whose key is missing here would be passed over when serving.
+            for t in c.tiers.values() {
+                if let crate::config::BackendConfig::OpenAi { api_key_env, .. } = &t.backend
+                    && let Err(why) = crate::upstream::openai::api_key_from_env(api_key_env.as_deref())
+                {
+                    eprintln!("warning: tier `{}` cannot be called in this environment: {why}", t.name);
+                }
+            }
             Ok(())
         }
         Command::Policy { command } => policy_command(command).await,

@@ -22,17 +22,23 @@ pub struct OpenAiBackend {
     client: reqwest::Client,
 }
 
+/// The key a tier sends, read from its `api_key_env` (none when it names no variable), or
+/// why it cannot be called (the variable is unset or empty).
+pub fn api_key_from_env(api_key_env: Option<&str>) -> Result<Option<String>, String> {
+    match api_key_env {
+        None => Ok(None),
+        Some(var) => match std::env::var(var) {
+            Ok(v) if !v.is_empty() => Ok(Some(v)),
+            _ => Err(format!(
+                "set the environment variable `{var}` to the upstream API key and restart tiergate"
+            )),
+        },
+    }
+}
+
 impl OpenAiBackend {
     pub fn new(tier: &str, base_url: &str, api_key_env: Option<&str>, timeouts: Timeouts) -> Result<Self, String> {
-        let api_key = match api_key_env {
-            None => Ok(None),
-            Some(var) => match std::env::var(var) {
-                Ok(v) if !v.is_empty() => Ok(Some(v)),
-                _ => Err(format!(
-                    "set the environment variable `{var}` to the upstream API key and restart tiergate"
-                )),
-            },
-        };
+        let api_key = api_key_from_env(api_key_env);
         let client = reqwest::Client::builder()
             .connect_timeout(timeouts.connect)
             .pool_idle_timeout(Duration::from_secs(90))

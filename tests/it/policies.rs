@@ -719,3 +719,31 @@ fn printing_into_a_closed_pipe_ends_quietly() {
         "killed by SIGPIPE, like `ls | head`: {out:?}"
     );
 }
+
+#[test]
+fn check_warns_of_a_tier_whose_key_is_missing_here_but_passes() {
+    let check = |key: Option<&str>| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_tiergate"));
+        c.args(["check", "--config", "examples/tiergate.toml"])
+            .current_dir(repo());
+        match key {
+            Some(k) => c.env("OPENAI_API_KEY", k),
+            None => c.env_remove("OPENAI_API_KEY"),
+        };
+        c.output().expect("run tiergate")
+    };
+    let out = check(None);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("is valid"), "{}", text(&out.stdout));
+    assert!(
+        text(&out.stderr).contains(
+            "warning: tier `cloud` cannot be called in this environment: set the environment variable `OPENAI_API_KEY`"
+        ),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = check(Some("sk-test-not-a-real-key"));
+    assert!(out.status.success());
+    assert!(!text(&out.stderr).contains("warning"), "{}", text(&out.stderr));
+    assert!(!text(&out.stderr).contains("sk-test"), "the key is never echoed");
+}
