@@ -69,7 +69,19 @@ pub fn reload(state: &AppState) -> Result<(), String> {
             if config.limits.header_timeout != old.config.limits.header_timeout {
                 tracing::warn!("limits.header_timeout_secs changed; the new limit is used after a restart");
             }
-            Runtime::rebuild(config, Some(&old))
+            if config.auth.cache_ttl != old.config.auth.cache_ttl {
+                tracing::warn!("auth.cache_ttl_secs changed; the new time is used after a restart");
+            }
+            let auth_turned_off = old.config.auth.enabled && !config.auth.enabled;
+            let rt = Runtime::rebuild(config, Some(&old))?;
+            // Auth turned on, or another key store: open it now, or refuse the reload.
+            state.auth.follow(&rt.config.auth)?;
+            if auth_turned_off {
+                tracing::warn!(
+                    "AUTH IS OFF after this reload (`[auth] enabled = false`): anyone who can reach the gateway can use every tier, paid ones included, without a key, rate limit or budget"
+                );
+            }
+            Ok(rt)
         });
     match built {
         Ok(rt) => {

@@ -68,9 +68,11 @@ pub struct Principal {
     pub limits: KeyLimits,
 }
 
-/// The gateway's side of access control; built once at start-up.
+/// The gateway's side of access control; built once at start-up, its key store switched by
+/// a reload that turns auth on or names another store ([`Auth::follow`]).
 pub struct Auth {
-    store: Option<Mutex<KeyStore>>,
+    /// The open store and its path; `None` while auth is off.
+    store: Mutex<Option<(PathBuf, KeyStore)>>,
     /// Key hash → the key (or `None`: no such key). Misses are cached too, so a client
     /// retrying a wrong key does not read the store on every request.
     cache: moka::sync::Cache<String, Option<Arc<ApiKey>>>,
@@ -83,12 +85,12 @@ impl Auth {
     /// per key from the ledger.
     pub fn start(cfg: &AuthConfig, ledger: &Path) -> Result<Auth, String> {
         let store = if cfg.enabled {
-            Some(Mutex::new(KeyStore::open(&cfg.keys_db)?))
+            Some((cfg.keys_db.clone(), KeyStore::open(&cfg.keys_db)?))
         } else {
             None
         };
         Ok(Auth {
-            store,
+            store: Mutex::new(store),
             cache: moka::sync::Cache::builder()
                 .max_capacity(100_000)
                 .time_to_live(cfg.cache_ttl)
@@ -96,6 +98,23 @@ impl Auth {
             rate: RateLimits::default(),
             budgets: Arc::new(Budgets::from_ledger(ledger, crate::report::now_ms())?),
         })
+    }
+
+    /// Makes the store the one `cfg` names, for a reload: opens it when auth is turned on or
+    /// `keys_db` changed (then keys cached from the old store are forgotten). An error leaves
+    /// everything as it was, so the reload can be rejected whole.
+    pub fn follow(&self, cfg: &AuthConfig) -> Result<(), String> {
+        if !cfg.enabled {
+            return Ok(());
+        }
+        let mut store = self.store.lock().unwrap_or_else(|p| p.into_inner());
+        if store.as_ref().is_some_and(|(path, _)| *path == cfg.keys_db) {
+            return Ok(());
+        }
+        let opened = KeyStore::open(&cfg.keys_db)?;
+        *store = Some((cfg.keys_db.clone(), opened));
+        self.cache.invalidate_all();
+        Ok(())
     }
 
     /// The caller of a request, from `Authorization: Bearer tg-…` or `x-api-key: tg-…`.
@@ -121,13 +140,12 @@ impl Auth {
         let key = match self.cache.get(&hash) {
             Some(k) => k,
             None => {
-                let store = self
-                    .store
-                    .as_ref()
-                    .ok_or_else(|| Error::Internal("the key store is not open".to_owned()))?;
                 // A point lookup on the hash's unique index: microseconds, and only once per
                 // key per `cache_ttl`, so it runs inline rather than on a blocking thread.
-                let found = store.lock().unwrap_or_else(|p| p.into_inner()).by_hash(&hash);
+                let found = match &*self.store.lock().unwrap_or_else(|p| p.into_inner()) {
+                    Some((_, store)) => store.by_hash(&hash),
+                    None => return Err(Error::Internal("the key store is not open".to_owned())),
+                };
                 let found = match found {
                     Ok(k) => k.map(Arc::new),
                     Err(e) => {

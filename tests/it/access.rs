@@ -515,3 +515,44 @@ tier = "small"
         assert_eq!(explained["rule"], rule, "{explained}");
     }
 }
+
+#[tokio::test]
+async fn a_reload_that_turns_auth_on_or_names_another_key_store_opens_it() {
+    let gw = gateway_with(&Setup {
+        auth: "enabled = false".into(),
+        ..Setup::default()
+    })
+    .await;
+    let body = user("tiergate-auto", "hi");
+    assert_eq!(post_with(&gw, None, &body).await.status(), 200, "auth is off");
+    let config = std::fs::read_to_string(&gw.config_path).expect("config");
+    let apply = |text: String| {
+        std::fs::write(&gw.config_path, text).expect("write");
+        tiergate::reload::reload(&gw.state)
+    };
+
+    // On: the store is opened, so the key made before start works and no key is a 401
+    // (it used to be a 500 for every keyed request, with the reload reported as applied).
+    let on = config.replace("enabled = false", "enabled = true");
+    apply(on.clone()).expect("applies");
+    assert_eq!(gw.post_chat(&body).await.status(), 200);
+    assert_401(post_with(&gw, None, &body).await, "didn't provide an API key").await;
+
+    // Another store: its keys work, the old store's (cached a moment ago) no longer do.
+    let other = gw.keys_db.with_file_name("other-keys.db");
+    let (_, secret) = KeyStore::open(&other)
+        .expect("store")
+        .create(&NewKey::named("other"))
+        .expect("create");
+    let old_db = gw.keys_db.display().to_string();
+    apply(on.replace(&old_db, &other.display().to_string())).expect("applies");
+    assert_401(gw.post_chat(&body).await, "Incorrect API key").await;
+    let bearer = format!("Bearer {secret}");
+    assert_eq!(post_with(&gw, Some(&bearer), &body).await.status(), 200);
+
+    // A store that cannot be opened (a directory) rejects the reload; the last one serves on.
+    let dir = gw.keys_db.parent().expect("dir").display().to_string();
+    let e = apply(on.replace(&old_db, &dir)).expect_err("rejected");
+    assert!(e.contains("key store"), "{e}");
+    assert_eq!(post_with(&gw, Some(&bearer), &body).await.status(), 200);
+}
