@@ -78,10 +78,23 @@ impl FilterArgs {
             // The window `[since, until)` would be empty: a mistake, not a question.
             return Err((ReportError("`since` must be before `until`".to_owned()), "since"));
         }
+        let key = given(&self.key);
+        if key
+            .as_deref()
+            .is_some_and(|k| k.starts_with(crate::auth::store::KEY_PREFIX))
+        {
+            // A secret would be echoed in the report's header, JSON and page: refuse it unread.
+            return Err((
+                ReportError(
+                    "`key` takes a key's id (`key_…`, as `tiergate keys list` shows it), not the key itself".to_owned(),
+                ),
+                "key",
+            ));
+        }
         Ok(Filter {
             since_ms,
             until_ms,
-            key: given(&self.key),
+            key,
             policy: given(&self.policy),
             request_id_prefix: given(&self.request_id_prefix),
         })

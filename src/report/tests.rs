@@ -363,3 +363,15 @@ fn empty_filter_fields_mean_no_condition() {
         }
     );
 }
+
+#[test]
+fn a_key_secret_given_as_the_key_filter_is_refused_without_echoing_it() {
+    let secret = "tg-0123456789abcdef0123456789abcdef";
+    let args = super::FilterArgs {
+        key: Some(format!(" {secret}")),
+        ..super::FilterArgs::default()
+    };
+    let (e, param) = args.filter(T0).expect_err("refused");
+    assert_eq!(param, "key");
+    assert!(e.0.contains("key's id") && !e.0.contains(secret), "{}", e.0);
+}
