@@ -166,22 +166,65 @@ fn open_read_only(path: &Path) -> Result<Connection, ReportError> {
             "no such file; pass the gateway's `ledger.path` with `--ledger`",
         ));
     }
-    let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)
-        .map_err(|e| ReportError::ledger(path, e))?;
-    // A running gateway may be writing; wait for its batch rather than fail.
-    conn.busy_timeout(std::time::Duration::from_secs(5))
-        .map_err(|e| ReportError::ledger(path, e))?;
-    let has_table: bool = conn
-        .query_row(
-            "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'requests')",
-            [],
-            |r| r.get(0),
-        )
-        .map_err(|e| ReportError::ledger(path, e))?;
+    let has_table = match open_checked(path, false) {
+        // Reading a WAL database makes SQLite create its `-shm` file beside it, which fails in
+        // a directory the reader cannot write (a mounted replica, another user's ledger).
+        // Without a `-wal` file the database file holds every row: read it as immutable.
+        Err(rusqlite::Error::SqliteFailure(e, _))
+            if matches!(e.code, rusqlite::ErrorCode::ReadOnly | rusqlite::ErrorCode::CannotOpen)
+                && !wal_file(path).exists() =>
+        {
+            open_checked(path, true)
+        }
+        Err(e @ rusqlite::Error::SqliteFailure(f, _))
+            if matches!(f.code, rusqlite::ErrorCode::ReadOnly | rusqlite::ErrorCode::CannotOpen) =>
+        {
+            return Err(ReportError::ledger(
+                path,
+                format!(
+                    "{e}: a ledger with a `-wal` file beside it is read with a `-shm` file that SQLite \
+                     creates in the same directory, so that directory must be writable (or copy \
+                     the ledger with its `-wal` file to one that is)"
+                ),
+            ));
+        }
+        other => other,
+    };
+    let (conn, has_table) = has_table.map_err(|e| ReportError::ledger(path, e))?;
     if !has_table {
         return Err(ReportError::ledger(path, "not a tiergate ledger (no `requests` table)"));
     }
     Ok(conn)
+}
+
+fn wal_file(path: &Path) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push("-wal");
+    PathBuf::from(name)
+}
+
+/// Opens `path` read-only (as SQLite's `immutable`: no locks, no `-shm`, nothing written) and
+/// says whether it has the ledger's table.
+pub(super) fn open_checked(path: &Path, immutable: bool) -> rusqlite::Result<(Connection, bool)> {
+    let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    let conn = if immutable {
+        let text = path.to_str().ok_or(rusqlite::Error::InvalidPath(path.to_owned()))?;
+        let escaped = text.replace('%', "%25").replace('?', "%3f").replace('#', "%23");
+        Connection::open_with_flags(
+            format!("file:{escaped}?immutable=1"),
+            flags | OpenFlags::SQLITE_OPEN_URI,
+        )?
+    } else {
+        Connection::open_with_flags(path, flags)?
+    };
+    // A running gateway may be writing; wait for its batch rather than fail.
+    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    let has_table = conn.query_row(
+        "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'requests')",
+        [],
+        |r| r.get(0),
+    )?;
+    Ok((conn, has_table))
 }
 
 /// `WHERE` clause for a filter; always non-empty so callers can append `AND …`.
