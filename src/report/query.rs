@@ -52,7 +52,18 @@ impl Ledgers {
             return Err(ReportError("no ledger to read; pass `--ledger FILE`".into()));
         }
         let mut conns = Vec::with_capacity(paths.len());
+        let mut seen: Vec<(PathBuf, &PathBuf)> = Vec::new();
         for p in paths {
+            // The same file under two names would count every row twice.
+            if let Ok(real) = std::fs::canonicalize(p) {
+                if let Some((_, first)) = seen.iter().find(|(r, _)| *r == real) {
+                    return Err(ReportError::ledger(
+                        p,
+                        format!("is the same file as `{}`; pass each ledger once", first.display()),
+                    ));
+                }
+                seen.push((real, p));
+            }
             conns.push((p.clone(), open_read_only(p)?));
         }
         let (where_sql, params) = where_clause(filter);

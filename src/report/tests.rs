@@ -399,3 +399,16 @@ async fn a_closed_ledger_reads_the_same_as_immutable_whatever_its_path() {
     assert!(immutable > 0);
     assert_eq!(immutable, count(false));
 }
+
+#[tokio::test]
+async fn one_ledger_named_twice_is_refused_rather_than_counted_twice() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let paths = two_replicas(dir.path()).await;
+    let again = dir.path().join(".").join("replica-a.db");
+    let e = build(&[paths[0].clone(), paths[1].clone(), again], &Filter::default()).expect_err("refused");
+    assert!(
+        e.0.contains("is the same file as") && e.0.contains("pass each ledger once"),
+        "{}",
+        e.0
+    );
+}
