@@ -155,10 +155,11 @@ pub enum KeysCommand {
     /// Create a key and print its secret on stdout. The secret is shown once: only its
     /// hash is stored. Limits left out fall back to `[auth]`'s defaults.
     Create {
-        /// A unique name (names stay taken after revocation).
+        /// A unique name (names stay taken after revocation); at most 128 characters, no
+        /// control characters.
         #[arg(long)]
         name: String,
-        /// Team the key belongs to, for listings.
+        /// Team the key belongs to, for listings (same rules as `--name`).
         #[arg(long)]
         team: Option<String>,
         /// Requests per minute.

@@ -90,6 +90,21 @@ fn random_hex(n: usize) -> Result<String, String> {
     Ok(hex(&buf))
 }
 
+/// Names and teams are printed by `keys list`, written to logs and matched by policies:
+/// control characters (a terminal escape, a newline) and very long values are refused.
+fn check_label(flag: &str, value: &str) -> Result<(), String> {
+    const MAX_CHARS: usize = 128;
+    if value.chars().any(char::is_control) {
+        return Err(format!(
+            "the key's `{flag}` must not contain control characters (escapes, tabs, newlines)"
+        ));
+    }
+    if value.chars().count() > MAX_CHARS {
+        return Err(format!("the key's `{flag}` must be at most {MAX_CHARS} characters"));
+    }
+    Ok(())
+}
+
 impl KeyStore {
     /// Opens (creating if needed) the key store at `path`.
     pub fn open(path: &Path) -> Result<KeyStore, String> {
@@ -120,6 +135,10 @@ impl KeyStore {
         let NewKey { name, team, limits } = new;
         if name.trim().is_empty() {
             return Err("the key's `--name` must not be empty".to_owned());
+        }
+        check_label("--name", name)?;
+        if let Some(t) = team {
+            check_label("--team", t)?;
         }
         if self.find(name)?.is_some() {
             return Err(format!(

@@ -65,6 +65,21 @@ fn a_created_key_is_stored_hashed_listed_without_its_secret_and_revocable() {
     );
     let err = store.create(&NewKey::named("alice")).expect_err("duplicate name");
     assert!(err.contains("`alice` already exists"), "{err}");
+    // What `keys list` prints must not drive the terminal.
+    let err = store
+        .create(&NewKey::named("esc\u{1b}[31mred"))
+        .expect_err("control characters");
+    assert!(err.contains("`--name` must not contain control characters"), "{err}");
+    let err = store
+        .create(&NewKey {
+            team: Some("a\nb".into()),
+            ..NewKey::named("carol")
+        })
+        .expect_err("newline in team");
+    assert!(err.contains("`--team`"), "{err}");
+    let err = store.create(&NewKey::named(&"x".repeat(129))).expect_err("too long");
+    assert!(err.contains("at most 128 characters"), "{err}");
+    assert_eq!(store.list().expect("list").len(), 2, "none of them was stored");
 
     let revoked = store.revoke("alice").expect("revoke").expect("found");
     assert!(revoked.revoked_ms.is_some());
