@@ -667,8 +667,17 @@ async fn score_file(
         );
     };
     if let Some(h) = head {
+        anyhow::ensure!(h.is_file(), "--head `{}`: no such file", h.display());
         cc.spec = h.with_extension("json");
         cc.head = h;
+    }
+    // Writing the scores over the prompts would lose them.
+    if let (Ok(i), Ok(o)) = (std::fs::canonicalize(input), std::fs::canonicalize(output)) {
+        anyhow::ensure!(
+            i != o,
+            "--output `{}` is the input file; write the scores elsewhere",
+            output.display()
+        );
     }
     crate::onnx::init(config.onnxruntime_library.as_deref()).map_err(anyhow::Error::msg)?;
     let classifier = std::sync::Arc::new(
@@ -701,7 +710,9 @@ async fn score_file(
         let c = classifier.clone();
         pending.push((id, tokio::spawn(async move { c.score_exact(text).await })));
     }
-    let mut out = std::io::BufWriter::new(std::fs::File::create(output)?);
+    let mut out = std::io::BufWriter::new(
+        std::fs::File::create(output).map_err(|e| anyhow::anyhow!("--output `{}`: {e}", output.display()))?,
+    );
     for (id, task) in pending {
         let score = task.await?.map_err(anyhow::Error::msg)?;
         writeln!(out, "{}", serde_json::json!({"id": id, "score": score}))?;

@@ -113,3 +113,37 @@ async fn the_gateway_routes_with_the_classifier_and_explains() {
     // /v1/route calls no model.
     assert_eq!(gw.fake.requests.lock().expect("lock").len(), 1);
 }
+
+#[test]
+fn score_refuses_to_write_over_its_input_or_to_use_a_missing_head() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let input = dir.path().join("prompts.jsonl");
+    let prompts = "{\"id\": 1, \"text\": \"What is 2 + 2?\"}\n";
+    std::fs::write(&input, prompts).expect("write");
+    let run = |extra: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_tiergate"))
+            .args(["score", "--config", "examples/tiergate.toml", "--input"])
+            .arg(&input)
+            .args(extra)
+            .current_dir(repo())
+            .output()
+            .expect("run tiergate")
+    };
+    let same = dir.path().join(".").join("prompts.jsonl");
+    let out = run(&["--output", same.to_str().expect("utf-8")]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("is the input file"), "{err}");
+    assert_eq!(std::fs::read_to_string(&input).expect("read"), prompts, "input intact");
+
+    let scores = dir.path().join("scores.jsonl");
+    let out = run(&[
+        "--output",
+        scores.to_str().expect("utf-8"),
+        "--head",
+        "nowhere/head.onnx",
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--head `nowhere/head.onnx`: no such file"), "{err}");
+}
