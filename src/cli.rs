@@ -266,7 +266,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 ledger = %state.ledger.path().display(),
                 "tiergate ready"
             );
-            crate::serve(listener, state.clone(), shutdown_signal()).await?;
+            crate::serve(listener, state.clone(), shutdown_signals()).await?;
             let ledger = state.ledger.clone();
             ledger.shutdown().await;
             tracing.shutdown().await;
@@ -721,26 +721,39 @@ async fn score_file(
     Ok(())
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
+/// The next delivery of `s`; never, when it could not be registered.
+#[cfg(unix)]
+async fn next_signal(s: &mut Option<tokio::signal::unix::Signal>) {
+    match s {
+        Some(s) => {
+            s.recv().await;
         }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => {},
-        () = term => {},
+        None => std::future::pending().await,
     }
-    tracing::info!("shutdown requested; finishing in-flight requests");
+}
+
+/// SIGTERM or Ctrl-C, each time one arrives: the first starts a graceful shutdown, the next
+/// ends its grace period at once.
+fn shutdown_signals() -> impl futures::Stream<Item = ()> + Send + 'static {
+    async_stream::stream! {
+        // Registered once, so that a signal arriving between two waits is not lost.
+        #[cfg(unix)]
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        #[cfg(unix)]
+        let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt()).ok();
+        loop {
+            #[cfg(unix)]
+            {
+                tokio::select! {
+                    () = next_signal(&mut term) => {}
+                    () = next_signal(&mut int) => {}
+                }
+            }
+            #[cfg(not(unix))]
+            let _ = tokio::signal::ctrl_c().await;
+            yield ();
+        }
+    }
 }
 
 #[cfg(test)]

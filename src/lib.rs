@@ -291,31 +291,45 @@ async fn serve_connections(
     Ok(())
 }
 
-/// Serves until `shutdown` resolves, then stops accepting, lets in-flight requests finish
-/// for up to the config's `shutdown_grace`, and flushes the ledger. Meanwhile the config
+/// Serves until `shutdown` yields, then stops accepting, lets in-flight requests finish
+/// for up to the config's `shutdown_grace` (or until `shutdown` yields again: the operator
+/// is in a hurry), cuts what is still running, and flushes the ledger. Meanwhile the config
 /// and policy files are watched and reloaded when they change (and on SIGHUP, see
 /// [`reload::watch`]).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: Arc<AppState>,
-    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    shutdown: impl futures::Stream<Item = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    use futures::StreamExt;
     let stop = tokio_util::sync::CancellationToken::new();
     let watcher = tokio::spawn(reload::watch(state.clone(), stop.clone()));
     let grace = state.runtime.load().config.shutdown_grace;
     let header_timeout = state.runtime.load().config.limits.header_timeout;
     let (stopping, stopped) = tokio::sync::oneshot::channel::<()>();
+    let (hurrying, hurry) = tokio::sync::oneshot::channel::<()>();
     let server = serve_connections(listener, app(state.clone()), header_timeout, async move {
-        shutdown.await;
+        let mut shutdown = Box::pin(shutdown);
+        if shutdown.next().await.is_none() {
+            return std::future::pending().await;
+        }
         tracing::info!(
             grace_secs = grace.as_secs_f64(),
-            "shutting down: no new connections; in-flight requests may finish"
+            "shutting down: no new connections; in-flight requests may finish (signal again to cut them now)"
         );
         let _ = stopping.send(());
+        tokio::spawn(async move {
+            if shutdown.next().await.is_some() {
+                let _ = hurrying.send(());
+            }
+        });
     });
     let deadline = async move {
         match stopped.await {
-            Ok(()) => tokio::time::sleep(grace).await,
+            Ok(()) => tokio::select! {
+                () = tokio::time::sleep(grace) => {}
+                Ok(()) = hurry => tracing::warn!("asked again to stop: ending the grace period now"),
+            },
             // The server ended on its own: no deadline to enforce.
             Err(_) => std::future::pending().await,
         }

@@ -940,6 +940,9 @@ impl Accounting {
             return None;
         }
         self.done = true;
+        // The handler's stand-in while a detached task holds the row (`detach`): the task
+        // writes and logs the request; a second log line for it would be a phantom.
+        self.ledger.as_ref()?;
         let r = &mut self.rec;
         r.outcome = outcome.to_owned();
         r.http_status = status;

@@ -375,7 +375,7 @@ pub async fn gateway_with(setup: &Setup) -> Gateway {
     let addr = listener.local_addr().expect("addr");
     let s = state.clone();
     tokio::spawn(async move {
-        tiergate::serve(listener, s, std::future::pending())
+        tiergate::serve(listener, s, futures::stream::pending())
             .await
             .expect("serve")
     });

@@ -252,6 +252,41 @@ async fn at_the_end_of_the_grace_period_running_requests_are_cut_with_a_503_and_
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_sigterm_ends_the_grace_period_at_once_and_the_cut_request_is_recorded() {
+    // The grace period would let the request (held 2 s by the fake) finish; a second signal
+    // says not to wait.
+    let mut p = spawn_gateway(&Setup::default(), "shutdown_grace_secs = 60").await;
+    let in_flight = sluggish_request_then_sigterm(&p).await;
+    // Two signals sent together may arrive as one: wait until the first was taken.
+    for _ in 0..200 {
+        if p.log().contains("shutting down") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    p.signal("-TERM");
+    let (status, body) = in_flight
+        .await
+        .expect("client task")
+        .expect("an answer, not a dropped connection");
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["error"]["code"], "shutting_down", "{body}");
+    assert!(p.exited_cleanly().await, "log:\n{}", p.log());
+    let rows = tiergate::ledger::read_all(&p.ledger).expect("ledger");
+    let row = rows
+        .iter()
+        .find(|r| r.request_id == "graceful-1")
+        .expect("the cut request's row");
+    assert_eq!((row.outcome.as_str(), row.http_status), ("shutting_down", 503));
+    let log = p.log();
+    assert!(log.contains("asked again to stop"), "{log}");
+    let lines = log
+        .lines()
+        .filter(|l| l.contains("request_id=graceful-1") && l.contains("outcome="));
+    assert_eq!(lines.count(), 1, "one log line per request, as one row: {log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_cut_at_the_end_of_the_grace_period_ends_with_an_sse_error_and_is_recorded() {
     let mut p = spawn_gateway(&Setup::default(), "shutdown_grace_secs = 0.1").await;
     let mut req = user("fake-gated", "hi");
