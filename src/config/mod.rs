@@ -443,6 +443,28 @@ impl Config {
                 "routing.aliases must name at least one routed model, e.g. `[\"tiergate-auto\"]`",
             ));
         }
+        // A name reserved for a policy (`tiergate:NAME`), an empty or repeated one, would
+        // make which route a model name picks depend on lookup order.
+        let reserved = crate::routing::POLICY_MODEL_PREFIX;
+        if let Some(t) = out_tiers.values().find(|t| t.model.starts_with(reserved)) {
+            return Err(err(
+                path,
+                format!(
+                    "tiers.{}.model = `{}`: names starting with `{reserved}` select policies",
+                    t.name, t.model
+                ),
+            ));
+        }
+        for (i, a) in aliases.iter().enumerate() {
+            if a.trim().is_empty() || a.starts_with(reserved) || aliases[..i].contains(a) {
+                return Err(err(
+                    path,
+                    format!(
+                        "routing.aliases: `{a}` must be a non-empty name, listed once, not starting with `{reserved}`"
+                    ),
+                ));
+            }
+        }
         for a in &aliases {
             if let Some(t) = out_tiers.values().find(|t| &t.model == a) {
                 return Err(err(
@@ -723,6 +745,25 @@ fn tier(file: &Path, name: &str, t: TierToml, resolve: &dyn Fn(&Path) -> PathBuf
                 )?,
                 total,
             };
+            if timeouts.first_token > timeouts.total {
+                return Err(err(
+                    file,
+                    format!(
+                        "{} is longer than {}, so it would never apply",
+                        key("ttft_timeout_secs"),
+                        key("timeout_secs")
+                    ),
+                ));
+            }
+            if api_key_env.as_deref().is_some_and(|v| v.trim().is_empty()) {
+                return Err(err(
+                    file,
+                    format!(
+                        "{} must name an environment variable, e.g. `OPENAI_API_KEY`",
+                        key("api_key_env")
+                    ),
+                ));
+            }
             let d = RetryConfig::default();
             let retry = RetryConfig {
                 max_retries: max_retries.unwrap_or(d.max_retries),
@@ -737,6 +778,17 @@ fn tier(file: &Path, name: &str, t: TierToml, resolve: &dyn Fn(&Path) -> PathBuf
                     retry_backoff_max_secs.unwrap_or(d.backoff_max.as_secs_f64()),
                 )?,
             };
+            if retry.backoff > retry.backoff_max {
+                return Err(err(
+                    file,
+                    format!(
+                        "{} is longer than {} ({} s)",
+                        key("retry_backoff_secs"),
+                        key("retry_backoff_max_secs"),
+                        retry.backoff_max.as_secs_f64()
+                    ),
+                ));
+            }
             let d = BreakerConfig::default();
             let failure_rate = breaker_failure_rate.unwrap_or(d.failure_rate);
             if !(failure_rate > 0.0 && failure_rate <= 1.0) {

@@ -31,6 +31,34 @@ fn errors_name_the_file_and_key() {
     let cases = [
         (example().replace("listen = ", "listn = "), "unknown field `listn`"),
         (
+            example().replace("ttft_timeout_secs = 60", "ttft_timeout_secs = 600"),
+            "tiers.cloud.ttft_timeout_secs is longer than tiers.cloud.timeout_secs",
+        ),
+        (
+            example().replace("retry_backoff_secs = 0.25", "retry_backoff_secs = 10"),
+            "tiers.cloud.retry_backoff_secs is longer than tiers.cloud.retry_backoff_max_secs (8 s)",
+        ),
+        (
+            example().replace("api_key_env = \"OPENAI_API_KEY\"", "api_key_env = \" \""),
+            "tiers.cloud.api_key_env must name an environment variable",
+        ),
+        (
+            example().replace("model = \"qwen2.5:0.5b-instruct\"", "model = \"tiergate:balanced\""),
+            "tiers.small.model = `tiergate:balanced`: names starting with `tiergate:` select policies",
+        ),
+        (
+            example().replace("aliases = [\"tiergate-auto\"]", "aliases = [\"a\", \"a\"]"),
+            "routing.aliases: `a` must be a non-empty name, listed once",
+        ),
+        (
+            example().replace("aliases = [\"tiergate-auto\"]", "aliases = [\"\"]"),
+            "routing.aliases: `` must be a non-empty name",
+        ),
+        (
+            example().replace("aliases = [\"tiergate-auto\"]", "aliases = [\"tiergate:x\"]"),
+            "not starting with `tiergate:`",
+        ),
+        (
             example().replace(
                 "backend = \"openai\"\nbase_url = \"http://127",
                 "backend = \"grpc\"\nbase_url = \"http://127",
