@@ -262,7 +262,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 .map_err(|e| anyhow::anyhow!("cannot listen on `{addr}`: {e}"))?;
             tracing::info!(
                 listen = %listener.local_addr()?,
-                onnxruntime = %state.onnxruntime_version,
+                onnxruntime = %crate::onnx::loaded_version().unwrap_or_else(|| "not loaded (not needed)".to_owned()),
                 ledger = %state.ledger.path().display(),
                 "tiergate ready"
             );
@@ -288,7 +288,6 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 config.policies.insert(p.name.clone(), p.clone());
                 config.policy = p;
             }
-            crate::onnx::init(config.onnxruntime_library.as_deref()).map_err(anyhow::Error::msg)?;
             let model = model.unwrap_or_else(|| config.aliases[0].clone());
             let rt = crate::Runtime::build(config).map_err(anyhow::Error::msg)?;
             let mut messages = Vec::new();

@@ -62,6 +62,16 @@ impl Runtime {
     /// classifier (its ONNX sessions), local tiers' engines (their loaded models) and the
     /// stickiness store, so a reload that only touches a policy loads no model.
     pub fn rebuild(config: Config, old: Option<&Runtime>) -> Result<Runtime, String> {
+        // Loaded on first need only: a gateway that routes by length to remote tiers runs
+        // without the library (a reload that adds a classifier or local tier loads it).
+        let needs_onnxruntime = config.classifier.is_some()
+            || config
+                .tiers
+                .values()
+                .any(|t| matches!(t.backend, config::BackendConfig::Local(_)));
+        if needs_onnxruntime {
+            onnx::init(config.onnxruntime_library.as_deref())?;
+        }
         let mut backends: HashMap<String, Arc<dyn Backend>> = HashMap::new();
         let mut tier_problems = BTreeMap::new();
         let mut local_tiers = BTreeMap::new();
@@ -146,7 +156,6 @@ impl Runtime {
 pub struct AppState {
     pub runtime: ArcSwap<Runtime>,
     pub ledger: Ledger,
-    pub onnxruntime_version: String,
     pub metrics: Arc<telemetry::Metrics>,
     /// Keys, rate limits and budgets; kept across reloads so limits and spend carry on.
     pub auth: Arc<auth::Auth>,
@@ -205,9 +214,9 @@ impl Drop for InFlightGuard {
 }
 
 impl AppState {
-    /// Loads ONNX Runtime, opens the ledger and builds the runtime for `config`.
+    /// Opens the ledger and builds the runtime for `config` (loading ONNX Runtime if it
+    /// needs it).
     pub fn start(config: Config) -> Result<Arc<AppState>, String> {
-        let onnxruntime_version = onnx::init(config.onnxruntime_library.as_deref())?;
         let ledger = Ledger::start(
             &config.ledger.path,
             config.ledger.queue_capacity,
@@ -219,7 +228,6 @@ impl AppState {
         Ok(Arc::new(AppState {
             runtime: ArcSwap::from_pointee(runtime),
             ledger,
-            onnxruntime_version,
             metrics,
             reload: reload::ReloadState::default(),
             cut: tokio_util::sync::CancellationToken::new(),

@@ -58,6 +58,12 @@ pub fn init(configured: Option<&Path>) -> Result<String, String> {
     }
 }
 
+/// The loaded library's version; `None` until [`init`] has succeeded (a gateway with neither
+/// a classifier nor a local tier never loads it).
+pub fn loaded_version() -> Option<String> {
+    RUNTIME.get().and_then(|r| r.as_ref().ok()).map(|l| l.version.clone())
+}
+
 /// The process's ONNX Runtime environment, which every session is built from; `None`
 /// until [`init`] has succeeded.
 pub fn environment() -> Option<&'static ort::environment::Environment> {

@@ -448,7 +448,7 @@ async fn readyz(State(st): State<Arc<AppState>>) -> impl IntoResponse {
         .collect();
     let body = json!({
         "status": if ledger_ok { "ready" } else { "degraded" },
-        "onnxruntime": {"version": st.onnxruntime_version},
+        "onnxruntime": {"version": crate::onnx::loaded_version()},
         "ledger": {
             "path": st.ledger.path().display().to_string(),
             "writer_alive": ledger_ok,

@@ -72,6 +72,8 @@ async fn the_gateway_routes_with_the_classifier_and_explains() {
         ..Default::default()
     })
     .await;
+    let ready = gw.get_json("/readyz").await;
+    assert_eq!(ready["onnxruntime"]["version"], tiergate::onnx::PINNED_VERSION);
     let r = gw
         .post_chat(&crate::common::user("tiergate-auto", "What is 2 + 2?"))
         .await;

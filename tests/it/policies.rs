@@ -747,3 +747,32 @@ fn check_warns_of_a_tier_whose_key_is_missing_here_but_passes() {
     assert!(!text(&out.stderr).contains("warning"), "{}", text(&out.stderr));
     assert!(!text(&out.stderr).contains("sk-test"), "the key is never echoed");
 }
+
+#[test]
+fn a_gateway_without_classifier_or_local_tier_needs_no_onnx_runtime() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // The test config: length scorer, remote tiers only.
+    let files = common::write_config(dir.path(), "127.0.0.1:9".parse().expect("addr"), &Setup::default());
+    let explain = |config: &std::path::Path| {
+        Command::new(env!("CARGO_BIN_EXE_tiergate"))
+            .arg("explain")
+            .arg("--config")
+            .arg(config)
+            .arg("hello")
+            .env("TIERGATE_ORT_LIB", dir.path().join("no-such-libonnxruntime.so"))
+            .current_dir(repo())
+            .output()
+            .expect("run tiergate")
+    };
+    let out = explain(&files.config);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("score     "), "{}", text(&out.stdout));
+    // With the classifier it is needed, and the error says where it was looked for.
+    let out = explain(&repo().join("examples/tiergate.toml"));
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("ONNX Runtime library not found"),
+        "{}",
+        text(&out.stderr)
+    );
+}
