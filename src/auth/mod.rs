@@ -117,19 +117,20 @@ impl Auth {
         Ok(())
     }
 
-    /// The caller of a request, from `Authorization: Bearer tg-…` or `x-api-key: tg-…`.
-    /// `Ok(None)` when auth is off.
+    /// The caller of a request, from `Authorization: Bearer tg-…`, `x-api-key: tg-…` or HTTP
+    /// Basic credentials holding the key. `Ok(None)` when auth is off.
     pub fn authenticate(&self, cfg: &AuthConfig, headers: &HeaderMap) -> Result<Option<Principal>, Error> {
         if !cfg.enabled {
             return Ok(None);
         }
-        let secret = match presented_keys(headers).as_slice() {
+        let presented = presented_keys(headers);
+        let secret: &str = match presented.as_slice() {
             [] => {
                 return Err(Error::Unauthorized(
                     "You didn't provide an API key. Send a tiergate key (created with `tiergate keys create`) as `Authorization: Bearer tg-…`.",
                 ));
             }
-            [one] => *one,
+            [one] => one,
             _ => {
                 return Err(Error::Unauthorized(
                     "More than one API key was sent (in repeated `Authorization` or `x-api-key` headers); send exactly one.",
@@ -176,24 +177,42 @@ impl Auth {
 /// one is refused rather than resolved: which copy of a repeated header wins differs
 /// between the proxies in front and the gateway, so honouring one could let a request
 /// pass on credentials that a proxy checked were not its own.
-fn presented_keys(headers: &HeaderMap) -> Vec<&str> {
-    let bearer = headers
+fn presented_keys(headers: &HeaderMap) -> Vec<std::borrow::Cow<'_, str>> {
+    use std::borrow::Cow;
+    let authorization = headers
         .get_all(header::AUTHORIZATION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .filter_map(|v| {
             let (scheme, rest) = v.trim().split_once(' ')?;
-            scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim())
+            if scheme.eq_ignore_ascii_case("bearer") {
+                Some(Cow::Borrowed(rest.trim()))
+            } else if scheme.eq_ignore_ascii_case("basic") {
+                basic_key(rest.trim()).map(Cow::Owned)
+            } else {
+                None
+            }
         });
     let api_key = headers
         .get_all("x-api-key")
         .iter()
         .filter_map(|v| v.to_str().ok())
-        .map(str::trim);
-    let mut keys: Vec<&str> = bearer.chain(api_key).filter(|k| !k.is_empty()).collect();
+        .map(|v| Cow::Borrowed(v.trim()));
+    let mut keys: Vec<Cow<'_, str>> = authorization.chain(api_key).filter(|k| !k.is_empty()).collect();
     keys.sort_unstable();
     keys.dedup();
     keys
+}
+
+/// The key in HTTP Basic credentials, which is what a browser can send (it prompts for them
+/// when `/report` answers 401): the password, or the user name when the password is empty.
+fn basic_key(credentials: &str) -> Option<String> {
+    use base64::Engine;
+    let decoded = base64::engine::general_purpose::STANDARD.decode(credentials).ok()?;
+    let text = String::from_utf8(decoded).ok()?;
+    let (user, password) = text.split_once(':')?;
+    let key = if password.trim().is_empty() { user } else { password };
+    Some(key.trim().to_owned())
 }
 
 #[cfg(test)]

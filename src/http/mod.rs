@@ -51,7 +51,21 @@ async fn guard(
 ) -> axum::response::Response {
     let caller = match admit(&st, &req) {
         Ok(c) => c,
-        Err(e) => return e.into_response(),
+        Err(e) => {
+            let refused_key = matches!(e, Error::Unauthorized(_));
+            let mut resp = e.into_response();
+            // A browser cannot send a bearer token, but it asks for Basic credentials when
+            // challenged: the report page can then be opened with the key as the password.
+            if refused_key && req.uri().path() == "/report" {
+                resp.headers_mut().append(
+                    axum::http::header::WWW_AUTHENTICATE,
+                    axum::http::HeaderValue::from_static(
+                        "Basic realm=\"tiergate report: the password is a tiergate key\", charset=\"UTF-8\"",
+                    ),
+                );
+            }
+            return resp;
+        }
     };
     let principal = caller.as_ref().and_then(|c| c.0.as_ref().ok().cloned().flatten());
     if let Some(c) = caller {

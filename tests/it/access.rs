@@ -556,3 +556,43 @@ async fn a_reload_that_turns_auth_on_or_names_another_key_store_opens_it() {
     assert!(e.contains("key store"), "{e}");
     assert_eq!(post_with(&gw, Some(&bearer), &body).await.status(), 200);
 }
+
+#[tokio::test]
+async fn a_browser_is_challenged_for_the_report_page_and_may_send_the_key_as_basic_credentials() {
+    let gw = gateway().await;
+    let anon = reqwest::Client::new();
+    let r = anon.get(format!("{}/report", gw.url)).send().await.expect("send");
+    assert_eq!(r.status(), 401);
+    let challenges: Vec<&str> = r
+        .headers()
+        .get_all("www-authenticate")
+        .iter()
+        .map(|v| v.to_str().expect("ascii"))
+        .collect();
+    assert!(
+        challenges.iter().any(|c| c.starts_with("Basic realm=")),
+        "{challenges:?}"
+    );
+    // The JSON API keeps the bearer challenge alone: no login prompt for programs.
+    let r = anon.get(format!("{}/report.json", gw.url)).send().await.expect("send");
+    assert_eq!(r.headers().get_all("www-authenticate").iter().count(), 1);
+
+    // The key as the password (any user name), or as the user name with an empty password.
+    for (user, password) in [("me", Some(gw.key.as_str())), (gw.key.as_str(), None)] {
+        let r = anon
+            .get(format!("{}/report", gw.url))
+            .basic_auth(user, password)
+            .send()
+            .await
+            .expect("send");
+        assert_eq!(r.status(), 200);
+        assert!(r.text().await.expect("page").contains("<html"));
+    }
+    let r = anon
+        .get(format!("{}/report", gw.url))
+        .basic_auth("me", Some("tg-not-a-key"))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status(), 401);
+}
