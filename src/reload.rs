@@ -101,14 +101,21 @@ pub fn reload(state: &AppState) -> Result<(), String> {
 
 type Stamps = Vec<(PathBuf, Option<(SystemTime, u64)>)>;
 
+/// Each file's modification time and a hash of its content: an edit that keeps the size
+/// and the time (a tool that restores mtimes, a coarse clock) is still seen. The files are
+/// a config and its policies, a few kilobytes read once per poll.
 fn stamps(files: &[PathBuf]) -> Stamps {
+    use std::hash::{Hash, Hasher};
     files
         .iter()
         .map(|f| {
-            let m = std::fs::metadata(f)
-                .ok()
-                .and_then(|m| Some((m.modified().ok()?, m.len())));
-            (f.clone(), m)
+            let m = std::fs::metadata(f).ok().and_then(|m| m.modified().ok());
+            let content = std::fs::read(f).ok().map(|bytes| {
+                let mut h = std::hash::DefaultHasher::new();
+                bytes.hash(&mut h);
+                h.finish()
+            });
+            (f.clone(), m.zip(content))
         })
         .collect()
 }
@@ -151,5 +158,29 @@ pub async fn watch(state: Arc<AppState>, stop: CancellationToken) {
         let st = state.clone();
         let _ = tokio::task::spawn_blocking(move || reload(&st)).await;
         seen = stamps(&state.runtime.load().config.files());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::stamps;
+
+    #[test]
+    fn an_edit_that_keeps_size_and_mtime_is_still_seen() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let f = dir.path().join("policy.toml");
+        std::fs::write(&f, "score_below = 0.5\n").expect("write");
+        let mtime = std::fs::metadata(&f).expect("meta").modified().expect("mtime");
+        let before = stamps(std::slice::from_ref(&f));
+        std::fs::write(&f, "score_below = 0.1\n").expect("write");
+        std::fs::File::options()
+            .write(true)
+            .open(&f)
+            .expect("open")
+            .set_modified(mtime)
+            .expect("restore mtime");
+        assert_eq!(std::fs::metadata(&f).expect("meta").modified().expect("mtime"), mtime);
+        assert_ne!(stamps(std::slice::from_ref(&f)), before);
+        assert_eq!(stamps(std::slice::from_ref(&f)), stamps(std::slice::from_ref(&f)));
     }
 }
