@@ -250,6 +250,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     "AUTH IS OFF (`[auth] enabled = false`): anyone who can reach {addr} can use every tier, paid ones included, without a key, rate limit or budget. Use this only for local development."
                 );
             }
+            let _ledger_lock = lock_ledger(&config.ledger.path)?;
             let state = crate::AppState::start(config).map_err(anyhow::Error::msg)?;
             {
                 let rt = state.runtime.load();
@@ -718,6 +719,38 @@ async fn score_file(
     }
     out.flush()?;
     Ok(())
+}
+
+/// Takes `<ledger>.lock` for as long as the returned file is open, so that a second gateway
+/// pointed at the same ledger stops at start instead of sharing it (budgets rebuilt from it
+/// and the report would then mix two gateways' rows). The kernel releases the lock when
+/// the process ends however it ends.
+fn lock_ledger(ledger: &std::path::Path) -> anyhow::Result<std::fs::File> {
+    let mut name = ledger.as_os_str().to_owned();
+    name.push(".lock");
+    let path = PathBuf::from(name);
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|e| anyhow::anyhow!("cannot create `{}`: {e}", dir.display()))?;
+    }
+    let file = std::fs::File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| anyhow::anyhow!("cannot open `{}`: {e}", path.display()))?;
+    #[cfg(unix)]
+    {
+        use std::os::fd::AsRawFd;
+        // SAFETY: flock on a descriptor this function owns; no memory is passed.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            anyhow::bail!(
+                "ledger `{}` is in use by another running tiergate (it holds `{}`); give each gateway its own `ledger.path`",
+                ledger.display(),
+                path.display()
+            );
+        }
+    }
+    Ok(file)
 }
 
 /// The next delivery of `s`; never, when it could not be registered.

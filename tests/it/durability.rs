@@ -317,3 +317,21 @@ async fn a_stream_cut_at_the_end_of_the_grace_period_ends_with_an_sse_error_and_
     assert_eq!(row.outcome, "shutting_down");
     assert!(row.streamed && row.completion_tokens > 0, "{row:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_gateway_on_the_same_ledger_stops_at_start() {
+    let p = spawn_gateway(&Setup::default(), "").await;
+    let out = Command::new(env!("CARGO_BIN_EXE_tiergate"))
+        .args(["serve", "--config"])
+        .arg(p.dir.path().join("tiergate.toml"))
+        .args(["--listen", "127.0.0.1:0"])
+        .env(UPSTREAM_KEY_ENV, UPSTREAM_KEY)
+        .output()
+        .expect("run tiergate");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("is in use by another running tiergate"), "{err}");
+    // The first one serves on.
+    let r = reqwest::get(format!("{}/healthz", p.url)).await.expect("healthz");
+    assert_eq!(r.status(), 200);
+}
