@@ -145,6 +145,40 @@ pub const COLUMNS: &str = "ts_ms, request_id, api_key_id, requested_model, tier,
 policy, rule, prompt_tokens, completion_tokens, tokens_estimated, ttft_ms, latency_ms, gateway_ms, cost_usd, \
 baseline_cost_usd, outcome, http_status, streamed, fallback, escalated";
 
+/// The columns of `requests` that this version writes and reads (`COLUMNS`) but `conn`'s
+/// ledger lacks: a ledger written by another version of tiergate (the schema has no
+/// migrations), which would fail at the first row or query.
+pub fn missing_columns(conn: &Connection) -> rusqlite::Result<Vec<String>> {
+    let mut stmt = conn.prepare("SELECT name FROM pragma_table_info('requests')")?;
+    let have = stmt
+        .query_map([], |r| r.get::<_, String>(0))?
+        .collect::<rusqlite::Result<std::collections::HashSet<_>>>()?;
+    if have.is_empty() {
+        // No table yet: a new ledger.
+        return Ok(Vec::new());
+    }
+    Ok(COLUMNS
+        .split(',')
+        .map(str::trim)
+        .filter(|c| !have.contains(*c))
+        .map(str::to_owned)
+        .collect())
+}
+
+/// Says which of this version's columns a ledger lacks, as an error naming the file.
+pub fn check_columns(conn: &Connection, path: &Path) -> Result<(), String> {
+    let missing = missing_columns(conn).map_err(|e| format!("ledger `{}`: {e}", path.display()))?;
+    if missing.is_empty() {
+        return Ok(());
+    }
+    Err(format!(
+        "ledger `{}` was written by another version of tiergate: its `requests` table has no `{}` column; \
+         give this version a new `ledger.path` (and read the old file with the version that wrote it)",
+        path.display(),
+        missing.join("`, `")
+    ))
+}
+
 /// Opens (creating if needed) a ledger database with the schema and WAL mode.
 pub fn open(path: &Path) -> rusqlite::Result<Connection> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
@@ -166,6 +200,11 @@ pub fn open(path: &Path) -> rusqlite::Result<Connection> {
 impl Ledger {
     /// Opens the database and starts the writer thread.
     pub fn start(path: &Path, capacity: usize, batch_size: usize) -> Result<Ledger, String> {
+        // Before `open` applies the schema, whose indexes would fail on an old table with
+        // SQLite's bare "no such column".
+        if let Ok(existing) = Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY) {
+            check_columns(&existing, path)?;
+        }
         let conn = open(path).map_err(|e| format!("cannot open ledger `{}`: {e}", path.display()))?;
         let (tx, rx) = mpsc::channel(capacity);
         let shared = Arc::new(Shared {

@@ -205,6 +205,7 @@ fn open_read_only(path: &Path) -> Result<Connection, ReportError> {
     if !has_table {
         return Err(ReportError::ledger(path, "not a tiergate ledger (no `requests` table)"));
     }
+    crate::ledger::check_columns(&conn, path).map_err(ReportError)?;
     Ok(conn)
 }
 

@@ -412,3 +412,23 @@ async fn one_ledger_named_twice_is_refused_rather_than_counted_twice() {
         e.0
     );
 }
+
+#[test]
+fn a_ledger_of_another_layout_is_named_as_such_by_the_report_and_the_writer() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("old.db");
+    rusqlite::Connection::open(&path)
+        .expect("open")
+        .execute_batch("CREATE TABLE requests (id INTEGER PRIMARY KEY, ts_ms INTEGER, outcome TEXT);")
+        .expect("old table");
+    let e = build(std::slice::from_ref(&path), &Filter::default()).expect_err("refused");
+    assert!(
+        e.0.contains("written by another version of tiergate") && e.0.contains("no `request_id`"),
+        "{}",
+        e.0
+    );
+    let e = crate::ledger::Ledger::start(&path, 8, 8)
+        .err()
+        .expect("refused at start");
+    assert!(e.contains("written by another version of tiergate"), "{e}");
+}
