@@ -351,6 +351,14 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 Some(p) => p,
                 None => Config::load(&store.config)?.auth.keys_db,
             };
+            // Only `create` makes a store: a mistyped path to list or revoke is an error, not
+            // a new empty store.
+            if !matches!(command, KeysCommand::Create { .. }) && !path.exists() {
+                anyhow::bail!(
+                    "no key store at `{}`; pass the gateway's `--keys-db` or `--config` (`tiergate keys create` makes a store)",
+                    path.display()
+                );
+            }
             let store = crate::auth::KeyStore::open(&path).map_err(anyhow::Error::msg)?;
             keys(&store, command)
         }
@@ -435,16 +443,27 @@ fn keys(store: &crate::auth::KeyStore, command: KeysCommand) -> anyhow::Result<(
             println!("{t}");
             Ok(())
         }
-        KeysCommand::Revoke { key } => match store.revoke(&key).map_err(anyhow::Error::msg)? {
-            Some(k) => {
-                println!(
-                    "revoked key `{}` ({}); the gateway refuses it within `auth.cache_ttl_secs`",
-                    k.name, k.id
-                );
+        KeysCommand::Revoke { key } => match store.find(&key).map_err(anyhow::Error::msg)? {
+            Some(k) if k.revoked_ms.is_some() => {
+                let at = utc(k.revoked_ms.unwrap_or_default());
+                println!("key `{}` ({}) was already revoked at {at}", k.name, k.id);
                 Ok(())
             }
-            None => anyhow::bail!("no key named `{key}` and no key with that id; see `tiergate keys list`"),
+            _ => revoke(store, &key),
         },
+    }
+}
+
+fn revoke(store: &crate::auth::KeyStore, key: &str) -> anyhow::Result<()> {
+    match store.revoke(key).map_err(anyhow::Error::msg)? {
+        Some(k) => {
+            println!(
+                "revoked key `{}` ({}); the gateway refuses it within `auth.cache_ttl_secs`",
+                k.name, k.id
+            );
+            Ok(())
+        }
+        None => anyhow::bail!("no key named `{key}` and no key with that id; see `tiergate keys list`"),
     }
 }
 

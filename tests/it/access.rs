@@ -596,3 +596,31 @@ async fn a_browser_is_challenged_for_the_report_page_and_may_send_the_key_as_bas
         .expect("send");
     assert_eq!(r.status(), 401);
 }
+
+#[test]
+fn keys_list_or_revoke_on_a_missing_store_is_an_error_and_revoking_twice_says_so() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = dir.path().join("keys.db");
+    let keys = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_tiergate"))
+            .arg("keys")
+            .arg("--keys-db")
+            .arg(&db)
+            .args(args)
+            .output()
+            .expect("run tiergate")
+    };
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    for args in [&["list"][..], &["revoke", "alice"]] {
+        let out = keys(args);
+        assert!(!out.status.success(), "{args:?}");
+        assert!(text(&out.stderr).contains("no key store at"), "{}", text(&out.stderr));
+    }
+    assert!(!db.exists(), "no store was made by a typo");
+    assert!(keys(&["create", "--name", "alice"]).status.success());
+    let first = keys(&["revoke", "alice"]);
+    assert!(text(&first.stdout).starts_with("revoked key `alice`"), "{}", text(&first.stdout));
+    let again = keys(&["revoke", "alice"]);
+    assert!(again.status.success());
+    assert!(text(&again.stdout).contains("was already revoked at"), "{}", text(&again.stdout));
+}
