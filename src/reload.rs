@@ -103,19 +103,24 @@ type Stamps = Vec<(PathBuf, Option<(SystemTime, u64)>)>;
 
 /// Each file's modification time and a hash of its content: an edit that keeps the size
 /// and the time (a tool that restores mtimes, a coarse clock) is still seen. The files are
-/// a config and its policies, a few kilobytes read once per poll.
+/// a config and its policies, a few kilobytes read once per poll. A watched directory
+/// (`policies_dir`) has its time and size: a file added or removed changes its time.
 fn stamps(files: &[PathBuf]) -> Stamps {
     use std::hash::{Hash, Hasher};
     files
         .iter()
         .map(|f| {
-            let m = std::fs::metadata(f).ok().and_then(|m| m.modified().ok());
-            let content = std::fs::read(f).ok().map(|bytes| {
-                let mut h = std::hash::DefaultHasher::new();
-                bytes.hash(&mut h);
-                h.finish()
+            let stamp = std::fs::metadata(f).ok().and_then(|m| {
+                let content = if m.is_file() {
+                    let mut h = std::hash::DefaultHasher::new();
+                    std::fs::read(f).ok()?.hash(&mut h);
+                    h.finish()
+                } else {
+                    m.len()
+                };
+                Some((m.modified().ok()?, content))
             });
-            (f.clone(), m.zip(content))
+            (f.clone(), stamp)
         })
         .collect()
 }
