@@ -20,39 +20,71 @@ fn internal() -> Response {
     (StatusCode::INTERNAL_SERVER_ERROR, Json(e.envelope())).into_response()
 }
 
+/// Why a report was not built: a bad filter (its message, the param it names and, when
+/// the query parsed, what was asked), or a failure that stays in the log.
+enum Refusal {
+    Filter {
+        message: String,
+        param: Option<String>,
+        args: FilterArgs,
+    },
+    Internal,
+}
+
+impl Refusal {
+    /// OpenAI's envelope, for `/report.json`.
+    fn into_json(self) -> Response {
+        match self {
+            Refusal::Filter { message, param, .. } => (
+                StatusCode::BAD_REQUEST,
+                Json(Error::invalid(message, param.as_deref()).envelope()),
+            )
+                .into_response(),
+            Refusal::Internal => internal(),
+        }
+    }
+}
+
 /// The report for the query's filter; axum's own query rejection is plain text, and a
-/// typo'd or repeated filter (`?sinse=1h`) must say so in OpenAI's envelope rather than
-/// report the whole ledger.
+/// typo'd or repeated filter (`?sinse=1h`) must say so rather than report the whole ledger.
 async fn build(
     st: &AppState,
     query: Result<Query<FilterArgs>, QueryRejection>,
-) -> Result<(Report, FilterArgs), Response> {
-    let bad = |message: String, param: Option<&str>| {
-        (StatusCode::BAD_REQUEST, Json(Error::invalid(message, param).envelope())).into_response()
-    };
+) -> Result<(Report, FilterArgs), Refusal> {
     let Query(args) = query.map_err(|rejection| {
         let message = rejection.body_text();
         // serde names the field as "unknown field `x`" or "duplicate field `x`".
         let param = message
             .split_once("field `")
             .and_then(|(_, rest)| rest.split_once('`'))
-            .map(|(field, _)| field);
-        bad(message.clone(), param)
+            .map(|(field, _)| field.to_owned());
+        Refusal::Filter {
+            message,
+            param,
+            args: FilterArgs::default(),
+        }
     })?;
-    let filter = args
-        .filter(report::now_ms())
-        .map_err(|(e, param)| bad(e.0, Some(param)))?;
+    let filter = match args.filter(report::now_ms()) {
+        Ok(f) => f,
+        Err((e, param)) => {
+            return Err(Refusal::Filter {
+                message: e.0,
+                param: Some(param.to_owned()),
+                args,
+            });
+        }
+    };
     let path = st.ledger.path().to_path_buf();
     let built = tokio::task::spawn_blocking(move || report::build(&[path], &filter)).await;
     match built {
         Ok(Ok(r)) => Ok((r, args)),
         Ok(Err(e)) => {
             tracing::error!(error = %e, "report failed");
-            Err(internal())
+            Err(Refusal::Internal)
         }
         Err(e) => {
             tracing::error!(error = %e, "report task failed");
-            Err(internal())
+            Err(Refusal::Internal)
         }
     }
 }
@@ -63,7 +95,7 @@ pub async fn report_json(
 ) -> Response {
     match build(&st, query).await {
         Ok((r, _)) => Json(r).into_response(),
-        Err(resp) => resp,
+        Err(refusal) => refusal.into_json(),
     }
 }
 
@@ -73,6 +105,11 @@ pub async fn report_page(
 ) -> Response {
     match build(&st, query).await {
         Ok((r, args)) => Html(report::html::page(&r, &args)).into_response(),
-        Err(resp) => resp,
+        Err(Refusal::Filter { message, args, .. }) => (
+            StatusCode::BAD_REQUEST,
+            Html(report::html::refusal_page(&message, &args)),
+        )
+            .into_response(),
+        Err(Refusal::Internal) => internal(),
     }
 }

@@ -56,6 +56,29 @@ tr.total td { font-weight: 600; border-top: 2px solid #d0d7de; }
 .foot { font-size: 12px; color: #57606a; margin-top: 16px; }
 "#;
 
+/// The page for a filter that was refused (`message` says why), with the form filled back
+/// in to correct it: a browser user gets the form again, not a JSON error.
+pub fn refusal_page(message: &str, args: &FilterArgs) -> String {
+    html! {
+        (DOCTYPE)
+        html lang="en" {
+            head {
+                meta charset="utf-8";
+                meta name="viewport" content="width=device-width, initial-scale=1";
+                title { "tiergate: cost and latency report" }
+                link rel="icon" href="data:,";
+                style { (PreEscaped(STYLE)) }
+            }
+            body {
+                h1 { "tiergate cost and latency report" }
+                (filter_form(args))
+                div.card.empty role="alert" { "The filter was not applied: " (message) }
+            }
+        }
+    }
+    .into_string()
+}
+
 /// The whole page for `report`, with `args` filled back into the filter form.
 pub fn page(r: &Report, args: &FilterArgs) -> String {
     let colour = |tier: &str| -> &'static str {
@@ -144,7 +167,7 @@ fn filter_form(a: &FilterArgs) -> Markup {
         form method="get" action="report" {
             label { "since" input name="since" placeholder="24h, 7d, 2025-06-01" value=(v(&a.since)); }
             label { "until" input name="until" placeholder="1h, 2025-06-02" value=(v(&a.until)); }
-            label { "key id" input name="key" placeholder="key-…" value=(v(&a.key)); }
+            label { "key id" input name="key" placeholder="key_…" value=(v(&a.key)); }
             label { "policy" input name="policy" value=(v(&a.policy)); }
             label { "request id prefix" input name="request_id_prefix" value=(v(&a.request_id_prefix)); }
             button type="submit" { "Apply" }

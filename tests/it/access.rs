@@ -619,8 +619,16 @@ fn keys_list_or_revoke_on_a_missing_store_is_an_error_and_revoking_twice_says_so
     assert!(!db.exists(), "no store was made by a typo");
     assert!(keys(&["create", "--name", "alice"]).status.success());
     let first = keys(&["revoke", "alice"]);
-    assert!(text(&first.stdout).starts_with("revoked key `alice`"), "{}", text(&first.stdout));
+    assert!(
+        text(&first.stdout).starts_with("revoked key `alice`"),
+        "{}",
+        text(&first.stdout)
+    );
     let again = keys(&["revoke", "alice"]);
     assert!(again.status.success());
-    assert!(text(&again.stdout).contains("was already revoked at"), "{}", text(&again.stdout));
+    assert!(
+        text(&again.stdout).contains("was already revoked at"),
+        "{}",
+        text(&again.stdout)
+    );
 }

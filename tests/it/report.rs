@@ -116,8 +116,30 @@ async fn report_json_filters_like_the_cli() {
         assert_eq!(body["error"]["code"], "invalid_request", "{query}");
         assert_eq!(body["error"]["param"], param, "{query}");
     }
-    let r = get(&gw, "/report?sinse=1h").await;
-    assert_eq!(r.status(), 400);
+    // The page answers a browser with the form again and the reason, not with JSON.
+    for (query, says, kept) in [
+        ("sinse=1h", "unknown field `sinse`", ""),
+        (
+            "since=last-tuesday&policy=balanced",
+            "last-tuesday",
+            "value=\"balanced\"",
+        ),
+    ] {
+        let r = get(&gw, &format!("/report?{query}")).await;
+        assert_eq!(r.status(), 400, "{query}");
+        assert!(
+            r.headers()["content-type"]
+                .to_str()
+                .expect("ascii")
+                .starts_with("text/html")
+        );
+        let page = r.text().await.expect("page");
+        assert!(
+            page.contains("The filter was not applied") && page.contains(says),
+            "{page}"
+        );
+        assert!(page.contains("<form") && page.contains(kept), "{page}");
+    }
 }
 
 #[tokio::test]
