@@ -120,6 +120,7 @@ pub enum PolicyCommand {
         /// Configuration whose tiers the policies may name.
         #[arg(long, short, env = "TIERGATE_CONFIG", default_value = "examples/tiergate.toml")]
         config: PathBuf,
+        /// Policy files to check (TOML, as `routing.policy` takes them).
         #[arg(required = true, value_name = "FILE")]
         files: Vec<PathBuf>,
     },
@@ -489,6 +490,8 @@ fn parse_header(s: &str) -> Result<(axum::http::HeaderName, axum::http::HeaderVa
 fn print_explanation(e: &crate::routing::Explanation) {
     match (e.score, e.scorer) {
         (Some(s), Some(by)) => println!("score     {s:.4} ({by})"),
+        // Not scored: the tier was named, by the model or by the `x-tiergate-tier` header.
+        _ if e.rule == "tier-override" => println!("score     - (the `x-tiergate-tier` header chose the tier)"),
         _ => println!("score     - (the request names a tier's model)"),
     }
     if let Some(p) = &e.policy {

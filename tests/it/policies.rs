@@ -776,3 +776,19 @@ fn a_gateway_without_classifier_or_local_tier_needs_no_onnx_runtime() {
         text(&out.stderr)
     );
 }
+
+#[test]
+fn explain_says_why_a_request_with_the_tier_header_is_not_scored() {
+    let out = tiergate(&[
+        "explain",
+        "--policy",
+        "policies/quality-first.toml",
+        "-H",
+        "x-tiergate-tier: cloud",
+        "hi",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let shown = text(&out.stdout);
+    assert!(shown.contains("score     - (the `x-tiergate-tier` header chose the tier)"), "{shown}");
+    assert!(shown.contains("rule      tier-override"), "{shown}");
+}
