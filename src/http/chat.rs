@@ -364,8 +364,10 @@ fn admit_spend(
     });
     // Tiers priced per token are the paid ones; a tier priced only by machine time is the
     // operator's own hardware and is not gated (its cost still counts as spend).
+    // A tier that cannot be called (no API key) is passed over: it will cost nothing.
     let max_cost = |tier: Option<&String>| {
-        tier.and_then(|t| rt.config.tiers.get(t))
+        tier.filter(|t| !rt.tier_problems.contains_key(*t))
+            .and_then(|t| rt.config.tiers.get(t))
             .map(|t| t.price.cost(prompt_tokens, max_output))
             .unwrap_or(0.0)
     };

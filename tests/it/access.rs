@@ -632,3 +632,26 @@ fn keys_list_or_revoke_on_a_missing_store_is_an_error_and_revoking_twice_says_so
         text(&again.stdout)
     );
 }
+
+#[tokio::test]
+async fn a_tier_that_cannot_be_called_holds_no_budget() {
+    // Room for one cloud request; the fallback tier would cost far more, but it has no key
+    // and will be passed over, so it must not make the reservation too big to fit.
+    let pricey_keyless = "\n[tiers.keyless]\nbackend = \"openai\"\nbase_url = \"http://127.0.0.1:9/v1\"\nmodel = \"fake-keyless\"\napi_key_env = \"TIERGATE_TEST_KEY_THAT_NOBODY_SETS\"\ninput_usd_per_mtok = 100000.0\noutput_usd_per_mtok = 100000.0\n";
+    let gw = gateway_with(&Setup {
+        policy: Some("[[rules]]\nname = \"primary\"\ntier = \"cloud\"\nfallback = [\"keyless\"]\n".to_owned()),
+        extra: pricey_keyless.to_owned(),
+        key_limits: KeyLimits {
+            daily_usd: Some(1.5 * reserved_per_request()),
+            ..KeyLimits::default()
+        },
+        ..Setup::default()
+    })
+    .await;
+    // Routed by the rule (a model name would skip its fallback list).
+    let mut body = race_body();
+    body["model"] = json!("tiergate-auto");
+    let r = gw.post_chat(&body).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(header(&r, "x-tiergate-tier"), "cloud");
+}

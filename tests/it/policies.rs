@@ -789,6 +789,9 @@ fn explain_says_why_a_request_with_the_tier_header_is_not_scored() {
     ]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let shown = text(&out.stdout);
-    assert!(shown.contains("score     - (the `x-tiergate-tier` header chose the tier)"), "{shown}");
+    assert!(
+        shown.contains("score     - (the `x-tiergate-tier` header chose the tier)"),
+        "{shown}"
+    );
     assert!(shown.contains("rule      tier-override"), "{shown}");
 }
