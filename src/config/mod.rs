@@ -538,10 +538,10 @@ impl Config {
         let ReloadToml { poll_secs } = reload;
         let reload_poll = match poll_secs.unwrap_or(1.0) {
             0.0 => None,
-            s => Some(secs(path, "reload.poll_secs", s).map_err(|_| {
+            s => Some(secs_at_most(path, "reload.poll_secs", s, 3600.0).map_err(|_| {
                 err(
                     path,
-                    "reload.poll_secs must be > 0 (seconds), or 0 to reload only on SIGHUP",
+                    format!("reload.poll_secs must be in (0, 3600] seconds, or 0 to reload only on SIGHUP; got {s}"),
                 )
             })?),
         };

@@ -293,7 +293,12 @@ fn routing_policies_stickiness_and_reload_are_validated() {
     let e = parse(&example().replace("ttl_secs = 3600", "ttl_secs = 0")).expect_err("ttl");
     assert!(e.contains("routing.stickiness.ttl_secs must be > 0"), "{e}");
     let e = parse(&example().replace("poll_secs = 1", "poll_secs = -1")).expect_err("poll");
-    assert!(e.contains("reload.poll_secs must be > 0"), "{e}");
+    assert!(e.contains("reload.poll_secs must be in (0, 3600] seconds"), "{e}");
+    let e = parse(&example().replace("poll_secs = 1", "poll_secs = 1e12")).expect_err("poll");
+    assert!(
+        e.contains("in (0, 3600] seconds, or 0 to reload only on SIGHUP; got 1000000000000"),
+        "{e}"
+    );
     let c = parse(&example().replace("poll_secs = 1", "poll_secs = 0")).expect("sighup only");
     assert_eq!(c.reload_poll, None);
 }
