@@ -389,6 +389,11 @@ fn keys(store: &crate::auth::KeyStore, command: KeysCommand) -> anyhow::Result<(
                     anyhow::bail!("`{flag}` must be a number >= 0");
                 }
             }
+            if let (Some(d), Some(m)) = (daily_usd, monthly_usd)
+                && d > m
+            {
+                eprintln!("note: `--daily-usd {d}` is above `--monthly-usd {m}`: the monthly budget binds first");
+            }
             let new = crate::auth::NewKey {
                 name,
                 team,

@@ -618,6 +618,13 @@ fn keys_list_or_revoke_on_a_missing_store_is_an_error_and_revoking_twice_says_so
     }
     assert!(!db.exists(), "no store was made by a typo");
     assert!(keys(&["create", "--name", "alice"]).status.success());
+    let odd = keys(&["create", "--name", "bob", "--daily-usd", "10", "--monthly-usd", "5"]);
+    assert!(odd.status.success(), "allowed, if odd");
+    assert!(
+        text(&odd.stderr).contains("the monthly budget binds first"),
+        "{}",
+        text(&odd.stderr)
+    );
     let first = keys(&["revoke", "alice"]);
     assert!(
         text(&first.stdout).starts_with("revoked key `alice`"),
