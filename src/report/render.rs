@@ -241,29 +241,39 @@ struct CsvRow<'a> {
     latency_p99_ms: Option<f64>,
 }
 
+/// `v` to `places` decimals: sums of float costs and latencies carry binary noise
+/// (`160.28683099999998`) that a spreadsheet would show. Nano-dollars, microseconds and
+/// millionths of a share are finer than any figure here means.
+fn round(v: f64, places: i32) -> f64 {
+    let k = 10f64.powi(places);
+    (v * k).round() / k
+}
+
 impl<'a> From<&'a Stats> for CsvRow<'a> {
     fn from(s: &'a Stats) -> Self {
+        let usd = |v: f64| round(v, 9);
+        let ms = |v: Option<f64>| v.map(|v| round(v, 3));
         CsvRow {
             tier: &s.tier,
             requests: s.requests,
-            share: s.share,
+            share: round(s.share, 6),
             prompt_tokens: s.prompt_tokens,
             completion_tokens: s.completion_tokens,
             tokens_estimated: s.tokens_estimated,
-            cost_usd: s.cost_usd,
-            baseline_cost_usd: s.baseline_cost_usd,
-            savings_usd: s.baseline_cost_usd - s.cost_usd,
+            cost_usd: usd(s.cost_usd),
+            baseline_cost_usd: usd(s.baseline_cost_usd),
+            savings_usd: usd(s.baseline_cost_usd - s.cost_usd),
             errors: s.errors,
-            error_rate: s.error_rate,
+            error_rate: round(s.error_rate, 6),
             disconnected: s.disconnected,
             fallbacks: s.fallbacks,
             escalations: s.escalations,
-            ttft_p50_ms: s.ttft_ms.p50,
-            ttft_p95_ms: s.ttft_ms.p95,
-            ttft_p99_ms: s.ttft_ms.p99,
-            latency_p50_ms: s.latency_ms.p50,
-            latency_p95_ms: s.latency_ms.p95,
-            latency_p99_ms: s.latency_ms.p99,
+            ttft_p50_ms: ms(s.ttft_ms.p50),
+            ttft_p95_ms: ms(s.ttft_ms.p95),
+            ttft_p99_ms: ms(s.ttft_ms.p99),
+            latency_p50_ms: ms(s.latency_ms.p50),
+            latency_p95_ms: ms(s.latency_ms.p95),
+            latency_p99_ms: ms(s.latency_ms.p99),
         }
     }
 }
