@@ -676,6 +676,16 @@ fn rule(
         Some(s) => {
             let rline = line_at(text, s.span().start);
             let src = s.into_inner();
+            // It would match every request while looking like a condition, and the rules
+            // after it would not be reported unreachable.
+            // (A pattern that matches the empty text matches every text unless anchored, as
+            // `^$` is: hence the samples.)
+            let always = |re: regex::Regex| ["", "a", "\n", "Hello, world."].iter().all(|t| re.is_match(t));
+            if regex::Regex::new(&src).is_ok_and(always) {
+                return Err(format!(
+                    "policy `{file}`: rules[{i}].regex (line {rline}) = `{src}` matches every request (even an empty one); remove the condition, or make the pattern require something"
+                ));
+            }
             let re = regex::Regex::new(&src).map_err(|e| {
                 format!(
                     "policy `{file}`: rules[{i}].regex (line {rline}) = `{src}` is not a valid regex: {e}; see https://docs.rs/regex/#syntax"

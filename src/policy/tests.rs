@@ -325,6 +325,8 @@ fn new_keys_are_validated_with_file_key_and_line() {
     let cases = [
         ("regex = 'a(b'", "rules[0].regex (line 4) = `a(b` is not a valid regex"),
         ("\n\nregex = '['", "rules[0].regex (line 6)"),
+        ("regex = ''", "rules[0].regex (line 4) = `` matches every request"),
+        ("regex = '(?i)(prove)?'", "matches every request"),
         (
             "keywords = []",
             "rules[0].keywords (line 4): the list must not be empty",
