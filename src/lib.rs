@@ -54,6 +54,12 @@ pub struct Runtime {
 }
 
 impl Runtime {
+    /// Whether `tier` can be called at all (its API key is there): a tier that cannot is
+    /// passed over in spill, fallback and escalation, and holds no budget.
+    pub fn can_call(&self, tier: &str) -> bool {
+        !self.tier_problems.contains_key(tier)
+    }
+
     pub fn build(config: Config) -> Result<Runtime, String> {
         Self::rebuild(config, None)
     }

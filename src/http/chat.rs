@@ -366,7 +366,7 @@ fn admit_spend(
     // operator's own hardware and is not gated (its cost still counts as spend).
     // A tier that cannot be called (no API key) is passed over: it will cost nothing.
     let max_cost = |tier: Option<&String>| {
-        tier.filter(|t| !rt.tier_problems.contains_key(*t))
+        tier.filter(|t| rt.can_call(t))
             .and_then(|t| rt.config.tiers.get(t))
             .map(|t| t.price.cost(prompt_tokens, max_output))
             .unwrap_or(0.0)
@@ -548,11 +548,7 @@ fn next_tier<'a>(then: &'a Then, tried: &[&str], e: &Error, usable: impl Fn(&str
 /// The rule's escalation, unless its tier cannot be called at all (no API key): then a weak
 /// answer is kept as it is, and a stream is not held back for a judgement nothing could act on.
 fn usable_escalation<'a>(rt: &Runtime, decision: &'a RouteDecision) -> Option<&'a Escalate> {
-    decision
-        .then
-        .escalate
-        .as_ref()
-        .filter(|e| !rt.tier_problems.contains_key(&e.tier))
+    decision.then.escalate.as_ref().filter(|e| rt.can_call(&e.tier))
 }
 
 /// The first answer is too weak: re-ask `to`, recording the first call as a

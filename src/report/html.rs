@@ -56,19 +56,27 @@ tr.total td { font-weight: 600; border-top: 2px solid #d0d7de; }
 .foot { font-size: 12px; color: #57606a; margin-top: 16px; }
 "#;
 
+/// The `<head>` both pages share.
+fn page_head() -> Markup {
+    html! {
+        head {
+            meta charset="utf-8";
+            meta name="viewport" content="width=device-width, initial-scale=1";
+            title { "tiergate: cost and latency report" }
+            // An empty icon, so the browser does not ask for /favicon.ico (a 404).
+            link rel="icon" href="data:,";
+            style { (PreEscaped(STYLE)) }
+        }
+    }
+}
+
 /// The page for a filter that was refused (`message` says why), with the form filled back
 /// in to correct it: a browser user gets the form again, not a JSON error.
 pub fn refusal_page(message: &str, args: &FilterArgs) -> String {
     html! {
         (DOCTYPE)
         html lang="en" {
-            head {
-                meta charset="utf-8";
-                meta name="viewport" content="width=device-width, initial-scale=1";
-                title { "tiergate: cost and latency report" }
-                link rel="icon" href="data:,";
-                style { (PreEscaped(STYLE)) }
-            }
+            (page_head())
             body {
                 h1 { "tiergate cost and latency report" }
                 (filter_form(args))
@@ -89,14 +97,7 @@ pub fn page(r: &Report, args: &FilterArgs) -> String {
     let markup = html! {
         (DOCTYPE)
         html lang="en" {
-            head {
-                meta charset="utf-8";
-                meta name="viewport" content="width=device-width, initial-scale=1";
-                title { "tiergate: cost and latency report" }
-                // An empty icon, so the browser does not ask for /favicon.ico (a 404).
-                link rel="icon" href="data:,";
-                style { (PreEscaped(STYLE)) }
-            }
+            (page_head())
             body {
                 h1 { "tiergate cost and latency report" }
                 div.sub { (headline(r)) }
