@@ -3,8 +3,9 @@
 //!
 //! `cargo bench --bench classifier` (after `python3 scripts/provision.py`). Besides
 //! criterion's estimates it prints p50/p90/p99 over 2,000 single-prompt calls per path,
-//! the figures BENCHMARKS.md quotes, for the served settings (ONNX Runtime threads
-//! spinning) and, side by side in blocks, with `spinning = false`.
+//! the figures BENCHMARKS.md quotes, for the served settings (the integer encoder graph,
+//! ONNX Runtime threads spinning) and, side by side in blocks, with the float `model.onnx`
+//! (what CPUs without VNNI run) and with `spinning = false`.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -29,9 +30,12 @@ fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-fn featurizer(spinning: bool) -> Featurizer {
+fn featurizer(spinning: bool, integer: bool) -> Featurizer {
     tiergate::onnx::init(None).expect("run `python3 scripts/provision.py` first");
-    let spec = Spec::load(&repo().join("router-model/head.json")).expect("spec");
+    let mut spec = Spec::load(&repo().join("router-model/head.json")).expect("spec");
+    if !integer {
+        spec.encoder_graph_path = None;
+    }
     let encoder = tiergate::cache::cache_dir().join("models/all-minilm-l6-v2-int8");
     Featurizer::load(&encoder, &repo().join("router-model/head.onnx"), spec, 2, spinning).expect("router model")
 }
@@ -44,6 +48,7 @@ fn classifier() -> Classifier {
         workers: 1,
         threads_per_worker: 2,
         spinning: true,
+        float_encoder: false,
         max_batch: 8,
         queue_capacity: 64,
         // No cache hits: every call is a model pass.
@@ -54,13 +59,19 @@ fn classifier() -> Classifier {
 }
 
 fn bench(c: &mut Criterion) {
-    let mut f = featurizer(true);
+    let mut f = featurizer(true, true);
     for (i, p) in PROMPTS.iter().enumerate() {
         let tokens = f.encode(p).expect("encode").len();
         c.bench_function(&format!("featurizer/prompt{i}_{tokens}tok"), |b| {
             b.iter(|| f.score(&[p]).expect("score"))
         });
     }
+    drop(f);
+    let mut float = featurizer(true, false);
+    c.bench_function("featurizer_float/prompt3", |b| {
+        b.iter(|| float.score(&[PROMPTS[3]]).expect("score"))
+    });
+    drop(float);
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     let cl = classifier();
     c.bench_function("scorer_path/prompt3", |b| {
@@ -81,17 +92,15 @@ fn percentiles(name: &str, mut samples: Vec<Duration>) {
 }
 
 fn latency_report() {
-    // Blocks of 250 calls, alternating: a spinning session's threads keep a core busy for
-    // a while after each call, which would slow the other's next call.
-    let mut spinning = featurizer(true);
-    let mut quiet = featurizer(false);
-    let (mut direct, mut calm) = (Vec::new(), Vec::new());
-    for block in 0..8 {
-        let (f, out) = if block % 2 == 0 {
-            (&mut spinning, &mut direct)
-        } else {
-            (&mut quiet, &mut calm)
-        };
+    // Blocks of 250 calls, rotating: a spinning session's threads keep a core busy for a
+    // while after each call, which would slow the next one's call.
+    let mut variants = [
+        ("featurizer (tokenize+encode+head)", featurizer(true, true), Vec::new()),
+        ("featurizer, float model.onnx", featurizer(true, false), Vec::new()),
+        ("featurizer, spinning = false", featurizer(false, true), Vec::new()),
+    ];
+    for block in 0..12 {
+        let (_, f, out) = &mut variants[block % 3];
         for i in 0..250 {
             let p = PROMPTS[i % PROMPTS.len()];
             let t = Instant::now();
@@ -99,9 +108,10 @@ fn latency_report() {
             out.push(t.elapsed());
         }
     }
-    drop(spinning);
-    percentiles("featurizer (tokenize+encode+head)", direct);
-    percentiles("featurizer, spinning = false", calm);
+    for (name, f, out) in variants {
+        drop(f);
+        percentiles(name, out);
+    }
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     let cl = Arc::new(classifier());
     let through_queue = rt.block_on(async {

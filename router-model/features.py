@@ -21,6 +21,8 @@ CACHE = os.environ.get("TIERGATE_CACHE", os.path.join(os.path.expanduser("~"), "
 MODEL_DIR = os.path.join(CACHE, "models", "all-minilm-l6-v2-int8")
 MODEL_PATH = os.path.join(MODEL_DIR, "model.onnx")
 TOKENIZER_PATH = os.path.join(MODEL_DIR, "tokenizer.json")
+# The encoder as run: model.onnx's weights in a graph with integer MatMuls (build_encoder.py).
+GRAPH_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "encoder.onnx")
 
 MAX_TOKENS = 32           # total sequence length incl. [CLS] and [SEP] (latency budget, see README)
 HEAD_TOKENS = 8           # content tokens kept from the start when truncating
@@ -84,15 +86,42 @@ def encode(tok, text, max_tokens=MAX_TOKENS, head_tokens=HEAD_TOKENS):
 
 
 # ---------------------------------------------------------------- encoder
+def integer_kernels_exact():
+    """Whether ONNX Runtime's uint8 x int8 products are exact on this CPU. On x86 without VNNI
+    they go through `vpmaddubsw`, which saturates pairs of products at 16 bits; there the gateway
+    runs model.onnx (float math) instead of encoder.onnx. Must agree with the Rust check."""
+    import platform
+    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686", "x86"):
+        return True
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return "avx512_vnni" in flags or "avx_vnni" in flags
+
+
+def served_graph():
+    """The encoder graph the gateway runs here: encoder.onnx, or model.onnx (see above)."""
+    return GRAPH_PATH if integer_kernels_exact() else MODEL_PATH
+
+
 class Encoder:
-    def __init__(self, model_path=MODEL_PATH, threads=2):
-        """model_path: a file, or the serialized graph (bytes)."""
+    def __init__(self, model_path=None, threads=2, weights_dir=MODEL_DIR):
+        """model_path: a file or the serialized graph (bytes); default: the graph served here.
+        A graph with external data (encoder.onnx) reads its weights from `weights_dir`."""
         import onnxruntime as ort
+        model_path = served_graph() if model_path is None else model_path
         so = ort.SessionOptions()
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if isinstance(model_path, str) and model_path != MODEL_PATH:
+            with open(model_path, "rb") as f:
+                model_path = f.read()
+        if isinstance(model_path, bytes):
+            so.add_session_config_entry("session.model_external_initializers_file_folder_path", weights_dir)
         self.sess = ort.InferenceSession(model_path, so, providers=["CPUExecutionProvider"])
 
     def run(self, batch_ids):
@@ -136,6 +165,8 @@ def embed_cached(texts, name, batch_size=32, threads=2, verbose=True,
     Returns dict with 'mean', 'max', 'cls' [N,384] float32 and 'ntok' [N] (truncated length)."""
     key = hashlib.sha256()
     key.update(_file_sha(MODEL_PATH).encode())
+    if served_graph() != MODEL_PATH:
+        key.update(_file_sha(served_graph()).encode())
     key.update(_file_sha(TOKENIZER_PATH).encode())
     key.update(f"{max_tokens}/{head_tokens}/{CHAR_HEAD}/{CHAR_TAIL}".encode())
     for t in texts:

@@ -88,38 +88,7 @@ BUDGETS = [(32, 8), (64, 17)]   # (total tokens incl. specials, head tokens): sh
 
 
 # ---------------------------------------------------------------- building the variants
-def fold_dequant(model, only_matmul_weights):
-    """Replace `Cast(q int8 initializer -> float)` + `Mul(., scale initializer)` pairs by one
-    float32 initializer float32(q) * scale named like the Mul's output. only_matmul_weights: fold
-    only the pairs whose output is input 1 (the weight) of a MatMul. -> (model, number folded)."""
-    from onnx import TensorProto, numpy_helper
-    g = model.graph
-    inits = {i.name: i for i in g.initializer}
-    cast_of = {n.output[0]: n for n in g.node if n.op_type == "Cast" and n.input[0] in inits
-               and inits[n.input[0]].data_type == TensorProto.INT8}
-    matmul_w = {n.input[1] for n in g.node if n.op_type == "MatMul"}
-    drop, new_inits = set(), []
-    index = {n.output[0]: i for i, n in enumerate(g.node)}
-    for i, n in enumerate(g.node):
-        if n.op_type != "Mul" or len(n.input) != 2:
-            continue
-        a, b = n.input
-        cast, scale = (cast_of.get(a), b) if a in cast_of else (cast_of.get(b), a)
-        if cast is None or scale not in inits or (only_matmul_weights and n.output[0] not in matmul_w):
-            continue
-        q = numpy_helper.to_array(inits[cast.input[0]])
-        s = numpy_helper.to_array(inits[scale])
-        w = (q.astype(np.float32) * s.astype(np.float32)).astype(np.float32)
-        new_inits.append(numpy_helper.from_array(np.ascontiguousarray(w), n.output[0]))
-        drop |= {i, index[cast.output[0]]}
-    keep = [n for i, n in enumerate(g.node) if i not in drop]
-    del g.node[:]
-    g.node.extend(keep)
-    used = {x for n in g.node for x in n.input} | {o.name for o in g.output}
-    kept_inits = [i for i in g.initializer if i.name in used]
-    del g.initializer[:]
-    g.initializer.extend(kept_inits + new_inits)
-    return model, len(new_inits)
+from build_encoder import fold_dequant  # noqa: E402  (the adopted build uses the same fold)
 
 
 def build(key, out_dir):

@@ -6,6 +6,7 @@
     python score.py --messages '[{"role":"user","content":"hi"}]'  # an OpenAI messages array
     python score.py --latency                                      # p50/p99 over sample prompts
     python score.py --parity results/parity.jsonl                  # test vectors for the Rust port
+    python score.py --percentiles                                  # the model card's percentile table
 """
 import argparse
 import json
@@ -21,10 +22,11 @@ import features as F  # noqa: E402
 
 
 class Scorer:
-    def __init__(self, head=os.path.join(HERE, "head.onnx"), threads=2):
+    def __init__(self, head=os.path.join(HERE, "head.onnx"), threads=2, graph=None):
+        """graph: the encoder graph (default: the one the gateway serves on this CPU)."""
         import onnxruntime as ort
         self.tok = F.load_tokenizer()
-        self.enc = F.Encoder(threads=threads)
+        self.enc = F.Encoder(graph, threads=threads)
         so = ort.SessionOptions()
         so.intra_op_num_threads = 1
         self.head = ort.InferenceSession(head, so, providers=["CPUExecutionProvider"])
@@ -62,8 +64,13 @@ PARITY_CASES = [
 ]
 
 
-def write_parity(s, path):
-    """Test vectors: for each case the scored text, model input ids, feature vector and score."""
+def write_parity(path, threads):
+    """Test vectors: for each case the scored text, model input ids, feature vector and score of
+    the integer graph, and the score of the float model.onnx (what CPUs without VNNI run).
+    Needs a CPU whose integer products are exact (the integer graph's scores would be wrong)."""
+    if not F.integer_kernels_exact():
+        sys.exit("--parity needs a CPU with VNNI (or not x86): see FEATURES.md section 4")
+    s, fl = Scorer(threads=threads, graph=F.GRAPH_PATH), Scorer(threads=threads, graph=F.MODEL_PATH)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:
         for case in PARITY_CASES:
@@ -71,8 +78,28 @@ def write_parity(s, path):
             x = s.features(text)
             f.write(json.dumps({"messages": case["messages"], "scored_text": text,
                                 "input_ids": F.encode(s.tok, text), "features": [round(float(v), 7) for v in x],
-                                "score": round(s.score(text), 7)}, ensure_ascii=False) + "\n")
+                                "score": round(s.score(text), 7), "score_float": round(fl.score(text), 7)},
+                               ensure_ascii=False) + "\n")
     print(f"wrote {len(PARITY_CASES)} test vectors to {path}")
+
+
+def percentiles(s):
+    """The model card's table of score percentiles: benchmark scores from results/scores.jsonl
+    (MMLU out-of-fold, GSM8K and MT-Bench turn 1 by head.onnx), the hand-written prompts scored
+    here by head.onnx (in-sample: they are in its training data)."""
+    groups = {"MMLU (out-of-fold)": [], "GSM8K": [], "MT-Bench turn 1": []}
+    names = {"mmlu": "MMLU (out-of-fold)", "gsm8k": "GSM8K", "mt_bench": "MT-Bench turn 1"}
+    for line in open(os.path.join(HERE, "results", "scores.jsonl"), encoding="utf-8"):
+        r = json.loads(line)
+        groups[names[r["benchmark"]]].append(r["score"])
+    from train import read_train_file
+    own = read_train_file(os.path.join(HERE, "data", "own_prompts.jsonl"))   # (scored text, label, weight)
+    for label, name in ((0, "hand-written routine (in-sample)"), (1, "hand-written hard (in-sample)")):
+        groups[name] = [s.score(text) for text, lab, _ in own if lab == label]
+    print("| prompts | p10 | p25 | p50 | p75 | p90 |")
+    print("|---|---|---|---|---|---|")
+    for name, v in groups.items():
+        print(f"| {name} | " + " | ".join(f"{np.percentile(v, q):.3f}" for q in (10, 25, 50, 75, 90)) + " |")
 
 
 def main():
@@ -82,10 +109,14 @@ def main():
     ap.add_argument("--latency", action="store_true")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--parity", help="write test vectors (text, ids, features, score) to this JSONL")
+    ap.add_argument("--percentiles", action="store_true", help="print the score percentile table")
     a = ap.parse_args()
-    s = Scorer(threads=a.threads)
     if a.parity:
-        write_parity(s, a.parity)
+        write_parity(a.parity, a.threads)
+        return
+    s = Scorer(threads=a.threads)
+    if a.percentiles:
+        percentiles(s)
         return
     if a.latency:
         rows = [json.loads(line) for line in open(os.path.join(HERE, "data", "mmlu.jsonl"), encoding="utf-8")]

@@ -2,7 +2,7 @@
 //! (character window, WordPiece, head+tail cut) → encoder → pooled states + hand features,
 //! concatenated in the order the head expects. Must agree with `router-model/features.py`.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use ort::session::Session;
 use ort::session::builder::GraphOptimizationLevel;
@@ -23,14 +23,36 @@ pub struct Spec {
     /// `max`, `cls` (pooled encoder states over real tokens incl. `[CLS]`/`[SEP]`) and hand
     /// features: `log1p_chars` = ln(1 + Unicode scalar values of the whole scored text).
     pub features: Vec<String>,
+    /// sha256 of the encoder's `model.onnx` the head was trained on; checked at load, so a
+    /// head is never fed another encoder's states.
     #[serde(default)]
     pub encoder_sha256: Option<String>,
+    /// The encoder's graph as run, a file beside this spec. Its weights are not in it: they are
+    /// read from `model.onnx` in the encoder directory (ONNX external data, by byte offset),
+    /// so the graph can be committed while the weights stay a provisioned, pinned download.
+    /// Without it, `model.onnx` itself is run.
+    #[serde(default)]
+    pub encoder_graph: Option<String>,
+    /// `encoder_graph` resolved against the spec's directory.
+    #[serde(skip)]
+    pub encoder_graph_path: Option<PathBuf>,
 }
 
 impl Spec {
     pub fn load(path: &Path) -> Result<Spec, String> {
         let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read `{}`: {e}", path.display()))?;
-        let spec: Spec = serde_json::from_str(&text).map_err(|e| format!("`{}`: {e}", path.display()))?;
+        let mut spec: Spec = serde_json::from_str(&text).map_err(|e| format!("`{}`: {e}", path.display()))?;
+        if let Some(g) = &spec.encoder_graph {
+            let graph = path.parent().unwrap_or(Path::new(".")).join(g);
+            if !graph.is_file() {
+                return Err(format!(
+                    "`{}`: encoder_graph `{}` is not a file",
+                    path.display(),
+                    graph.display()
+                ));
+            }
+            spec.encoder_graph_path = Some(graph);
+        }
         for f in &spec.features {
             if !matches!(f.as_str(), "mean" | "mean_l2" | "max" | "cls" | "log1p_chars") {
                 return Err(format!("`{}`: unknown feature `{f}`", path.display()));
@@ -83,9 +105,22 @@ pub struct Featurizer {
     hidden: usize,
 }
 
-fn session(path: &Path, threads: usize, spinning: bool) -> Result<Session, String> {
+/// Where a session's graph comes from.
+enum Graph<'a> {
+    File(&'a Path),
+    /// A graph whose weights are external data in files of `weights_dir`.
+    Split {
+        graph: &'a Path,
+        weights_dir: &'a Path,
+    },
+}
+
+fn session(from: Graph<'_>, threads: usize, spinning: bool) -> Result<Session, String> {
+    let path = match from {
+        Graph::File(p) | Graph::Split { graph: p, .. } => p,
+    };
     let err = |e: ort::Error| format!("cannot load `{}`: {e}", path.display());
-    Session::builder(crate::onnx::environment().ok_or("ONNX Runtime is not loaded")?)
+    let mut builder = Session::builder(crate::onnx::environment().ok_or("ONNX Runtime is not loaded")?)
         .map_err(err)?
         .with_optimization_level(GraphOptimizationLevel::Level3)
         .map_err(|e| err(e.into()))?
@@ -94,9 +129,59 @@ fn session(path: &Path, threads: usize, spinning: bool) -> Result<Session, Strin
         .with_inter_threads(1)
         .map_err(|e| err(e.into()))?
         .with_config_entry("session.intra_op.allow_spinning", if spinning { "1" } else { "0" })
-        .map_err(|e| err(e.into()))?
-        .commit_from_file(path)
-        .map_err(err)
+        .map_err(|e| err(e.into()))?;
+    match from {
+        Graph::File(p) => builder.commit_from_file(p).map_err(err),
+        Graph::Split { graph, weights_dir } => {
+            let bytes = std::fs::read(graph).map_err(|e| format!("cannot read `{}`: {e}", graph.display()))?;
+            // Loaded from memory, ONNX Runtime would look for external data in the working
+            // directory; this points it at the encoder's directory instead.
+            builder
+                .with_config_entry(
+                    "session.model_external_initializers_file_folder_path",
+                    weights_dir.to_string_lossy(),
+                )
+                .map_err(|e| err(e.into()))?
+                .commit_from_memory(&bytes)
+                .map_err(err)
+        }
+    }
+}
+
+/// Whether ONNX Runtime's uint8 × int8 products are exact on this CPU. On x86 without VNNI
+/// they go through `vpmaddubsw`, which saturates pairs of products at 16 bits, so there the
+/// float `model.onnx` is run instead of the integer graph. Mirrors `features.py`.
+pub fn integer_kernels_exact() -> bool {
+    #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
+    {
+        std::arch::is_x86_feature_detected!("avx512vnni") || std::arch::is_x86_feature_detected!("avxvnni")
+    }
+    #[cfg(not(any(target_arch = "x86", target_arch = "x86_64")))]
+    {
+        true
+    }
+}
+
+/// Checks that `model.onnx` in `encoder_dir` is the file the head was trained on.
+pub fn check_encoder(encoder_dir: &Path, spec: &Spec) -> Result<(), String> {
+    use sha2::Digest;
+    let Some(want) = &spec.encoder_sha256 else {
+        return Ok(());
+    };
+    let path = encoder_dir.join("model.onnx");
+    let mut hasher = sha2::Sha256::new();
+    std::fs::File::open(&path)
+        .and_then(|mut f| std::io::copy(&mut f, &mut hasher))
+        .map_err(|e| format!("cannot read `{}`: {e}", path.display()))?;
+    let got = crate::auth::store::hex(&hasher.finalize());
+    if !got.eq_ignore_ascii_case(want) {
+        return Err(format!(
+            "`{}` has sha256 {got}, but the head was trained on {want}; run `python3 scripts/provision.py` \
+             (or point routing.classifier.encoder_dir at the encoder the head was trained on)",
+            path.display()
+        ));
+    }
+    Ok(())
 }
 
 impl Featurizer {
@@ -115,8 +200,20 @@ impl Featurizer {
         // The shipped tokenizer.json pads and truncates to 128; the recipe does its own cut.
         tokenizer.with_padding(None);
         tokenizer.with_truncation(None).map_err(|e| format!("tokenizer: {e}"))?;
-        let encoder = session(&encoder_dir.join("model.onnx"), threads, spinning)?;
-        let head = session(head, 1, false)?;
+        let weights = encoder_dir.join("model.onnx");
+        // `Classifier::start` reports the same choice as its `encoder`.
+        let encoder = match spec.encoder_graph_path.as_deref().filter(|_| integer_kernels_exact()) {
+            Some(graph) => session(
+                Graph::Split {
+                    graph,
+                    weights_dir: encoder_dir,
+                },
+                threads,
+                spinning,
+            )?,
+            None => session(Graph::File(&weights), threads, spinning)?,
+        };
+        let head = session(Graph::File(head), 1, false)?;
         Ok(Featurizer {
             tokenizer,
             encoder,
@@ -261,6 +358,8 @@ mod tests {
             sep_id: 102,
             features: vec!["mean".into()],
             encoder_sha256: None,
+            encoder_graph: None,
+            encoder_graph_path: None,
         }
     }
 
@@ -271,5 +370,37 @@ mod tests {
         assert_eq!(char_window("日本語テキスト", 3, 2), "日本語\nスト");
         assert_eq!(truncate_ids(&[1, 2, 3, 4, 5, 6], &spec()), vec![101, 1, 4, 5, 6, 102]);
         assert_eq!(truncate_ids(&[1, 2], &spec()), vec![101, 1, 2, 102]);
+    }
+
+    #[test]
+    fn a_spec_names_a_missing_encoder_graph() {
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("head.json");
+        let text = r#"{"max_tokens": 32, "head_tokens": 8, "char_head": 512, "char_tail": 1024,
+            "cls_id": 101, "sep_id": 102, "features": ["mean_l2"], "encoder_graph": "enc.onnx"}"#;
+        std::fs::write(&path, text).expect("write");
+        let e = Spec::load(&path).expect_err("missing graph");
+        assert!(e.contains("encoder_graph") && e.contains("enc.onnx"), "{e}");
+        std::fs::write(dir.path().join("enc.onnx"), b"graph").expect("write");
+        let spec = Spec::load(&path).expect("spec");
+        assert_eq!(spec.encoder_graph_path, Some(dir.path().join("enc.onnx")));
+    }
+
+    #[test]
+    fn another_encoder_than_the_heads_is_refused() {
+        let dir = tempfile::tempdir().expect("dir");
+        let mut s = spec();
+        assert_eq!(check_encoder(dir.path(), &s), Ok(()), "no sha256: nothing to check");
+        s.encoder_sha256 = Some("8199be6f699a395f99f89df973f9dc5285fbcfcdb2ae1a4e1201dab014f3d2a6".into());
+        let e = check_encoder(dir.path(), &s).expect_err("missing");
+        assert!(e.contains("model.onnx"), "{e}");
+        std::fs::write(dir.path().join("model.onnx"), b"abc").expect("write");
+        let e = check_encoder(dir.path(), &s).expect_err("other file");
+        assert!(
+            e.contains("ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"),
+            "{e}"
+        );
+        s.encoder_sha256 = Some("BA7816BF8F01CFEA414140DE5DAE2223B00361A396177A9CB410FF61F20015AD".into());
+        assert_eq!(check_encoder(dir.path(), &s), Ok(()));
     }
 }

@@ -28,6 +28,8 @@ pub struct ClassifierConfig {
     pub threads_per_worker: usize,
     /// Let ONNX Runtime's threads spin between runs (see `Featurizer::load`).
     pub spinning: bool,
+    /// Run the float `model.onnx` even where the spec's integer graph would be exact.
+    pub float_encoder: bool,
     pub max_batch: usize,
     pub queue_capacity: usize,
     pub cache_capacity: u64,
@@ -68,6 +70,8 @@ pub struct Classifier {
     fallback: LengthScorer,
     timeout: Duration,
     workers: usize,
+    /// Which encoder graph runs: `integer` (the spec's `encoder_graph`) or `float` (`model.onnx`).
+    pub encoder: &'static str,
     pub stats: Arc<Stats>,
 }
 
@@ -75,7 +79,16 @@ impl Classifier {
     /// Loads one featurizer per worker (failing fast if the files are missing or broken)
     /// and starts the workers.
     pub fn start(cfg: &ClassifierConfig, fallback: LengthScorer) -> Result<Classifier, String> {
-        let spec = Spec::load(&cfg.spec)?;
+        let mut spec = Spec::load(&cfg.spec)?;
+        features::check_encoder(&cfg.encoder_dir, &spec)?;
+        if cfg.float_encoder {
+            spec.encoder_graph_path = None;
+        }
+        let encoder = if spec.encoder_graph_path.is_some() && features::integer_kernels_exact() {
+            "integer"
+        } else {
+            "float"
+        };
         let (tx, rx) = mpsc::channel::<Job>(cfg.queue_capacity.max(1));
         let rx = Arc::new(Mutex::new(rx));
         let stats = Arc::new(Stats::default());
@@ -101,6 +114,7 @@ impl Classifier {
             fallback,
             timeout: cfg.timeout,
             workers: cfg.workers.max(1),
+            encoder,
             stats,
         })
     }

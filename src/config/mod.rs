@@ -127,6 +127,7 @@ struct ClassifierToml {
     workers: Option<usize>,
     threads_per_worker: Option<usize>,
     spinning: Option<bool>,
+    encoder: Option<String>,
     max_batch: Option<usize>,
     queue_capacity: Option<usize>,
     cache_capacity: Option<u64>,
@@ -901,11 +902,22 @@ fn classifier_config(
         workers,
         threads_per_worker,
         spinning,
+        encoder,
         max_batch,
         queue_capacity,
         cache_capacity,
         timeout_ms,
     } = c;
+    let float_encoder = match encoder.as_deref().unwrap_or("auto") {
+        "auto" => false,
+        "float" => true,
+        other => {
+            return Err(err(
+                file,
+                format!("routing.classifier.encoder must be \"auto\" or \"float\", not {other:?}"),
+            ));
+        }
+    };
     let Some(head) = head.as_deref().map(resolve) else {
         return Err(err(
             file,
@@ -943,6 +955,7 @@ fn classifier_config(
         // its threads spinning (BENCHMARKS.md, "Classifier latency"), and the thread count
         // above never exceeds the CPUs, where spinning would starve the async workers.
         spinning: spinning.unwrap_or(true),
+        float_encoder,
         max_batch: positive(file, "routing.classifier.max_batch", max_batch.unwrap_or(8))?,
         queue_capacity: positive(file, "routing.classifier.queue_capacity", queue_capacity.unwrap_or(64))?,
         cache_capacity: cache_capacity.unwrap_or(10_000),

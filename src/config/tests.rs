@@ -24,6 +24,9 @@ fn the_example_config_is_valid() {
     assert!((c.baseline.cost(1_000_000, 1_000_000) - 12.5).abs() < 1e-9);
     let cc = c.classifier.expect("the example uses the learned router");
     assert!(cc.head.ends_with("router-model/head.onnx") && cc.spec.ends_with("router-model/head.json"));
+    assert!(!cc.float_encoder, "the integer graph where the CPU computes it exactly");
+    let float = parse(&example().replace("timeout_ms = 50", "timeout_ms = 50\nencoder = \"float\""));
+    assert!(float.expect("valid").classifier.expect("classifier").float_encoder);
 }
 
 #[test]
@@ -49,6 +52,10 @@ fn errors_name_the_file_and_key() {
         (
             example().replace("aliases = [\"tiergate-auto\"]", "aliases = [\"a\", \"a\"]"),
             "routing.aliases: `a` must be a non-empty name, listed once",
+        ),
+        (
+            example().replace("timeout_ms = 50", "timeout_ms = 50\nencoder = \"int8\""),
+            "routing.classifier.encoder must be \"auto\" or \"float\", not \"int8\"",
         ),
         (
             example().replace("aliases = [\"tiergate-auto\"]", "aliases = [\"\"]"),

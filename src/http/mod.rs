@@ -475,6 +475,7 @@ async fn readyz(State(st): State<Arc<AppState>>) -> impl IntoResponse {
         "policies": rt.config.policies.keys().collect::<Vec<_>>(),
         "reload": st.reload.last(),
         "scorer": rt.scorer_name,
+        "classifier": rt.classifier.as_ref().map(|c| json!({"encoder": c.encoder})),
         "tiers": tiers,
     });
     let status = if ledger_ok {

@@ -35,7 +35,13 @@ fn rust_scores_match_the_python_reference() {
             .filter_map(Value::as_i64)
             .collect();
         assert_eq!(f.encode(&scored).expect("encode"), ids, "input ids for {scored:.60}");
-        let want = v["score"].as_f64().expect("score");
+        // CPUs without VNNI run the float model.onnx; the vectors carry its score too.
+        let key = if tiergate::classifier::features::integer_kernels_exact() {
+            "score"
+        } else {
+            "score_float"
+        };
+        let want = v[key].as_f64().expect("score");
         let got = f64::from(f.score(&[&scored]).expect("score")[0]);
         assert!(
             (got - want).abs() < 1e-4,
@@ -61,6 +67,51 @@ fn batched_scores_equal_single_scores() {
     }
 }
 
+#[test]
+fn the_float_encoder_scores_like_the_integer_graph() {
+    // CPUs whose integer products could saturate run the float `model.onnx` with the same head.
+    let mut integer = featurizer();
+    tiergate::onnx::init(None).expect("ONNX Runtime provisioned");
+    let encoder = tiergate::cache::cache_dir().join("models/all-minilm-l6-v2-int8");
+    let mut spec = Spec::load(&repo().join("router-model/head.json")).expect("spec");
+    assert!(spec.encoder_graph_path.is_some(), "head.json names the integer graph");
+    spec.encoder_graph_path = None;
+    let mut float =
+        Featurizer::load(&encoder, &repo().join("router-model/head.onnx"), spec, 2, false).expect("float encoder");
+    let texts = [
+        "hi",
+        "Prove that the square root of two is irrational, step by step.",
+        "You are a support bot.\n\nWhich plan has SSO?",
+        "Design a distributed rate limiter for a global API with per-tenant quotas.",
+    ];
+    let a = integer.score(&texts).expect("integer");
+    let b = float.score(&texts).expect("float");
+    let most = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+    assert!(most < 0.01, "integer {a:?} vs float {b:?}");
+    if tiergate::classifier::features::integer_kernels_exact() {
+        assert!(most > 0.0, "the integer graph is run where it is exact");
+    }
+}
+
+#[tokio::test]
+async fn encoder_float_runs_the_float_model_and_says_so() {
+    let routing = format!(
+        "scorer = \"classifier\"\n[routing.classifier]\ntimeout_ms = 10000\nencoder = \"float\"\nhead = \"{}\"\n",
+        repo().join("router-model/head.onnx").display()
+    );
+    let gw = gateway_with(&crate::common::Setup {
+        routing,
+        ..Default::default()
+    })
+    .await;
+    assert_eq!(gw.get_json("/readyz").await["classifier"]["encoder"], "float");
+    let r = gw
+        .post_chat(&crate::common::user("tiergate-auto", "What is 2 + 2?"))
+        .await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-tiergate-scorer"], "classifier");
+}
+
 #[tokio::test]
 async fn the_gateway_routes_with_the_classifier_and_explains() {
     let routing = format!(
@@ -74,6 +125,12 @@ async fn the_gateway_routes_with_the_classifier_and_explains() {
     .await;
     let ready = gw.get_json("/readyz").await;
     assert_eq!(ready["onnxruntime"]["version"], tiergate::onnx::PINNED_VERSION);
+    let encoder = if tiergate::classifier::features::integer_kernels_exact() {
+        "integer"
+    } else {
+        "float"
+    };
+    assert_eq!(ready["classifier"]["encoder"], encoder, "{ready}");
     let r = gw
         .post_chat(&crate::common::user("tiergate-auto", "What is 2 + 2?"))
         .await;
