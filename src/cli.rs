@@ -336,6 +336,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     eprintln!("warning: tier `{}` cannot be called in this environment: {why}", t.name);
                 }
             }
+            // Its files come from provisioning, so their absence is this machine's, not the config's.
+            if let Some(cc) = &c.classifier
+                && let Err(why) = crate::classifier::preflight(cc)
+            {
+                eprintln!("warning: the classifier cannot start in this environment (serve would stop): {why}");
+            }
             Ok(())
         }
         Command::Policy { command } => policy_command(command).await,

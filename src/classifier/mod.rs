@@ -133,6 +133,26 @@ impl Classifier {
     }
 }
 
+/// What `Classifier::start` needs besides ONNX Runtime, checked without loading a model
+/// (for `tiergate check`): the spec and the files it names, the head, the tokenizer and the
+/// encoder the head was trained on.
+pub fn preflight(cfg: &ClassifierConfig) -> Result<(), String> {
+    let spec = Spec::load(&cfg.spec)?;
+    if !cfg.head.is_file() {
+        return Err(format!("the head `{}` is not a file", cfg.head.display()));
+    }
+    for name in ["tokenizer.json", "model.onnx"] {
+        let f = cfg.encoder_dir.join(name);
+        if !f.is_file() {
+            return Err(format!(
+                "`{}` is not a file: run `python3 scripts/provision.py` (or set routing.classifier.encoder_dir)",
+                f.display()
+            ));
+        }
+    }
+    features::check_encoder(&cfg.encoder_dir, &spec)
+}
+
 fn cache_key(text: &str) -> u64 {
     // SipHash with fixed keys: stable within the process, which is all the cache needs.
     let mut h = std::hash::DefaultHasher::new();

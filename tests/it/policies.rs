@@ -749,6 +749,54 @@ fn check_warns_of_a_tier_whose_key_is_missing_here_but_passes() {
 }
 
 #[test]
+fn check_warns_when_the_classifier_could_not_start_here() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let example = std::fs::read_to_string(repo().join("examples/tiergate.toml")).expect("example");
+    let root = repo().display().to_string();
+    let write = |name: &str, encoder_dir: &std::path::Path| {
+        let text = example.replace("\"../", &format!("\"{root}/")).replace(
+            "# encoder_dir = \"/path/to/all-minilm-l6-v2-int8\"",
+            &format!("encoder_dir = \"{}\"", encoder_dir.display()),
+        );
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).expect("write config");
+        path
+    };
+    let check = |config: &std::path::Path| {
+        Command::new(env!("CARGO_BIN_EXE_tiergate"))
+            .args(["check", "--config"])
+            .arg(config)
+            .env("OPENAI_API_KEY", "sk-test-not-a-real-key")
+            .output()
+            .expect("run tiergate")
+    };
+    let fine = check(&write(
+        "fine.toml",
+        &tiergate::cache::cache_dir().join("models/all-minilm-l6-v2-int8"),
+    ));
+    assert!(
+        fine.status.success() && text(&fine.stderr).is_empty(),
+        "{}",
+        text(&fine.stderr)
+    );
+    let empty = dir.path().join("empty");
+    std::fs::create_dir(&empty).expect("dir");
+    let out = check(&write("empty.toml", &empty));
+    assert!(out.status.success(), "a warning, not a failure: {}", text(&out.stderr));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("warning: the classifier cannot start in this environment")
+            && err.contains("tokenizer.json")
+            && err.contains("scripts/provision.py"),
+        "{err}"
+    );
+    std::fs::write(empty.join("tokenizer.json"), "{}").expect("write");
+    std::fs::write(empty.join("model.onnx"), "not the encoder").expect("write");
+    let err = text(&check(&write("other.toml", &empty)).stderr);
+    assert!(err.contains("but the head was trained on"), "{err}");
+}
+
+#[test]
 fn a_gateway_without_classifier_or_local_tier_needs_no_onnx_runtime() {
     let dir = tempfile::tempdir().expect("tempdir");
     // The test config: length scorer, remote tiers only.
