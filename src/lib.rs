@@ -124,7 +124,13 @@ impl Runtime {
             .filter(|o| {
                 o.config.classifier == config.classifier && o.config.length_half_tokens == config.length_half_tokens
             })
-            .and_then(|o| o.classifier.clone());
+            .and_then(|o| o.classifier.clone())
+            .filter(|c| {
+                config
+                    .classifier
+                    .as_ref()
+                    .is_some_and(|cfg| classifier::file_stamps(cfg) == c.stamps)
+            });
         let classifier = match &config.classifier {
             Some(_) if old_classifier.is_some() => old_classifier,
             Some(c) => Some(Arc::new(classifier::Classifier::start(

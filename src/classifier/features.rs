@@ -43,15 +43,15 @@ impl Spec {
         let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read `{}`: {e}", path.display()))?;
         let mut spec: Spec = serde_json::from_str(&text).map_err(|e| format!("`{}`: {e}", path.display()))?;
         if let Some(g) = &spec.encoder_graph {
-            let graph = path.parent().unwrap_or(Path::new(".")).join(g);
-            if !graph.is_file() {
+            // The graph reads its weights by byte offset: only the exact file it was built
+            // from gives the right numbers, so it must be pinned.
+            if spec.encoder_sha256.is_none() {
                 return Err(format!(
-                    "`{}`: encoder_graph `{}` is not a file",
-                    path.display(),
-                    graph.display()
+                    "`{}`: encoder_graph needs encoder_sha256 (the sha256 of the model.onnx it reads its weights from)",
+                    path.display()
                 ));
             }
-            spec.encoder_graph_path = Some(graph);
+            spec.encoder_graph_path = Some(path.parent().unwrap_or(Path::new(".")).join(g));
         }
         for f in &spec.features {
             if !matches!(f.as_str(), "mean" | "mean_l2" | "max" | "cls" | "log1p_chars") {
@@ -133,7 +133,20 @@ fn session(from: Graph<'_>, threads: usize, spinning: bool) -> Result<Session, S
     match from {
         Graph::File(p) => builder.commit_from_file(p).map_err(err),
         Graph::Split { graph, weights_dir } => {
-            let bytes = std::fs::read(graph).map_err(|e| format!("cannot read `{}`: {e}", graph.display()))?;
+            let err = |e: ort::Error| {
+                format!(
+                    "cannot load `{}`: {e}; restore it (router-model/encoder.onnx in the repository, \
+                     `python router-model/build_encoder.py` rebuilds it) or set routing.classifier.encoder = \"float\"",
+                    graph.display()
+                )
+            };
+            let bytes = std::fs::read(graph).map_err(|e| {
+                format!(
+                    "cannot read `{}` (the spec's encoder_graph): {e}; restore it, or set \
+                     routing.classifier.encoder = \"float\"",
+                    graph.display()
+                )
+            })?;
             // Loaded from memory, ONNX Runtime would look for external data in the working
             // directory; this points it at the encoder's directory instead.
             builder
@@ -172,12 +185,18 @@ pub fn check_encoder(encoder_dir: &Path, spec: &Spec) -> Result<(), String> {
     let mut hasher = sha2::Sha256::new();
     std::fs::File::open(&path)
         .and_then(|mut f| std::io::copy(&mut f, &mut hasher))
-        .map_err(|e| format!("cannot read `{}`: {e}", path.display()))?;
+        .map_err(|e| {
+            format!(
+                "cannot read `{}`: {e}; run `python3 scripts/provision.py` (or set routing.classifier.encoder_dir)",
+                path.display()
+            )
+        })?;
     let got = crate::auth::store::hex(&hasher.finalize());
     if !got.eq_ignore_ascii_case(want) {
         return Err(format!(
-            "`{}` has sha256 {got}, but the head was trained on {want}; run `python3 scripts/provision.py` \
-             (or point routing.classifier.encoder_dir at the encoder the head was trained on)",
+            "`{}` has sha256 {got}, but the head's spec (encoder_sha256) says it was trained on {want}: \
+             run `python3 scripts/provision.py` for the pinned encoder, or point \
+             routing.classifier.encoder_dir at the one the head was trained on",
             path.display()
         ));
     }
@@ -373,15 +392,17 @@ mod tests {
     }
 
     #[test]
-    fn a_spec_names_a_missing_encoder_graph() {
+    fn an_encoder_graph_must_be_pinned_to_its_weights() {
         let dir = tempfile::tempdir().expect("dir");
         let path = dir.path().join("head.json");
         let text = r#"{"max_tokens": 32, "head_tokens": 8, "char_head": 512, "char_tail": 1024,
             "cls_id": 101, "sep_id": 102, "features": ["mean_l2"], "encoder_graph": "enc.onnx"}"#;
         std::fs::write(&path, text).expect("write");
-        let e = Spec::load(&path).expect_err("missing graph");
-        assert!(e.contains("encoder_graph") && e.contains("enc.onnx"), "{e}");
-        std::fs::write(dir.path().join("enc.onnx"), b"graph").expect("write");
+        let e = Spec::load(&path).expect_err("graph without sha256");
+        assert!(e.contains("encoder_graph needs encoder_sha256"), "{e}");
+        let pinned = text.replace("\"enc.onnx\"", "\"enc.onnx\", \"encoder_sha256\": \"ab\"");
+        std::fs::write(&path, pinned).expect("write");
+        // Resolved beside the spec; whether it exists matters only where it would run.
         let spec = Spec::load(&path).expect("spec");
         assert_eq!(spec.encoder_graph_path, Some(dir.path().join("enc.onnx")));
     }

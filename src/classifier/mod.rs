@@ -72,6 +72,8 @@ pub struct Classifier {
     workers: usize,
     /// Which encoder graph runs: `integer` (the spec's `encoder_graph`) or `float` (`model.onnx`).
     pub encoder: &'static str,
+    /// `file_stamps` when it was loaded: a reload reuses it only while they hold.
+    pub stamps: Vec<Stamp>,
     pub stats: Arc<Stats>,
 }
 
@@ -79,6 +81,7 @@ impl Classifier {
     /// Loads one featurizer per worker (failing fast if the files are missing or broken)
     /// and starts the workers.
     pub fn start(cfg: &ClassifierConfig, fallback: LengthScorer) -> Result<Classifier, String> {
+        let stamps = file_stamps(cfg);
         let mut spec = Spec::load(&cfg.spec)?;
         features::check_encoder(&cfg.encoder_dir, &spec)?;
         if cfg.float_encoder {
@@ -115,6 +118,7 @@ impl Classifier {
             timeout: cfg.timeout,
             workers: cfg.workers.max(1),
             encoder,
+            stamps,
             stats,
         })
     }
@@ -133,6 +137,30 @@ impl Classifier {
     }
 }
 
+/// A file's modification time and size, `None` when it cannot be read.
+pub type Stamp = Option<(std::time::SystemTime, u64)>;
+
+/// The files a classifier is built from (head, spec, the spec's encoder graph, the encoder's
+/// `model.onnx` and tokenizer), stamped: a head retrained in place, or a re-provisioned
+/// encoder, changes them, and the next reload loads the classifier again.
+pub fn file_stamps(cfg: &ClassifierConfig) -> Vec<Stamp> {
+    let mut files = vec![
+        cfg.head.clone(),
+        cfg.spec.clone(),
+        cfg.encoder_dir.join("model.onnx"),
+        cfg.encoder_dir.join("tokenizer.json"),
+    ];
+    files.extend(Spec::load(&cfg.spec).ok().and_then(|s| s.encoder_graph_path));
+    files
+        .iter()
+        .map(|f| {
+            std::fs::metadata(f)
+                .ok()
+                .and_then(|m| Some((m.modified().ok()?, m.len())))
+        })
+        .collect()
+}
+
 /// What `Classifier::start` needs besides ONNX Runtime, checked without loading a model
 /// (for `tiergate check`): the spec and the files it names, the head, the tokenizer and the
 /// encoder the head was trained on.
@@ -149,6 +177,16 @@ pub fn preflight(cfg: &ClassifierConfig) -> Result<(), String> {
                 f.display()
             ));
         }
+    }
+    if let Some(graph) = spec.encoder_graph_path.as_deref()
+        && !cfg.float_encoder
+        && features::integer_kernels_exact()
+        && !graph.is_file()
+    {
+        return Err(format!(
+            "the spec's encoder_graph `{}` is not a file: restore it, or set routing.classifier.encoder = \"float\"",
+            graph.display()
+        ));
     }
     features::check_encoder(&cfg.encoder_dir, &spec)
 }

@@ -345,6 +345,10 @@ impl Config {
         let mut out = vec![self.file.clone()];
         out.extend(self.policies.values().map(|p| p.file.clone()));
         out.extend(self.policies_dir.clone());
+        // A head retrained in place (router-model/train.py) is picked up like a config edit.
+        if let Some(c) = &self.classifier {
+            out.extend([c.head.clone(), c.spec.clone()]);
+        }
         out
     }
 
