@@ -153,6 +153,7 @@ def externalise(model, weights):
 
 def build():
     import onnx
+    F.check_weights()   # offsets into another model.onnx would be meaningless
     weights = open(F.MODEL_PATH, "rb").read()
     with tempfile.TemporaryDirectory() as d:
         src, q = os.path.join(d, "src.onnx"), os.path.join(d, "q.onnx")

@@ -14,6 +14,7 @@ import hashlib
 import json
 import math
 import os
+import sys
 
 import numpy as np
 
@@ -39,7 +40,7 @@ HIDDEN = 384
 def scored_text(messages):
     """OpenAI chat messages -> the text the router scores.
 
-    = content of every `system` message (in order, joined by "\\n"), then "\\n\\n", then the
+    = content of every `system` or `developer` message (in order, joined by "\\n"), then "\\n\\n", then the
     content of the LAST `user` message. Without a system message: the last user message alone.
     Content given as a list of parts: the `text` of the parts with type "text", joined by "\\n".
     """
@@ -49,7 +50,7 @@ def scored_text(messages):
             c = "\n".join(p.get("text", "") for p in c if isinstance(p, dict) and p.get("type") == "text")
         return c
 
-    system = "\n".join(content(m) for m in messages if m.get("role") == "system")
+    system = "\n".join(content(m) for m in messages if m.get("role") in ("system", "developer"))
     users = [content(m) for m in messages if m.get("role") == "user"]
     last_user = users[-1] if users else ""
     return f"{system}\n\n{last_user}" if system else last_user
@@ -101,6 +102,23 @@ def integer_kernels_exact():
     return "avx512_vnni" in flags or "avx_vnni" in flags
 
 
+def _pinned_sha():
+    """encoder_sha256 of head.json: the model.onnx the committed graph and heads were built on."""
+    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "head.json"), encoding="utf-8") as f:
+        return json.load(f)["encoder_sha256"]
+
+
+def check_weights(model_path=MODEL_PATH):
+    """Exit with a message unless model_path is the pinned encoder (encoder.onnx reads its weights
+    from it by byte offset, so another file would give wrong numbers, not an error)."""
+    if not os.path.exists(model_path):
+        sys.exit(f"{model_path} is missing: run `python fetch_models.py` (or `python3 scripts/provision.py`)")
+    got = _file_sha(model_path)
+    if got != _pinned_sha():
+        sys.exit(f"{model_path} has sha256 {got}, not the pinned {_pinned_sha()} (head.json encoder_sha256): "
+                 "run `python fetch_models.py` to restore it")
+
+
 def served_graph():
     """The encoder graph the gateway runs here: encoder.onnx, or model.onnx (see above)."""
     return GRAPH_PATH if integer_kernels_exact() else MODEL_PATH
@@ -117,6 +135,8 @@ class Encoder:
         so.inter_op_num_threads = 1
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if model_path == GRAPH_PATH:
+            check_weights(os.path.join(weights_dir, "model.onnx"))
         if isinstance(model_path, str) and model_path != MODEL_PATH:
             with open(model_path, "rb") as f:
                 model_path = f.read()

@@ -61,6 +61,8 @@ PARITY_CASES = [
     {"messages": [{"role": "user", "content": "x" * 3000}]},
     {"messages": [{"role": "user", "content": ""}]},
     {"messages": []},
+    {"messages": [{"role": "developer", "content": "Be terse."}, {"role": "system", "content": "Plans: Free, Team."},
+                  {"role": "user", "content": "What is 2+2?"}]},
 ]
 
 
@@ -138,7 +140,12 @@ def main():
         print("load average (1/5/15 min) at the end: %.2f %.2f %.2f (2 cores; other jobs inflate these)"
               % os.getloadavg())
         return
-    text = F.scored_text(json.loads(a.messages)) if a.messages else a.text
+    if a.messages and a.text:
+        ap.error("give a text or --messages, not both")
+    messages = json.loads(a.messages) if a.messages else None
+    if messages is not None and not (isinstance(messages, list) and all(isinstance(m, dict) for m in messages)):
+        ap.error("--messages must be a JSON array of message objects")
+    text = F.scored_text(messages) if messages is not None else a.text
     if text is None:
         ap.error("give a text, --messages or --latency")
     print(f"{s.score(text):.4f}")
