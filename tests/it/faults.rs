@@ -429,3 +429,44 @@ async fn a_tier_without_its_api_key_is_passed_over_in_the_fallback_chain() {
     );
     assert!(!row.fallback, "nothing else was tried");
 }
+
+/// An address that accepts nothing: its accept queue is full, so new connections stall in
+/// the handshake (the kernel drops their SYNs) until the client's connect timeout.
+async fn stalled_addr() -> (SocketAddr, Vec<std::net::TcpStream>, tokio::net::TcpListener) {
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.bind("127.0.0.1:0".parse().expect("addr")).expect("bind");
+    let listener = socket.listen(1).expect("listen");
+    let addr = listener.local_addr().expect("addr");
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        if let Ok(s) = std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_millis(100)) {
+            held.push(s);
+        }
+    }
+    (addr, held, listener)
+}
+
+#[tokio::test]
+async fn a_connect_timeout_is_named_as_such() {
+    let (addr, _held, _listener) = stalled_addr().await;
+    let extra = common::tier_toml(
+        "stalled",
+        "fake-stalled",
+        &format!("http://{addr}/v1"),
+        "connect_timeout_secs = 0.3\nmax_retries = 0",
+    );
+    let gw = gateway_with(&Setup {
+        policy: Some("[[rules]]\nname = \"primary\"\ntier = \"stalled\"\n".to_owned()),
+        extra,
+        ..Setup::default()
+    })
+    .await;
+    let body = assert_error(
+        gw.post_chat(&user("tiergate-auto", "hi")).await,
+        504,
+        "upstream_timeout",
+    )
+    .await;
+    let msg = body["error"]["message"].as_str().unwrap_or_default();
+    assert!(msg.contains("connect timeout of 0.3s"), "{msg}");
+}
