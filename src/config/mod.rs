@@ -557,7 +557,14 @@ impl Config {
         }
 
         let classifier = match scorer.as_deref().unwrap_or("length") {
-            "length" => None,
+            "length" => {
+                // Checked all the same: a later switch to the classifier, often by hot reload,
+                // should not be the first to hear of a bad key. The head is only needed then.
+                let mut c = classifier;
+                c.head.get_or_insert_with(|| PathBuf::from("head.onnx"));
+                classifier_config(path, c, &resolve)?;
+                None
+            }
             "classifier" => Some(classifier_config(path, classifier, &resolve)?),
             other => {
                 return Err(err(

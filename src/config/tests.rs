@@ -54,6 +54,12 @@ fn errors_name_the_file_and_key() {
             "routing.aliases: `a` must be a non-empty name, listed once",
         ),
         (
+            example()
+                .replace("scorer = \"classifier\"", "scorer = \"length\"")
+                .replace("max_batch = 8", "max_batch = 0"),
+            "routing.classifier.max_batch must be",
+        ),
+        (
             example().replace("timeout_ms = 50", "timeout_ms = 50\nencoder = \"int8\""),
             "routing.classifier.encoder must be \"auto\" or \"float\", not \"int8\"",
         ),
