@@ -69,10 +69,11 @@ impl OpenAiBackend {
         if let Some(k) = key {
             builder = builder.bearer_auth(k);
         }
+        let started = Instant::now();
         let resp = tokio::time::timeout(self.timeouts.first_token, builder.send())
             .await
             .map_err(|_| self.timeout("first token"))?
-            .map_err(|e| self.transport_error(&e, false))?;
+            .map_err(|e| self.transport_error(&e, false, started.elapsed()))?;
         if resp.status().is_success() {
             return Ok(resp);
         }
@@ -93,9 +94,14 @@ impl OpenAiBackend {
     }
 
     /// `answering`: the response had begun (its body was being read).
-    fn transport_error(&self, e: &reqwest::Error, answering: bool) -> Error {
+    fn transport_error(&self, e: &reqwest::Error, answering: bool, elapsed: Duration) -> Error {
         if e.is_timeout() {
-            return self.timeout(if e.is_connect() { "connect" } else { "total" });
+            let (phase, secs) = timeout_phase(e.is_connect(), elapsed, &self.timeouts);
+            return Error::UpstreamTimeout {
+                tier: self.tier.clone(),
+                secs,
+                phase,
+            };
         }
         if e.is_decode() {
             return Error::Upstream {
@@ -146,13 +152,31 @@ impl OpenAiBackend {
     }
 }
 
+/// Which limit a reqwest timeout hit, and its seconds. reqwest runs two timers, the connect
+/// timeout and the whole call's; a timeout before the whole call's limit that is not the
+/// connect one came from the network (the operating system giving up on a connection), so it
+/// is named by how long the call had run, not by a limit it never reached.
+fn timeout_phase(is_connect: bool, elapsed: Duration, limits: &Timeouts) -> (&'static str, f64) {
+    if is_connect {
+        ("connect", limits.connect.as_secs_f64())
+    } else if elapsed < limits.total {
+        ("network", elapsed.as_secs_f64())
+    } else {
+        ("total", limits.total.as_secs_f64())
+    }
+}
+
 impl Backend for OpenAiBackend {
     fn complete(&self, mut req: ChatRequest) -> BoxFuture<'_, Result<Completion, Error>> {
         Box::pin(async move {
             req.stream = None;
             req.stream_options = None;
+            let started = Instant::now();
             let resp = self.send(&req).await?;
-            let body = resp.bytes().await.map_err(|e| self.transport_error(&e, true))?;
+            let body = resp
+                .bytes()
+                .await
+                .map_err(|e| self.transport_error(&e, true, started.elapsed()))?;
             let peek: CompletionPeek = serde_json::from_slice(&body).map_err(|_| Error::Upstream {
                 tier: self.tier.clone(),
                 detail: "the upstream answer is not a chat completion".to_owned(),
@@ -262,4 +286,26 @@ fn chunk_item(tier: &str, data: &str) -> Result<StreamItem, Error> {
         usage_only: peek.choices.is_empty() && peek.usage.is_some(),
         content,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_timeout_is_named_by_the_limit_it_hit_or_by_how_long_the_call_ran() {
+        let limits = Timeouts {
+            connect: Duration::from_secs(5),
+            first_token: Duration::from_secs(60),
+            total: Duration::from_secs(300),
+        };
+        let at = Duration::from_millis(31_500);
+        assert_eq!(timeout_phase(true, at, &limits), ("connect", 5.0));
+        // Seen under a flood of connections: the OS gave up after ~31 s, not the 300 s limit.
+        assert_eq!(timeout_phase(false, at, &limits), ("network", 31.5));
+        assert_eq!(
+            timeout_phase(false, Duration::from_secs(300), &limits),
+            ("total", 300.0)
+        );
+    }
 }
