@@ -531,7 +531,8 @@ def main():
 
     lines = ["| features (+ log length) | MMLU grouped CV APGR | hand-written CV AUC | GSM8K APGR | MT-Bench APGR |",
              "|---|---|---|---|---|"]
-    ref = {b: T.feature_matrix(t, "extra" if b == "own" else b) for b, t in bench.texts.items()}
+    ref = {b: T.feature_matrix(t, "extra" if b == "own" else b, graph=F.MODEL_PATH)
+           for b, t in bench.texts.items()}  # the float encoder these experiments compare with
     res = {REF: bench.run(REF, lambda mt, ot: ref)}
     lines.append(res[REF][1])
     for name, key, budget in VARIANTS:

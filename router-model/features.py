@@ -180,13 +180,15 @@ def _file_sha(path):
 
 
 def embed_cached(texts, name, batch_size=32, threads=2, verbose=True,
-                 max_tokens=MAX_TOKENS, head_tokens=HEAD_TOKENS):
+                 max_tokens=MAX_TOKENS, head_tokens=HEAD_TOKENS, graph=None):
     """Pooled embeddings for `texts`, cached in $TIERGATE_CACHE/features/<name>-<key>.npz.
+    graph: the encoder graph (default: the one served on this CPU; MODEL_PATH = the float one).
     Returns dict with 'mean', 'max', 'cls' [N,384] float32 and 'ntok' [N] (truncated length)."""
+    graph = served_graph() if graph is None else graph
     key = hashlib.sha256()
     key.update(_file_sha(MODEL_PATH).encode())
-    if served_graph() != MODEL_PATH:
-        key.update(_file_sha(served_graph()).encode())
+    if graph != MODEL_PATH:
+        key.update(_file_sha(graph).encode())
     key.update(_file_sha(TOKENIZER_PATH).encode())
     key.update(f"{max_tokens}/{head_tokens}/{CHAR_HEAD}/{CHAR_TAIL}".encode())
     for t in texts:
@@ -198,7 +200,7 @@ def embed_cached(texts, name, batch_size=32, threads=2, verbose=True,
         z = np.load(path)
         return {k: z[k] for k in z.files}
     tok = load_tokenizer()
-    enc = Encoder(threads=threads)
+    enc = Encoder(graph, threads=threads)
     ids = [encode(tok, t, max_tokens, head_tokens) for t in texts]
     order = np.argsort([len(x) for x in ids], kind="stable")  # sort by length: little padding
     out = {k: np.zeros((len(texts), HIDDEN), np.float32) for k in ("mean", "max", "cls")}

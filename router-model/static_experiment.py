@@ -314,7 +314,8 @@ def main():
             return X
         return feats
 
-    ref = {b: T.feature_matrix(t, "extra" if b == "own" else b) for b, t in bench.texts.items()}
+    ref = {b: T.feature_matrix(t, "extra" if b == "own" else b, graph=F.MODEL_PATH)
+           for b, t in bench.texts.items()}  # the float encoder these experiments compare with
     lines = ["| features (+ log length) | MMLU grouped CV APGR | hand-written CV AUC | GSM8K APGR | MT-Bench APGR |",
              "|---|---|---|---|---|"]
     REF = "shipped MiniLM (32-token pass), C = 1e-4"

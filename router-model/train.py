@@ -80,9 +80,10 @@ def assign_folds(subjects, n_folds=N_FOLDS):
 
 
 # ------------------------------------------------------------------ features
-def feature_matrix(texts, name):
-    """[N, D] float32: L2-normalised mean-pooled MiniLM embedding (384) ++ hand features."""
-    e = F.embed_cached(texts, name)["mean"]
+def feature_matrix(texts, name, graph=None):
+    """[N, D] float32: L2-normalised mean-pooled MiniLM embedding (384) ++ hand features.
+    graph: the encoder graph (default: the one served on this CPU, see features.served_graph)."""
+    e = F.embed_cached(texts, name, graph=graph)["mean"]
     e = e / np.linalg.norm(e, axis=1, keepdims=True)
     return np.hstack([e, F.hand_matrix(texts)]).astype(np.float32)
 
