@@ -10,6 +10,7 @@ Pieces:
 Embeddings are cached on disk under $TIERGATE_CACHE/features/ keyed by a hash of the
 encoder file, the truncation settings and the text.
 """
+import functools
 import hashlib
 import json
 import math
@@ -172,6 +173,14 @@ def pool(h, mask):
 
 
 def _file_sha(path):
+    st = os.stat(path)
+    return _sha_of(path, st.st_mtime_ns, st.st_size)
+
+
+@functools.lru_cache(maxsize=32)
+def _sha_of(path, mtime_ns, size):
+    # Keyed by time and size too: model.onnx (22 MB) is hashed once per process, not once
+    # for the cache key and again for the weights check, while an edited file is re-read.
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):

@@ -31,7 +31,8 @@ pub enum Command {
         #[arg(long)]
         listen: Option<std::net::SocketAddr>,
     },
-    /// Validate a configuration and its policies without starting the gateway.
+    /// Validate a configuration and its policies without starting the gateway; warn (exit 0)
+    /// of what this machine lacks: a tier's API key variable, the classifier's files.
     Check {
         #[arg(long, short, env = "TIERGATE_CONFIG", default_value = "examples/tiergate.toml")]
         config: PathBuf,

@@ -68,6 +68,14 @@ impl Spec {
     }
 }
 
+impl Spec {
+    /// The integer encoder graph if it is the one to run here: the spec names one and this
+    /// CPU computes its products exactly. `None`: run the float `model.onnx`.
+    pub fn graph_to_run(&self) -> Option<&Path> {
+        self.encoder_graph_path.as_deref().filter(|_| integer_kernels_exact())
+    }
+}
+
 /// Cuts a long text to its first `head` and last `tail` characters joined by a newline,
 /// so tokenization cost is bounded however long the prompt.
 pub fn char_window(text: &str, head: usize, tail: usize) -> std::borrow::Cow<'_, str> {
@@ -220,8 +228,7 @@ impl Featurizer {
         tokenizer.with_padding(None);
         tokenizer.with_truncation(None).map_err(|e| format!("tokenizer: {e}"))?;
         let weights = encoder_dir.join("model.onnx");
-        // `Classifier::start` reports the same choice as its `encoder`.
-        let encoder = match spec.encoder_graph_path.as_deref().filter(|_| integer_kernels_exact()) {
+        let encoder = match spec.graph_to_run() {
             Some(graph) => session(
                 Graph::Split {
                     graph,

@@ -81,13 +81,10 @@ impl Classifier {
     /// Loads one featurizer per worker (failing fast if the files are missing or broken)
     /// and starts the workers.
     pub fn start(cfg: &ClassifierConfig, fallback: LengthScorer) -> Result<Classifier, String> {
-        let stamps = file_stamps(cfg);
-        let mut spec = Spec::load(&cfg.spec)?;
+        let spec = load_spec(cfg)?;
+        let stamps = stamp(&files(cfg, spec.encoder_graph_path.as_deref()));
         features::check_encoder(&cfg.encoder_dir, &spec)?;
-        if cfg.float_encoder {
-            spec.encoder_graph_path = None;
-        }
-        let encoder = if spec.encoder_graph_path.is_some() && features::integer_kernels_exact() {
+        let encoder = if spec.graph_to_run().is_some() {
             "integer"
         } else {
             "float"
@@ -137,6 +134,15 @@ impl Classifier {
     }
 }
 
+/// The spec, without its encoder graph when the config asks for the float `model.onnx`.
+fn load_spec(cfg: &ClassifierConfig) -> Result<Spec, String> {
+    let mut spec = Spec::load(&cfg.spec)?;
+    if cfg.float_encoder {
+        spec.encoder_graph_path = None;
+    }
+    Ok(spec)
+}
+
 /// A file's modification time and size, `None` when it cannot be read.
 pub type Stamp = Option<(std::time::SystemTime, u64)>;
 
@@ -144,13 +150,22 @@ pub type Stamp = Option<(std::time::SystemTime, u64)>;
 /// `model.onnx` and tokenizer), stamped: a head retrained in place, or a re-provisioned
 /// encoder, changes them, and the next reload loads the classifier again.
 pub fn file_stamps(cfg: &ClassifierConfig) -> Vec<Stamp> {
+    let spec = load_spec(cfg).ok();
+    stamp(&files(cfg, spec.as_ref().and_then(|s| s.encoder_graph_path.as_deref())))
+}
+
+fn files(cfg: &ClassifierConfig, graph: Option<&std::path::Path>) -> Vec<PathBuf> {
     let mut files = vec![
         cfg.head.clone(),
         cfg.spec.clone(),
         cfg.encoder_dir.join("model.onnx"),
         cfg.encoder_dir.join("tokenizer.json"),
     ];
-    files.extend(Spec::load(&cfg.spec).ok().and_then(|s| s.encoder_graph_path));
+    files.extend(graph.map(std::path::Path::to_path_buf));
+    files
+}
+
+fn stamp(files: &[PathBuf]) -> Vec<Stamp> {
     files
         .iter()
         .map(|f| {
@@ -165,7 +180,7 @@ pub fn file_stamps(cfg: &ClassifierConfig) -> Vec<Stamp> {
 /// (for `tiergate check`): the spec and the files it names, the head, the tokenizer and the
 /// encoder the head was trained on.
 pub fn preflight(cfg: &ClassifierConfig) -> Result<(), String> {
-    let spec = Spec::load(&cfg.spec)?;
+    let spec = load_spec(cfg)?;
     if !cfg.head.is_file() {
         return Err(format!("the head `{}` is not a file", cfg.head.display()));
     }
@@ -178,9 +193,7 @@ pub fn preflight(cfg: &ClassifierConfig) -> Result<(), String> {
             ));
         }
     }
-    if let Some(graph) = spec.encoder_graph_path.as_deref()
-        && !cfg.float_encoder
-        && features::integer_kernels_exact()
+    if let Some(graph) = spec.graph_to_run()
         && !graph.is_file()
     {
         return Err(format!(
