@@ -726,6 +726,38 @@ fn rule(
     if let Some(0) = max_local_output_tokens {
         return Err(format!("{} must be > 0", at("max_local_output_tokens")));
     }
+    // These act only on a local tier's answer or saturation; on a rule that can reach no
+    // local tier they would look like settings while doing nothing.
+    let is_local = |t: &String| matches!(tiers.get(t).map(|t| &t.backend), Some(BackendConfig::Local(_)));
+    let answered_by = std::iter::once(&tier).chain(&fallback);
+    let local_only = [
+        (
+            "max_local_output_tokens",
+            max_local_output_tokens.is_some(),
+            std::iter::once(&tier).chain(&over_cost_tier).any(is_local),
+            "`tier` nor `over_cost_tier`",
+        ),
+        (
+            "on_saturated",
+            on_saturated.is_some(),
+            answered_by.clone().any(is_local),
+            "`tier` nor any `fallback` tier",
+        ),
+        (
+            "min_confidence",
+            escalate.is_some(),
+            answered_by.chain(&on_saturated).any(is_local),
+            "`tier`, `fallback` nor `on_saturated`",
+        ),
+    ];
+    for (key, given, reaches_local, which) in local_only {
+        if given && !reaches_local {
+            return Err(format!(
+                "{} does nothing here: it acts on a `local` tier's answers, and neither {which} is a local tier; remove it or route to a local tier",
+                at(key)
+            ));
+        }
+    }
     if let Some(c) = max_cost_usd
         && !(c.is_finite() && c > 0.0)
     {

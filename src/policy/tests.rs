@@ -135,7 +135,7 @@ fn shipped_policies_are_valid() {
 
 #[test]
 fn spill_and_escalation_are_validated_and_carried_by_the_rule() {
-    let with = |extra: &str| TWO_RULES.replace("tier = \"small\"", &format!("tier = \"small\"\n{extra}"));
+    let with = |extra: &str| TWO_RULES.replace("tier = \"small\"", &format!("tier = \"local\"\n{extra}"));
     let p = parse(&with(
         "on_saturated = \"cloud\"\nmin_confidence = 0.4\nescalate_to = \"cloud\"",
     ))
@@ -153,7 +153,7 @@ fn spill_and_escalation_are_validated_and_carried_by_the_rule() {
             "on_saturated = \"gpu\"",
             "rules[0].on_saturated (line 6) = `gpu` is not a configured tier",
         ),
-        ("on_saturated = \"small\"", "is the rule's own tier"),
+        ("on_saturated = \"local\"", "is the rule's own tier"),
         ("min_confidence = 0.4", "`min_confidence` needs `escalate_to`"),
         ("escalate_to = \"cloud\"", "`escalate_to` needs `min_confidence`"),
         (
@@ -180,11 +180,40 @@ fn spill_and_escalation_are_validated_and_carried_by_the_rule() {
 }
 
 #[test]
+fn local_only_actions_need_a_local_tier_the_rule_can_reach() {
+    let with =
+        |tier: &str, extra: &str| parse(&TWO_RULES.replace("tier = \"small\"", &format!("tier = \"{tier}\"\n{extra}")));
+    for (extra, key) in [
+        ("max_local_output_tokens = 64", "max_local_output_tokens"),
+        ("on_saturated = \"cloud\"", "on_saturated"),
+        ("min_confidence = 0.4\nescalate_to = \"cloud\"", "min_confidence"),
+        (
+            "fallback = [\"cloud\"]\nmax_local_output_tokens = 64",
+            "max_local_output_tokens",
+        ),
+    ] {
+        let e = with("small", extra).expect_err(extra);
+        assert!(
+            e.contains(&format!("rules[0].{key} (line")) && e.contains("does nothing here"),
+            "{extra}: {e}"
+        );
+    }
+    // Reachable through the fallback, the spill or the over-cost tier: the option acts.
+    for extra in [
+        "fallback = [\"local\"]\non_saturated = \"cloud\"",
+        "fallback = [\"local\"]\nmin_confidence = 0.4\nescalate_to = \"cloud\"",
+        "max_cost_usd = 0.01\nover_cost_tier = \"local\"\nmax_local_output_tokens = 64",
+    ] {
+        with("small", extra).unwrap_or_else(|e| panic!("{extra}: {e}"));
+    }
+}
+
+#[test]
 fn hold_tokens_sets_how_much_of_a_stream_is_judged_and_zero_turns_stream_escalation_off() {
     let with = |n: &str| {
         TWO_RULES.replace(
             "tier = \"small\"",
-            &format!("tier = \"small\"\nmin_confidence = 0.4\nescalate_to = \"cloud\"\nhold_tokens = {n}"),
+            &format!("tier = \"local\"\nmin_confidence = 0.4\nescalate_to = \"cloud\"\nhold_tokens = {n}"),
         )
     };
     for (n, want) in [("0", 0), ("1", 1), ("32", 32), ("256", 256)] {

@@ -359,6 +359,34 @@ async fn a_weak_local_answer_is_escalated_and_both_attempts_are_accounted() {
     assert_eq!(sent["model"], "fake-cloud");
 }
 
+#[tokio::test]
+async fn route_and_explain_show_a_local_rules_escalation() {
+    let gw = local_gateway(2, 4, Some(policy("min_confidence = 0.3\nescalate_to = \"cloud\""))).await;
+    let e = gw.post_json("/v1/route", &user("tiergate-auto", PROMPT)).await;
+    assert_eq!(
+        (&e["rule"], &e["tier"]),
+        (&json!("local-first"), &json!("local")),
+        "{e}"
+    );
+    assert_eq!(
+        (&e["escalate_to"], &e["min_confidence"]),
+        (&json!("cloud"), &json!(0.3))
+    );
+    // The CLI prints the same plan from the gateway's config file, without calling a model.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tiergate"))
+        .args(["explain", "--config"])
+        .arg(&gw.config_path)
+        .arg(PROMPT)
+        .output()
+        .expect("run tiergate explain");
+    let s = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        s.contains("escalate  to cloud when the answer's confidence is below 0.3\n"),
+        "{s}"
+    );
+}
+
 /// A streamed request: its parsed chunks before `[DONE]` (which must end the body).
 async fn stream_chunks(gw: &Gateway, model: &str) -> (reqwest::header::HeaderMap, Vec<Value>) {
     let mut req = user(model, PROMPT);
