@@ -32,7 +32,8 @@ pub enum Command {
         listen: Option<std::net::SocketAddr>,
     },
     /// Validate a configuration and its policies without starting the gateway; warn (exit 0)
-    /// of what this machine lacks: a tier's API key variable, the classifier's files.
+    /// of what this machine lacks: a tier's API key variable, the classifier's or a local
+    /// tier's model files.
     Check {
         #[arg(long, short, env = "TIERGATE_CONFIG", default_value = "examples/tiergate.toml")]
         config: PathBuf,
@@ -329,12 +330,22 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 c.policy.rules.len(),
                 c.policies.keys().map(String::as_str).collect::<Vec<_>>().join(", ")
             );
-            // Valid, but a tier whose key is missing here would be passed over when serving.
+            // Valid, but a tier whose key is missing here would be passed over when serving,
+            // and one whose model is missing here would stop `serve` at start.
             for t in c.tiers.values() {
-                if let crate::config::BackendConfig::OpenAi { api_key_env, .. } = &t.backend
-                    && let Err(why) = crate::upstream::openai::api_key_from_env(api_key_env.as_deref())
-                {
-                    eprintln!("warning: tier `{}` cannot be called in this environment: {why}", t.name);
+                match &t.backend {
+                    crate::config::BackendConfig::OpenAi { api_key_env, .. } => {
+                        if let Err(why) = crate::upstream::openai::api_key_from_env(api_key_env.as_deref()) {
+                            eprintln!("warning: tier `{}` cannot be called in this environment: {why}", t.name);
+                        }
+                    }
+                    crate::config::BackendConfig::Local(s) => {
+                        if let Err(why) = crate::local::preflight(&t.name, s) {
+                            eprintln!(
+                                "warning: the local tier cannot start in this environment (serve would stop): {why}"
+                            );
+                        }
+                    }
                 }
             }
             // Its files come from provisioning, so their absence is this machine's, not the config's.

@@ -70,14 +70,34 @@ pub struct LocalBackend {
 /// `max_tokens` when neither the request nor the config gives one.
 const FALLBACK_MAX_TOKENS: usize = 512;
 
+/// The model's files and chat template as `start` reads them, without loading the graph.
+fn files_and_template(tier: &str, s: &LocalSettings) -> Result<(ModelFiles, ChatTemplate), String> {
+    let files = ModelFiles::load(&s.model_dir).map_err(|e| {
+        format!("tier `{tier}`: {e}; provision the model (see `python3 scripts/provision.py --list`) or set `tiers.{tier}.model_dir`")
+    })?;
+    let template = ChatTemplate::new(&files.chat_template, &files.bos_token, &files.eos_token)
+        .map_err(|e| format!("tier `{tier}`: {e}"))?;
+    let graph = files.dir.join("model.onnx");
+    if !graph.is_file() {
+        return Err(format!(
+            "tier `{tier}`: `{}` is not a file; provision the model (see `python3 scripts/provision.py --list`) or set `tiers.{tier}.model_dir`",
+            graph.display()
+        ));
+    }
+    Ok((files, template))
+}
+
+/// What `start` would refuse in the tier's model directory, in milliseconds rather than the
+/// seconds loading the graph takes (`tiergate check`). A graph ONNX Runtime cannot load is
+/// found only by `start`.
+pub fn preflight(tier: &str, s: &LocalSettings) -> Result<(), String> {
+    files_and_template(tier, s).map(drop)
+}
+
 impl LocalBackend {
     /// Loads the model and starts its engine thread (blocking; seconds for a large model).
     pub fn start(tier: &str, model: &str, s: &LocalSettings) -> Result<LocalBackend, String> {
-        let files = ModelFiles::load(&s.model_dir).map_err(|e| {
-            format!("tier `{tier}`: {e}; provision the model (see `python3 scripts/provision.py --list`) or set `tiers.{tier}.model_dir`")
-        })?;
-        let template = ChatTemplate::new(&files.chat_template, &files.bos_token, &files.eos_token)
-            .map_err(|e| format!("tier `{tier}`: {e}"))?;
+        let (files, template) = files_and_template(tier, s)?;
         let context_tokens = s
             .max_context_tokens
             .map_or(files.context_tokens, |m| m.min(files.context_tokens));

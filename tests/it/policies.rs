@@ -826,6 +826,51 @@ fn check_warns_when_the_classifier_could_not_start_here() {
 }
 
 #[test]
+fn check_warns_when_a_local_tiers_model_is_missing_here() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let example = std::fs::read_to_string(repo().join("examples/local.toml")).expect("example");
+    let root = repo().display().to_string();
+    let check = |model_dir: &std::path::Path| {
+        let config = example.replace("\"../", &format!("\"{root}/")).replace(
+            "# model_dir = \"/models/my-model-onnx\"",
+            &format!("model_dir = \"{}\"", model_dir.display()),
+        );
+        let path = dir.path().join("local.toml");
+        std::fs::write(&path, config).expect("write config");
+        let out = Command::new(env!("CARGO_BIN_EXE_tiergate"))
+            .args(["check", "--config"])
+            .arg(&path)
+            .env("OPENAI_API_KEY", "sk-test-not-a-real-key")
+            .output()
+            .expect("run tiergate");
+        assert!(out.status.success(), "a warning, not a failure: {}", text(&out.stderr));
+        text(&out.stderr)
+    };
+    let err = check(&crate::local::model_dir());
+    assert!(err.is_empty(), "{err}");
+    let err = check(&dir.path().join("nowhere"));
+    assert!(
+        err.contains(
+            "warning: the local tier cannot start in this environment (serve would stop): tier `local`: model directory"
+        ) && err.contains("scripts/provision.py"),
+        "{err}"
+    );
+    // Its JSON files without the graph: what a half-copied model directory looks like.
+    let half = dir.path().join("half");
+    std::fs::create_dir(&half).expect("dir");
+    for f in [
+        "config.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ] {
+        std::fs::copy(crate::local::model_dir().join(f), half.join(f)).expect("copy");
+    }
+    let err = check(&half);
+    assert!(err.contains("model.onnx` is not a file"), "{err}");
+}
+
+#[test]
 fn a_gateway_without_classifier_or_local_tier_needs_no_onnx_runtime() {
     let dir = tempfile::tempdir().expect("tempdir");
     // The test config: length scorer, remote tiers only.
