@@ -354,14 +354,16 @@ fn admit_spend(
     prompt_tokens: u64,
     max_output: u64,
 ) -> Result<bool, Error> {
-    if !p.limits.has_budget() {
-        return Ok(false);
-    }
+    // Every key's spend is counted, budget or not: a budget given later (a reload that sets
+    // `auth.default_daily_usd`) must see what the key has already spent today.
     acct.spend = Some(SpendAccount {
         budgets: st.auth.budgets.clone(),
         key_id: p.key.id.clone(),
         hold: None,
     });
+    if !p.limits.has_budget() {
+        return Ok(false);
+    }
     // Tiers priced per token are the paid ones; a tier priced only by machine time is the
     // operator's own hardware and is not gated (its cost still counts as spend).
     // A tier that cannot be called (no API key) is passed over: it will cost nothing.
@@ -393,7 +395,15 @@ fn admit_spend(
             }
             Ok(false)
         }
-        Err(over) => match &rt.config.policy.over_budget {
+        // The policy that decided (`tiergate:<name>`) says what over budget means; a request
+        // that named a tier's model was decided by none, so the default policy says.
+        Err(over) => match &decision
+            .policy
+            .as_ref()
+            .and_then(|name| rt.config.policies.get(name))
+            .unwrap_or(&rt.config.policy)
+            .over_budget
+        {
             OverBudget::Refuse => Err(Error::BudgetExceeded {
                 message: over.to_string(),
                 retry_after_secs: over.resets_in_secs,
@@ -409,7 +419,7 @@ fn admit_spend(
     }
 }
 
-/// A budgeted key's share of a request: settled to the actual cost when the row is written.
+/// A key's share of a request: settled to the actual cost when the row is written.
 struct SpendAccount {
     budgets: Arc<crate::auth::Budgets>,
     key_id: String,

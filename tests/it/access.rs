@@ -344,11 +344,38 @@ async fn racing_requests_cannot_overspend_a_budget() {
 }
 
 #[tokio::test]
+async fn a_budget_given_by_a_reload_counts_what_the_key_spent_before() {
+    let gw = gateway().await;
+    assert_eq!(gw.post_chat(&race_body()).await.status(), 200, "no budget yet");
+    let spent: f64 = gw.ledger_rows(1).await.iter().map(|r| r.cost_usd).sum();
+    assert!(spent > 0.0);
+    // Room for the next request's reservation only if the first request is forgotten.
+    let limit = reserved_per_request() + spent / 2.0;
+    let config = std::fs::read_to_string(&gw.config_path).expect("config");
+    std::fs::write(
+        &gw.config_path,
+        config.replacen("[auth]\n", &format!("[auth]\ndefault_daily_usd = {limit}\n"), 1),
+    )
+    .expect("write");
+    tiergate::reload::reload(&gw.state).expect("applies");
+    let r = gw.post_chat(&race_body()).await;
+    assert_eq!(r.status(), 429);
+    let body: Value = r.json().await.expect("json");
+    let message = body["error"]["message"].as_str().expect("message");
+    assert!(message.contains("daily budget"), "{message}");
+}
+
+#[tokio::test]
 async fn over_budget_downgrades_when_the_policy_says_so() {
     let policy = std::fs::read_to_string(crate::common::repo().join("policies/test.toml")).expect("policy");
     let actual = cloud_cost(crate::common::FAKE_USAGE.0, crate::common::FAKE_USAGE.1);
     let gw = gateway_with(&Setup {
         policy: Some(format!("over_budget = \"small\"\n{policy}")),
+        // A second policy, which leaves `over_budget` at "refuse".
+        routing: format!(
+            "policies = [\"{}\"]",
+            crate::common::repo().join("policies/quality-first.toml").display()
+        ),
         key_limits: KeyLimits {
             // Less than one cloud request may cost: every request is over budget for cloud.
             daily_usd: Some(actual / 10.0),
@@ -357,14 +384,24 @@ async fn over_budget_downgrades_when_the_policy_says_so() {
         ..Setup::default()
     })
     .await;
+    // The policy that routes the request decides, not the default one.
+    let hard = "Derive the closed form of the sum of the first n cubes and prove it by induction, step by step.";
+    let r = gw.post_chat(&user("tiergate:quality-first", hard)).await;
+    assert_eq!(r.status(), 429);
+    let body: Value = r.json().await.expect("json");
+    assert_eq!(body["error"]["code"], "budget_exceeded", "{body}");
     let results = race(&gw, 6).await;
     assert!(
         results.iter().all(|r| r.0 == 200 && r.1 == "small"),
         "answered by the downgrade tier: {results:?}"
     );
-    let rows = gw.ledger_rows(6).await;
+    let rows = gw.ledger_rows(7).await;
+    let (refused, downgraded): (Vec<_>, Vec<_>) = rows.iter().partition(|r| r.outcome == "budget_exceeded");
+    assert_eq!(refused.len(), 1, "{rows:?}");
+    assert_eq!(refused[0].policy.as_deref(), Some("quality-first"));
     assert!(
-        rows.iter()
+        downgraded
+            .iter()
             .all(|r| r.rule.as_deref() == Some("over-budget") && r.tier.as_deref() == Some("small"))
     );
     assert!(
