@@ -33,7 +33,7 @@ pub enum Command {
     },
     /// Validate a configuration and its policies without starting the gateway; warn (exit 0)
     /// of what this machine lacks: a tier's API key variable, the classifier's or a local
-    /// tier's model files.
+    /// tier's model files, a usable ledger file.
     Check {
         #[arg(long, short, env = "TIERGATE_CONFIG", default_value = "examples/tiergate.toml")]
         config: PathBuf,
@@ -346,6 +346,15 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                             );
                         }
                     }
+                }
+            }
+            // An existing ledger another program wrote, or an older tiergate, stops `serve`.
+            if c.ledger.path.exists() {
+                let ledger = &c.ledger.path;
+                let opened = rusqlite::Connection::open_with_flags(ledger, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+                    .map_err(|e| format!("ledger `{}`: {e}", ledger.display()));
+                if let Err(why) = opened.and_then(|conn| crate::ledger::check_columns(&conn, ledger)) {
+                    eprintln!("warning: the ledger cannot be used (serve would stop): {why}");
                 }
             }
             // Its files come from provisioning, so their absence is this machine's, not the config's.
@@ -771,7 +780,9 @@ async fn score_file(
 /// and the report would then mix two gateways' rows). The kernel releases the lock when
 /// the process ends however it ends.
 fn lock_ledger(ledger: &std::path::Path) -> anyhow::Result<std::fs::File> {
-    let mut name = ledger.as_os_str().to_owned();
+    // A symbolic link to a ledger in use is that ledger: lock the file it leads to.
+    let resolved = std::fs::canonicalize(ledger).ok();
+    let mut name = resolved.as_deref().unwrap_or(ledger).as_os_str().to_owned();
     name.push(".lock");
     let path = PathBuf::from(name);
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {

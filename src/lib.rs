@@ -324,17 +324,22 @@ pub async fn serve(
     use futures::StreamExt;
     let stop = tokio_util::sync::CancellationToken::new();
     let watcher = tokio::spawn(reload::watch(state.clone(), stop.clone()));
-    let grace = state.runtime.load().config.shutdown_grace;
+    // Read when the signal comes, so that a reload can change it.
+    let grace = {
+        let state = state.clone();
+        move || state.runtime.load().config.shutdown_grace
+    };
     let header_timeout = state.runtime.load().config.limits.header_timeout;
     let (stopping, stopped) = tokio::sync::oneshot::channel::<()>();
     let (hurrying, hurry) = tokio::sync::oneshot::channel::<()>();
+    let (grace_at_signal, grace_at_deadline) = (grace.clone(), grace.clone());
     let server = serve_connections(listener, app(state.clone()), header_timeout, async move {
         let mut shutdown = Box::pin(shutdown);
         if shutdown.next().await.is_none() {
             return std::future::pending().await;
         }
         tracing::info!(
-            grace_secs = grace.as_secs_f64(),
+            grace_secs = grace_at_signal().as_secs_f64(),
             "shutting down: no new connections; in-flight requests may finish (signal again to cut them now)"
         );
         let _ = stopping.send(());
@@ -347,7 +352,7 @@ pub async fn serve(
     let deadline = async move {
         match stopped.await {
             Ok(()) => tokio::select! {
-                () = tokio::time::sleep(grace) => {}
+                () = tokio::time::sleep(grace_at_deadline()) => {}
                 Ok(()) = hurry => tracing::warn!("asked again to stop: ending the grace period now"),
             },
             // The server ended on its own: no deadline to enforce.
@@ -357,7 +362,7 @@ pub async fn serve(
     tokio::pin!(deadline);
     let cut = async {
         tracing::warn!(
-            grace_secs = grace.as_secs_f64(),
+            grace_secs = grace().as_secs_f64(),
             cut = state.in_flight.count(),
             "shutdown grace period over; requests still running are cut"
         );

@@ -53,8 +53,9 @@ pub fn reload(state: &AppState) -> Result<(), String> {
     let built = Config::load(&old.config.file)
         .map_err(|e| e.to_string())
         .and_then(|mut config| {
-            // `--listen`, the ledger and the connections' header timeout are bound at start;
-            // a change to them needs a restart.
+            // `--listen`, the ledger, the connections' header timeout, the key cache, the
+            // trace exporter and ONNX Runtime are bound at start; a change to them needs a
+            // restart.
             if config.listen_in_file != old.config.listen_in_file {
                 tracing::warn!(
                     listen = %config.listen_in_file,
@@ -63,14 +64,20 @@ pub fn reload(state: &AppState) -> Result<(), String> {
                 );
             }
             config.listen = old.config.listen;
-            if config.ledger.path != old.config.ledger.path {
-                tracing::warn!("ledger.path changed; the new path is used after a restart");
-            }
-            if config.limits.header_timeout != old.config.limits.header_timeout {
-                tracing::warn!("limits.header_timeout_secs changed; the new limit is used after a restart");
-            }
-            if config.auth.cache_ttl != old.config.auth.cache_ttl {
-                tracing::warn!("auth.cache_ttl_secs changed; the new time is used after a restart");
+            let (new, was) = (&config, &old.config);
+            for (changed, key) in [
+                (new.ledger.path != was.ledger.path, "ledger.path"),
+                (new.ledger.queue_capacity != was.ledger.queue_capacity, "ledger.queue_capacity"),
+                (new.ledger.batch_size != was.ledger.batch_size, "ledger.batch_size"),
+                (new.limits.header_timeout != was.limits.header_timeout, "limits.header_timeout_secs"),
+                (new.auth.cache_ttl != was.auth.cache_ttl, "auth.cache_ttl_secs"),
+                (new.telemetry.otlp_endpoint != was.telemetry.otlp_endpoint, "telemetry.otlp_endpoint"),
+                // ONNX Runtime is loaded once per process.
+                (new.onnxruntime_library != was.onnxruntime_library, "onnxruntime.library"),
+            ] {
+                if changed {
+                    tracing::warn!("{key} changed; the new value is used after a restart");
+                }
             }
             let auth_turned_off = old.config.auth.enabled && !config.auth.enabled;
             let rt = Runtime::rebuild(config, Some(&old))?;

@@ -396,7 +396,13 @@ impl Config {
             batch_size,
         } = ledger;
         let ledger = LedgerConfig {
-            path: resolve(ledger_path.as_deref().unwrap_or(Path::new("tiergate-ledger.db"))),
+            path: db_file(
+                path,
+                "ledger.path",
+                ledger_path.as_deref(),
+                "tiergate-ledger.db",
+                &resolve,
+            )?,
             queue_capacity: positive(path, "ledger.queue_capacity", queue_capacity.unwrap_or(10_000))?,
             batch_size: positive(path, "ledger.batch_size", batch_size.unwrap_or(256))?,
         };
@@ -1003,7 +1009,7 @@ fn auth_config(file: &Path, a: AuthToml, resolve: &dyn Fn(&Path) -> PathBuf) -> 
     Ok(AuthConfig {
         // On unless switched off: a gateway in front of a paid API must not be open by accident.
         enabled: enabled.unwrap_or(true),
-        keys_db: resolve(keys_db.as_deref().unwrap_or(Path::new("tiergate-keys.db"))),
+        keys_db: db_file(file, "auth.keys_db", keys_db.as_deref(), "tiergate-keys.db", resolve)?,
         cache_ttl: secs(file, "auth.cache_ttl_secs", cache_ttl_secs.unwrap_or(5.0))?,
         protect_reports: protect_reports.unwrap_or(true),
         protect_metrics: protect_metrics.unwrap_or(false),
@@ -1044,6 +1050,40 @@ fn secs_at_most(file: &Path, key: &str, v: f64, max: f64) -> Result<Duration, Co
             format!("{key} must be > 0 and at most {max} seconds, got {v}"),
         ))
     }
+}
+
+/// A SQLite file the gateway keeps: a path, not what SQLite would read as a database that
+/// vanishes at exit (`:memory:`, an empty name, a `file:` URI) nor a directory.
+fn db_file(
+    file: &Path,
+    key: &str,
+    v: Option<&Path>,
+    default: &str,
+    resolve: &dyn Fn(&Path) -> PathBuf,
+) -> Result<PathBuf, ConfigError> {
+    let Some(v) = v else {
+        return Ok(resolve(Path::new(default)));
+    };
+    let text = v.to_string_lossy();
+    if text.trim().is_empty() || text.starts_with(":memory:") || text.starts_with("file:") {
+        return Err(err(
+            file,
+            format!(
+                "{key} = `{text}` must be the path of a file (what it holds must outlive the process), e.g. `{default}`"
+            ),
+        ));
+    }
+    let p = resolve(v);
+    if p.is_dir() {
+        return Err(err(
+            file,
+            format!(
+                "{key} = `{text}` is a directory; name a file in it, e.g. `{}`",
+                p.join(default).display()
+            ),
+        ));
+    }
+    Ok(p)
 }
 
 fn positive(file: &Path, key: &str, v: usize) -> Result<usize, ConfigError> {

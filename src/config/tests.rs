@@ -447,3 +447,26 @@ fn auth_and_limits_default_to_on_and_bounded_and_name_bad_keys() {
         assert!(e.contains(says), "{to}: {e}");
     }
 }
+
+#[test]
+fn ledger_and_key_store_must_be_files_that_outlive_the_process() {
+    for (key, line) in [
+        ("ledger.path", "path = \"tiergate-ledger.db\""),
+        ("auth.keys_db", "keys_db = \"tiergate-keys.db\""),
+    ] {
+        let field = line.split(' ').next().expect("field");
+        for bad in ["", " ", ":memory:", "file:x.db?mode=memory"] {
+            let e = parse(&example().replace(line, &format!("{field} = \"{bad}\""))).expect_err(bad);
+            assert!(
+                e.contains(&format!("{key} = `{bad}` must be the path of a file")),
+                "{e}"
+            );
+        }
+        // The examples directory itself.
+        let e = parse(&example().replace(line, &format!("{field} = \".\""))).expect_err("a directory");
+        assert!(
+            e.contains(&format!("{key} = `.` is a directory; name a file in it")),
+            "{e}"
+        );
+    }
+}

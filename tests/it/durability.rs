@@ -261,6 +261,30 @@ async fn at_the_end_of_the_grace_period_running_requests_are_cut_with_a_503_and_
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_grace_period_is_the_one_configured_when_the_signal_comes() {
+    let mut p = spawn_gateway(&Setup::default(), "shutdown_grace_secs = 60").await;
+    // A reload shortens it: the request held 2 s by the fake is cut, not waited for.
+    let config = p.dir.path().join("tiergate.toml");
+    let text = std::fs::read_to_string(&config).expect("config");
+    std::fs::write(
+        &config,
+        text.replace("shutdown_grace_secs = 60", "shutdown_grace_secs = 0.1"),
+    )
+    .expect("write");
+    p.signal("-HUP");
+    for _ in 0..500 {
+        if p.log().contains("reloaded configuration") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(p.log().contains("reloaded configuration"), "{}", p.log());
+    let in_flight = sluggish_request_then_sigterm(&p).await;
+    let log = assert_cut_and_recorded(&mut p, in_flight).await;
+    assert!(log.contains("shutdown grace period over"), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_sigterm_ends_the_grace_period_at_once_and_the_cut_request_is_recorded() {
     // The grace period would let the request (held 2 s by the fake) finish; a second signal
     // says not to wait.
@@ -321,16 +345,40 @@ async fn a_stream_cut_at_the_end_of_the_grace_period_ends_with_an_sse_error_and_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_gateway_on_the_same_ledger_stops_at_start() {
     let p = spawn_gateway(&Setup::default(), "").await;
-    let out = Command::new(env!("CARGO_BIN_EXE_tiergate"))
-        .args(["serve", "--config"])
-        .arg(p.dir.path().join("tiergate.toml"))
-        .args(["--listen", "127.0.0.1:0"])
-        .env(UPSTREAM_KEY_ENV, UPSTREAM_KEY)
-        .output()
-        .expect("run tiergate");
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("is in use by another running tiergate"), "{err}");
+    let config = p.dir.path().join("tiergate.toml");
+    // The same file through a symbolic link is the same ledger.
+    let link = p.dir.path().join("link.db");
+    std::os::unix::fs::symlink(&p.ledger, &link).expect("symlink");
+    let linked = p.dir.path().join("linked.toml");
+    let text = std::fs::read_to_string(&config).expect("config");
+    let ledger = p.ledger.display().to_string();
+    std::fs::write(&linked, text.replace(&ledger, &link.display().to_string())).expect("write");
+    for config in [config, linked] {
+        let mut second = Command::new(env!("CARGO_BIN_EXE_tiergate"))
+            .args(["serve", "--config"])
+            .arg(&config)
+            .args(["--listen", "127.0.0.1:0"])
+            .env(UPSTREAM_KEY_ENV, UPSTREAM_KEY)
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("run tiergate");
+        // Bounded: a second gateway that starts would serve until killed.
+        let mut stopped = None;
+        for _ in 0..600 {
+            stopped = second.try_wait().expect("wait");
+            if stopped.is_some() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        if stopped.is_none() {
+            let _ = second.kill();
+        }
+        let out = second.wait_with_output().expect("output");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(stopped.is_some_and(|s| !s.success()), "{}: {err}", config.display());
+        assert!(err.contains("is in use by another running tiergate"), "{err}");
+    }
     // The first one serves on.
     let r = reqwest::get(format!("{}/healthz", p.url)).await.expect("healthz");
     assert_eq!(r.status(), 200);

@@ -25,6 +25,16 @@ fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
 
+/// `tiergate check --config CONFIG` with the example's API key variable set.
+fn check_config(config: &std::path::Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_tiergate"))
+        .args(["check", "--config"])
+        .arg(config)
+        .env("OPENAI_API_KEY", "sk-test-not-a-real-key")
+        .output()
+        .expect("run tiergate")
+}
+
 fn policy_file(gw: &common::Gateway) -> PathBuf {
     gw.state.runtime.load().config.policy.file.clone()
 }
@@ -791,14 +801,7 @@ fn check_warns_when_the_classifier_could_not_start_here() {
         std::fs::write(&path, text).expect("write config");
         path
     };
-    let check = |config: &std::path::Path| {
-        Command::new(env!("CARGO_BIN_EXE_tiergate"))
-            .args(["check", "--config"])
-            .arg(config)
-            .env("OPENAI_API_KEY", "sk-test-not-a-real-key")
-            .output()
-            .expect("run tiergate")
-    };
+    let check = check_config;
     let fine = check(&write(
         "fine.toml",
         &tiergate::cache::cache_dir().join("models/all-minilm-l6-v2-int8"),
@@ -837,12 +840,7 @@ fn check_warns_when_a_local_tiers_model_is_missing_here() {
         );
         let path = dir.path().join("local.toml");
         std::fs::write(&path, config).expect("write config");
-        let out = Command::new(env!("CARGO_BIN_EXE_tiergate"))
-            .args(["check", "--config"])
-            .arg(&path)
-            .env("OPENAI_API_KEY", "sk-test-not-a-real-key")
-            .output()
-            .expect("run tiergate");
+        let out = check_config(&path);
         assert!(out.status.success(), "a warning, not a failure: {}", text(&out.stderr));
         text(&out.stderr)
     };
@@ -916,4 +914,28 @@ fn explain_says_why_a_request_with_the_tier_header_is_not_scored() {
         "{shown}"
     );
     assert!(shown.contains("rule      tier-override"), "{shown}");
+}
+
+#[test]
+fn check_warns_when_the_ledger_is_not_one_serve_can_use() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = repo().display().to_string();
+    let ledger = dir.path().join("notes.db");
+    std::fs::write(&ledger, "meeting notes, not a database\n".repeat(40)).expect("write");
+    let config = std::fs::read_to_string(repo().join("examples/tiergate.toml"))
+        .expect("example")
+        .replace("\"../", &format!("\"{root}/"))
+        .replace(
+            "path = \"tiergate-ledger.db\"",
+            &format!("path = \"{}\"", ledger.display()),
+        );
+    let path = dir.path().join("t.toml");
+    std::fs::write(&path, config).expect("write config");
+    let out = check_config(&path);
+    assert!(out.status.success(), "a warning, not a failure: {}", text(&out.stderr));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("warning: the ledger cannot be used (serve would stop)") && err.contains("notes.db"),
+        "{err}"
+    );
 }
