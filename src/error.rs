@@ -40,6 +40,11 @@ pub enum Error {
     },
     #[error("tier `{tier}` failed: {detail}")]
     Upstream { tier: String, detail: String },
+    /// A stream that broke or reported an error before its first chunk: nothing reached
+    /// the client, so, like a 5xx, the request may fall back (not retried: the upstream
+    /// may have started work).
+    #[error("tier `{tier}` failed: {detail}")]
+    UpstreamBroken { tier: String, detail: String },
     /// No answer at all: the connection could not be made (`connected` false; retried) or
     /// was closed before the response began (not retried: the upstream may have started
     /// work).
@@ -106,7 +111,7 @@ impl Error {
             Error::BodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
             Error::ModelNotFound(_) | Error::PolicyNotFound { .. } => StatusCode::NOT_FOUND,
             Error::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
-            Error::Upstream { .. } => StatusCode::BAD_GATEWAY,
+            Error::Upstream { .. } | Error::UpstreamBroken { .. } => StatusCode::BAD_GATEWAY,
             Error::UpstreamUnreachable { .. } => StatusCode::BAD_GATEWAY,
             Error::UpstreamStatus { .. } => StatusCode::BAD_GATEWAY,
             Error::CircuitOpen { .. } => StatusCode::SERVICE_UNAVAILABLE,
@@ -141,6 +146,7 @@ impl Error {
             Error::UpstreamRateLimited { .. } | Error::LocalSaturated { .. } => "rate_limit_error",
             Error::UpstreamTimeout { .. }
             | Error::Upstream { .. }
+            | Error::UpstreamBroken { .. }
             | Error::UpstreamUnreachable { .. }
             | Error::UpstreamStatus { .. }
             | Error::CircuitOpen { .. }
@@ -160,7 +166,7 @@ impl Error {
             Error::BodyTimeout { .. } => "request_timeout",
             Error::ModelNotFound(_) | Error::PolicyNotFound { .. } => "model_not_found",
             Error::UpstreamTimeout { .. } => "upstream_timeout",
-            Error::Upstream { .. } => "upstream_error",
+            Error::Upstream { .. } | Error::UpstreamBroken { .. } => "upstream_error",
             Error::UpstreamUnreachable { .. } => "upstream_unreachable",
             Error::UpstreamStatus { .. } => "upstream_error",
             Error::CircuitOpen { .. } => "upstream_unavailable",
@@ -188,6 +194,7 @@ impl Error {
             | Error::BodyTimeout { .. }
             | Error::UpstreamTimeout { .. }
             | Error::Upstream { .. }
+            | Error::UpstreamBroken { .. }
             | Error::UpstreamUnreachable { .. }
             | Error::UpstreamStatus { .. }
             | Error::CircuitOpen { .. }
@@ -219,6 +226,7 @@ impl Error {
             Error::UpstreamTimeout { phase, .. } => tier_down((*phase == "connect").then_some("connect"), true),
             Error::UpstreamUnreachable { connected, .. } => tier_down((!connected).then_some("connect"), true),
             Error::UpstreamStatus { .. } => tier_down(Some("5xx"), true),
+            Error::UpstreamBroken { .. } => tier_down(None, true),
             // The backend working as designed: it is busy, not broken.
             Error::UpstreamRateLimited { .. } => tier_down(Some("429"), false),
             Error::CircuitOpen { .. } | Error::TierUnavailable { .. } | Error::LocalSaturated { .. } => {

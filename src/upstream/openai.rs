@@ -221,7 +221,7 @@ impl Backend for OpenAiBackend {
                     Ok(ev) if ev.event == "message" => Some(chunk_item(&tier, ev.data.trim())),
                     Ok(ev) if ev.event == "error" => Some(Err(Error::Upstream {
                         tier: tier.clone(),
-                        detail: "the upstream reported an error in the middle of the stream".to_owned(),
+                        detail: "the upstream reported an error in its stream".to_owned(),
                     })),
                     // Keep-alives and other named events carry no chunk: passed on as data,
                     // a client's SDK would read them as chunks without `choices`.
@@ -249,6 +249,11 @@ impl Backend for OpenAiBackend {
                     tier: self.tier.clone(),
                     connected: true,
                 }),
+                // A dead tier like a 5xx, not an answer gone bad.
+                Some(Err(Error::Upstream { tier, detail })) => Err(Error::UpstreamBroken {
+                    tier,
+                    detail: format!("{detail}, before its first chunk"),
+                }),
                 Some(Err(e)) => Err(e),
                 Some(Ok(item)) => Ok(futures::stream::once(async { Ok(item) }).chain(items).boxed()),
             }
@@ -268,7 +273,7 @@ fn chunk_item(tier: &str, data: &str) -> Result<StreamItem, Error> {
     if peek.error.is_some() {
         return Err(Error::Upstream {
             tier: tier.to_owned(),
-            detail: "the upstream reported an error in the middle of the stream".to_owned(),
+            detail: "the upstream reported an error in its stream".to_owned(),
         });
     }
     let content: Option<String> = {

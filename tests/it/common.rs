@@ -134,6 +134,16 @@ async fn fake_chat(State(fake): State<Arc<Fake>>, headers: HeaderMap, Json(body)
         if model == "fake-late" {
             tokio::time::sleep(Duration::from_secs(10)).await;
         }
+        // Streams that die before their first chunk, after the 200 and its headers.
+        if model == "fake-erroring" {
+            yield Ok::<String, std::io::Error>("event: error\ndata: {\"error\": {\"message\": \"overloaded\"}}\n\n".to_owned());
+            return;
+        }
+        if model == "fake-broken-off" {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            yield Err(std::io::Error::new(std::io::ErrorKind::ConnectionReset, "reset"));
+            return;
+        }
         yield Ok::<String, std::io::Error>(chunk(&model, json!({"role": "assistant", "content": ""}), None));
         match model.as_str() {
             "fake-cut" => {
@@ -251,6 +261,8 @@ pub const FAULT_TIERS: &[(&str, &str, &str)] = &[
     ("drip", "fake-drip", "timeout_secs = 0.5"),
     ("endless_short", "fake-endless-short", "timeout_secs = 0.5"),
     ("sluggish", "fake-sluggish", ""),
+    ("erroring", "fake-erroring", ""),
+    ("broken_off", "fake-broken-off", ""),
 ];
 
 /// Tiers of the test config: name → upstream model (the fake behaves by model name).

@@ -111,6 +111,31 @@ async fn a_stream_whose_first_event_is_late_falls_back_before_any_byte_is_sent()
 }
 
 #[tokio::test]
+async fn a_stream_that_dies_before_its_first_chunk_falls_back() {
+    for (tier, model) in [("erroring", "fake-erroring"), ("broken_off", "fake-broken-off")] {
+        let gw = gateway_falling_back(tier, String::new()).await;
+        let r = gw.post_chat(&streamed("tiergate-auto")).await;
+        assert_eq!(r.status(), 200, "{tier}");
+        assert_eq!(header(&r, "x-tiergate-tier"), "cloud");
+        let text = r.text().await.expect("body");
+        assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
+        let (row, calls) = attempts(&gw).await;
+        assert!(row.fallback && row.streamed && row.outcome == "ok", "{row:?}");
+        assert_eq!(calls, pairs(&[(tier, "upstream_error"), ("cloud", "ok")]));
+        assert_eq!(
+            gw.fake.calls(model),
+            1,
+            "not retried: the upstream may have started work"
+        );
+        // Without a fallback the client is told why, before its first chunk.
+        let gw = gateway().await;
+        let body = assert_error(gw.post_chat(&streamed(model)).await, 502, "upstream_error").await;
+        let msg = body["error"]["message"].as_str().unwrap_or_default();
+        assert!(msg.contains("before its first chunk"), "{msg}");
+    }
+}
+
+#[tokio::test]
 async fn first_token_timeout_without_fallback_is_a_504_naming_the_limit() {
     let gw = gateway().await;
     let body = assert_error(gw.post_chat(&streamed("fake-late")).await, 504, "upstream_timeout").await;
