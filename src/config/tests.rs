@@ -210,9 +210,10 @@ fn the_local_example_config_is_valid() {
     let then = &routine.then;
     assert_eq!(then.on_saturated.as_deref(), Some("cloud"));
     assert!(then.escalate.is_some());
-    // The local tier refuses tool calling and JSON mode: both shipped policies send them to
-    // the cloud, whatever the score.
+    // The local tier reads text only and refuses tool calling and JSON mode: both shipped
+    // policies send those to the cloud, whatever the score.
     for body in [
+        r#"{"model": "tiergate-auto", "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}, {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}]}]}"#,
         r#"{"model": "tiergate-auto", "messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function", "function": {"name": "f"}}]}"#,
         r#"{"model": "tiergate-auto", "messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "json_object"}}"#,
     ] {
@@ -339,7 +340,7 @@ fn policies_dir_loads_every_policy_file_in_it() {
     let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("policies");
     let e = parse(&with_dir(&shipped)).expect_err("local-first needs a `local` tier");
     assert!(
-        e.contains("routing.policies_dir: policy") && e.contains("local-first.toml`: rules[2].tier"),
+        e.contains("routing.policies_dir: policy") && e.contains("local-first.toml`: rules[3].tier"),
         "{e}"
     );
     std::fs::write(dir.path().join("c.toml"), format!("name = \"alpha\"\n{rules}")).expect("write");
