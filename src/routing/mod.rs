@@ -106,6 +106,8 @@ pub struct RouteDecision {
     /// `max_tokens` is clamped to this for the first call (the rule's tier is local and the
     /// rule has `max_local_output_tokens`).
     pub max_output_tokens: Option<u64>,
+    /// The rule's `max_cost_usd`, which stickiness may not lift the request past either.
+    pub max_cost_usd: Option<f64>,
     /// The conversation may be kept on (and raise) its sticky tier.
     pub sticky: bool,
     /// What the rules saw; `None` when no policy was evaluated.
@@ -193,6 +195,7 @@ pub async fn route_with(
         request_tokens,
         then: Then::default(),
         max_output_tokens: None,
+        max_cost_usd: None,
         sticky: false,
         facts: None,
         notes: Vec::new(),
@@ -248,6 +251,7 @@ pub async fn route_with(
         request_tokens,
         then: rule.then.clone(),
         max_output_tokens: None,
+        max_cost_usd: None,
         sticky: policy.stickiness,
         facts: None,
         notes: Vec::new(),
@@ -267,14 +271,20 @@ fn apply_caps(config: &Config, rule: &Rule, req: &ChatRequest, d: &mut RouteDeci
     };
     let clamp = |tier: &str| rule.caps.max_local_output_tokens.filter(|_| is_local(tier));
     d.max_output_tokens = clamp(&d.tier);
+    d.max_cost_usd = rule.caps.max_cost_usd;
     let Some(cap) = rule.caps.max_cost_usd else {
         return Ok(());
     };
     let prompt = d.request_tokens;
     let requested = requested_output_tokens(req).unwrap_or(DEFAULT_OUTPUT_ESTIMATE);
+    // Each of the `n` choices may use the whole output limit.
+    let n = req.choices();
     let cost = |tier: &str| {
         let output = clamp(tier).map_or(requested, |c| c.min(requested));
-        config.tiers.get(tier).map_or(0.0, |t| t.price.cost(prompt, output))
+        config
+            .tiers
+            .get(tier)
+            .map_or(0.0, |t| t.price.cost(prompt, output.saturating_mul(n)))
     };
     let estimate = cost(&d.tier);
     if estimate <= cap {
@@ -295,7 +305,12 @@ fn apply_caps(config: &Config, rule: &Rule, req: &ChatRequest, d: &mut RouteDeci
         }
         None => Err(Error::InvalidRequest {
             message: format!(
-                "the estimated cost ${estimate:.6} ({prompt} prompt + {requested} output tokens at tier `{}`) is over the ${cap} cap of rule `{}` in policy `{}`; lower `max_tokens` or shorten the prompt",
+                "the estimated cost ${estimate:.6} ({prompt} prompt + {} output tokens at tier `{}`) is over the ${cap} cap of rule `{}` in policy `{}`; lower `max_tokens` (or `n`) or shorten the prompt",
+                if n > 1 {
+                    format!("{n} × {requested}")
+                } else {
+                    requested.to_string()
+                },
                 d.tier,
                 rule.name,
                 d.policy.as_deref().unwrap_or("-")

@@ -79,6 +79,19 @@ pub fn apply(
         && let (Some(held_tier), Some(chosen)) = (tiers.get(&held), tiers.get(&d.tier))
         && strength(held_tier) > strength(chosen)
     {
+        // The rule's cost cap holds for the tier the conversation would be lifted to too.
+        if let Some(cap) = d.max_cost_usd {
+            let output = super::requested_output_tokens(req)
+                .unwrap_or(super::DEFAULT_OUTPUT_ESTIMATE)
+                .saturating_mul(req.choices());
+            let estimate = held_tier.price.cost(d.request_tokens, output);
+            if estimate > cap {
+                d.notes.push(format!(
+                    "conversation not kept on `{held}`: its estimated ${estimate:.6} there is over max_cost_usd ${cap}"
+                ));
+                return Some(id);
+            }
+        }
         d.notes.push(format!(
             "conversation stays on `{held}` (rule `{}` chose `{}`)",
             d.rule, d.tier

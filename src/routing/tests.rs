@@ -180,6 +180,12 @@ async fn caps_clamp_local_output_and_keep_cost_under_the_cap() {
         req(json!({"model": "tiergate-auto", "max_tokens": 50, "messages": [{"role": "user", "content": "hi"}]}));
     let d = decide(&c, &cheap, &ctx(&[])).await.expect("under cap");
     assert_eq!(d.tier, "cloud");
+    // Each of `n` choices may use all of `max_tokens`: 5 × 50 tokens at $10/Mtok is over.
+    let five = req(
+        json!({"model": "tiergate-auto", "max_tokens": 50, "n": 5, "messages": [{"role": "user", "content": "hi"}]}),
+    );
+    let e = decide(&c, &five, &ctx(&[])).await.expect_err("n choices over cap");
+    assert!(e.to_string().contains("+ 5 × 50 output tokens"), "{e}");
 
     let c = config(&policy(
         "cloud\"\nscore_below = 0.9\nmax_cost_usd = 0.001\nover_cost_tier = \"local\"\nmax_local_output_tokens = 32",

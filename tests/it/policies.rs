@@ -91,6 +91,43 @@ fn conversation(turns: &[&str]) -> Value {
 }
 
 #[tokio::test]
+async fn stickiness_does_not_lift_a_request_past_its_rules_cost_cap() {
+    let gw = common::gateway_with(&Setup {
+        policy: Some(
+            "name = \"capped\"\n[[rules]]\nname = \"routine\"\nscore_below = 0.5\ntier = \"small\"\nmax_cost_usd = 0.001\n[[rules]]\nname = \"default\"\ntier = \"cloud\"\n"
+                .into(),
+        ),
+        ..Setup::default()
+    })
+    .await;
+    let r = gw.post_chat(&conversation(&[LONG])).await;
+    assert_eq!(header(&r, "x-tiergate-tier"), "cloud");
+    // 1,000 output tokens at the cloud's $10/Mtok is $0.01, over the routine rule's cap.
+    let mut big = conversation(&[LONG, "thanks"]);
+    big["max_tokens"] = json!(1000);
+    let e = gw.post_json("/v1/route", &big).await;
+    assert_eq!(
+        (e["tier"].as_str(), e["rule"].as_str()),
+        (Some("small"), Some("routine")),
+        "{e}"
+    );
+    assert!(
+        e["notes"][0]
+            .as_str()
+            .is_some_and(|n| n.starts_with("conversation not kept on `cloud`: its estimated $0.01")),
+        "{e}"
+    );
+    // Under the cap, the conversation stays on the cloud.
+    let mut small = conversation(&[LONG, "thanks"]);
+    small["max_tokens"] = json!(10);
+    let r = gw.post_chat(&small).await;
+    assert_eq!(
+        (header(&r, "x-tiergate-tier"), header(&r, "x-tiergate-rule")),
+        ("cloud", "sticky")
+    );
+}
+
+#[tokio::test]
 async fn a_conversation_that_reached_the_cloud_stays_there() {
     let gw = common::gateway().await;
     let r = gw.post_chat(&conversation(&[LONG])).await;
