@@ -235,7 +235,10 @@ fn prepare(shared: &Shared, req: &ChatRequest) -> Result<Job, Error> {
             }
             m
         }
-        None => shared.default_max_tokens.min(room),
+        None => shared
+            .default_max_tokens
+            .min(room)
+            .min(req.output_cap.map_or(usize::MAX, |c| c as usize)),
     };
     Ok(Job {
         prompt,

@@ -20,6 +20,11 @@ pub struct ChatRequest {
     pub stream_options: Option<StreamOptions>,
     #[serde(flatten)]
     pub rest: Map<String, Value>,
+    /// The gateway's own ceiling on output tokens, for a request that set none (a rule's
+    /// `max_local_output_tokens`): unlike a client's `max_tokens`, the local tier fits it
+    /// into the context left rather than refusing it. Never sent upstream.
+    #[serde(skip)]
+    pub output_cap: Option<u64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -321,7 +321,9 @@ fn apply_caps(config: &Config, rule: &Rule, req: &ChatRequest, d: &mut RouteDeci
     }
 }
 
-/// Sets the request's output limit to at most `cap` (the field it uses, else `max_tokens`).
+/// Sets the request's output limit to at most `cap`: the field it uses, else the gateway's
+/// own [`ChatRequest::output_cap`] (a limit the client did not ask for must not turn into a
+/// `context_length_exceeded`).
 pub fn clamp_output(req: &mut ChatRequest, cap: u64) {
     let mut set = false;
     for key in ["max_completion_tokens", "max_tokens"] {
@@ -335,7 +337,7 @@ pub fn clamp_output(req: &mut ChatRequest, cap: u64) {
         }
     }
     if !set {
-        req.rest.insert("max_tokens".to_owned(), Value::from(cap));
+        req.output_cap = Some(cap);
     }
 }
 

@@ -641,6 +641,17 @@ async fn when_escalation_fails_the_local_answer_is_returned_and_both_calls_are_a
 }
 
 #[tokio::test]
+async fn a_cap_larger_than_the_context_left_is_fitted_not_refused() {
+    // The client set no `max_tokens`: the cap is the gateway's, so it is fitted into the
+    // context like the tier's default, not refused as `context_length_exceeded`.
+    let gw = local_gateway(2, 4, Some(policy("max_local_output_tokens = 1000000"))).await;
+    let r = gw.post_chat(&user("tiergate-auto", PROMPT)).await;
+    assert_eq!((r.status().as_u16(), header(&r, "x-tiergate-tier")), (200, "local"));
+    let body: Value = r.json().await.expect("json");
+    assert_eq!(body["choices"][0]["message"]["content"], ANSWER);
+}
+
+#[tokio::test]
 async fn max_local_output_tokens_clamps_the_local_answer_only() {
     // The answer is 8 tokens; the rule caps local answers at 3, whatever the client asks.
     let gw = local_gateway(2, 4, Some(policy("max_local_output_tokens = 3"))).await;
@@ -655,6 +666,14 @@ async fn max_local_output_tokens_clamps_the_local_answer_only() {
     req["max_tokens"] = json!(2);
     let body: Value = gw.post_chat(&req).await.json().await.expect("json");
     assert_eq!(body["usage"]["completion_tokens"], 2);
+    // One that sets none gets the cap.
+    let body: Value = gw
+        .post_chat(&user("tiergate-auto", PROMPT))
+        .await
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(body["usage"]["completion_tokens"], 3);
     // The same policy sends long prompts to the cloud, unclamped.
     let long = "Explain in detail, step by step, how a transformer computes attention. ".repeat(8);
     let mut req = user("tiergate-auto", &long);
