@@ -414,6 +414,46 @@ pub struct ChoicePeek {
 pub struct DeltaPeek {
     #[serde(default)]
     pub content: Option<String>,
+    /// Generated too, and billed as output: read leniently (any shape), only to estimate
+    /// tokens when the upstream reports no usage.
+    #[serde(default)]
+    pub tool_calls: Option<Value>,
+    #[serde(default)]
+    pub function_call: Option<Value>,
+    #[serde(default)]
+    pub reasoning_content: Option<Value>,
+}
+
+impl DeltaPeek {
+    /// Everything this delta generated, for the token estimate and the first token's time.
+    pub fn generated(&self) -> String {
+        let mut out = self.content.clone().unwrap_or_default();
+        out.push_str(&calls_text(self.tool_calls.as_ref(), self.function_call.as_ref()));
+        if let Some(Value::String(r)) = &self.reasoning_content {
+            out.push_str(r);
+        }
+        out
+    }
+}
+
+/// The names and arguments of `tool_calls` (and the legacy `function_call`), as generated
+/// text. Any other shape adds nothing.
+pub fn calls_text(tool_calls: Option<&Value>, function_call: Option<&Value>) -> String {
+    let functions = tool_calls
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(|c| c.get("function"))
+        .chain(function_call);
+    let mut out = String::new();
+    for f in functions {
+        for key in ["name", "arguments"] {
+            if let Some(t) = f.get(key).and_then(Value::as_str) {
+                out.push_str(t);
+            }
+        }
+    }
+    out
 }
 
 /// The parts of a non-streamed response the gateway reads.

@@ -181,17 +181,7 @@ impl Backend for OpenAiBackend {
                 tier: self.tier.clone(),
                 detail: "the upstream answer is not a chat completion".to_owned(),
             })?;
-            let content = peek
-                .choices
-                .iter()
-                .filter_map(|c| {
-                    c.message
-                        .as_ref()
-                        .and_then(|m| m.content.as_ref())
-                        .and_then(Value::as_str)
-                })
-                .collect::<Vec<_>>()
-                .join("");
+            let content = completion_text(&peek);
             Ok(Completion {
                 body,
                 usage: peek.usage,
@@ -261,6 +251,25 @@ impl Backend for OpenAiBackend {
     }
 }
 
+/// What a whole answer generated (text, tool calls, reasoning), for the token estimate
+/// when the upstream reports no usage.
+fn completion_text(peek: &CompletionPeek) -> String {
+    peek.choices
+        .iter()
+        .filter_map(|c| c.message.as_ref())
+        .map(|m| {
+            let text = m.content.as_ref().and_then(Value::as_str).unwrap_or_default();
+            let calls = crate::openai::calls_text(m.rest.get("tool_calls"), m.rest.get("function_call"));
+            let reasoning = m
+                .rest
+                .get("reasoning_content")
+                .and_then(Value::as_str)
+                .unwrap_or_default();
+            format!("{text}{calls}{reasoning}")
+        })
+        .collect()
+}
+
 /// One SSE `data:` payload of an upstream stream, checked and peeked at.
 fn chunk_item(tier: &str, data: &str) -> Result<StreamItem, Error> {
     if data == "[DONE]" {
@@ -276,11 +285,20 @@ fn chunk_item(tier: &str, data: &str) -> Result<StreamItem, Error> {
             detail: "the upstream reported an error in its stream".to_owned(),
         });
     }
+    // Text, tool calls and reasoning are all generated (and billed): they time the first
+    // token and make the estimate when no usage arrives.
     let content: Option<String> = {
-        let parts: Vec<&str> = peek
+        let parts: Vec<String> = peek
             .choices
             .iter()
-            .filter_map(|c| c.delta.as_ref().and_then(|d| d.content.as_deref()))
+            .filter_map(|c| c.delta.as_ref())
+            .filter(|d| {
+                d.content.is_some()
+                    || d.tool_calls.is_some()
+                    || d.function_call.is_some()
+                    || d.reasoning_content.is_some()
+            })
+            .map(crate::openai::DeltaPeek::generated)
             .collect();
         if parts.is_empty() { None } else { Some(parts.concat()) }
     };
@@ -312,5 +330,28 @@ mod tests {
             timeout_phase(false, Duration::from_secs(300), &limits),
             ("total", 300.0)
         );
+    }
+
+    #[test]
+    fn tool_calls_and_reasoning_count_as_generated_text() {
+        let generated = |data: &str| match chunk_item("t", data) {
+            Ok(StreamItem::Chunk { content, .. }) => content,
+            _ => panic!("a chunk: {data}"),
+        };
+        let call = r#"{"choices":[{"delta":{"tool_calls":[{"index":0,"function":{"name":"weather","arguments":"{\"city\":"}}]}}]}"#;
+        assert_eq!(generated(call).as_deref(), Some(r#"weather{"city":"#));
+        let legacy = r#"{"choices":[{"delta":{"function_call":{"arguments":"Paris"}}}]}"#;
+        assert_eq!(generated(legacy).as_deref(), Some("Paris"));
+        let thinking = r#"{"choices":[{"delta":{"reasoning_content":"hmm"}}]}"#;
+        assert_eq!(generated(thinking).as_deref(), Some("hmm"));
+        // An odd shape adds nothing and is not a malformed chunk.
+        let odd = r#"{"choices":[{"delta":{"tool_calls":{"x":1},"content":"a"}}]}"#;
+        assert_eq!(generated(odd).as_deref(), Some("a"));
+        assert_eq!(generated(r#"{"choices":[{"finish_reason":"stop","delta":{}}]}"#), None);
+        let whole: CompletionPeek = serde_json::from_str(
+            r#"{"choices":[{"message":{"role":"assistant","content":null,"tool_calls":[{"id":"c","type":"function","function":{"name":"weather","arguments":"{}"}}]}}]}"#,
+        )
+        .expect("completion");
+        assert_eq!(completion_text(&whole), "weather{}");
     }
 }
