@@ -217,6 +217,7 @@ async fn answer_whole_detached(
     let mut task_acct = acct.detach();
     let gone = tokio_util::sync::CancellationToken::new();
     task_acct.gone = Some(gone.clone());
+    let stop_at_cut = gone.clone();
     // Dropped with the handler: when the client closes the connection, or when it is cut.
     let _handler_alive = gone.drop_guard();
     let (tx, rx) = tokio::sync::oneshot::channel();
@@ -227,10 +228,22 @@ async fn answer_whole_detached(
         // A bug that panics here must still end the row as what it is, not as a client
         // that left (which is what dropping it unfinished would record). The panic's own
         // text goes to the log (the panic hook), not into an answer.
-        let calls = std::panic::AssertUnwindSafe(answer_whole(&rt, &mut acct, &decision, req, conversation.as_deref()));
-        let result = tokio::select! {
-            r = futures::FutureExt::catch_unwind(calls) => r.unwrap_or_else(|_| Err(Error::Internal("the tier call panicked".to_owned()))),
-            () = cut.cancelled() => Err(Error::ShuttingDown),
+        let result = {
+            let calls =
+                std::panic::AssertUnwindSafe(answer_whole(&rt, &mut acct, &decision, req, conversation.as_deref()));
+            let mut calls = std::pin::pin!(futures::FutureExt::catch_unwind(calls));
+            tokio::select! {
+                r = &mut calls => r.unwrap_or_else(|_| Err(Error::Internal("the tier call panicked".to_owned()))),
+                () = cut.cancelled() => {
+                    // Stopped as for a client that left, so that a local generation records
+                    // the tokens and machine time it used (dropped at once, it recorded
+                    // none); a remote call, which reports nothing until its end, is not
+                    // waited for long.
+                    stop_at_cut.cancel();
+                    let _ = tokio::time::timeout(CUT_RECORD_WAIT, &mut calls).await;
+                    Err(Error::ShuttingDown)
+                }
+            }
         };
         // Nobody waits for the answer: the handler was cut at shutdown (the row must be
         // durable before the ledger closes), or its client left.
@@ -259,6 +272,9 @@ async fn answer_whole_detached(
     acct.gone = None;
     result
 }
+
+/// How long a whole answer cut at shutdown may take to record what its tier used.
+const CUT_RECORD_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// The tier calls of a whole answer, escalation included; see [`answer_whole_detached`].
 async fn answer_whole(

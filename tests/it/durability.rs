@@ -307,6 +307,52 @@ async fn a_second_sigterm_ends_the_grace_period_at_once_and_the_cut_request_is_r
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_whole_answers_cut_at_shutdown_record_what_they_generated() {
+    let setup = Setup {
+        extra: crate::local_http::local_tier(2, 2),
+        ..Setup::default()
+    };
+    let mut p = spawn_gateway(&setup, "shutdown_grace_secs = 0.1").await;
+    let requests: Vec<_> = (0..2)
+        .map(|i| {
+            let url = p.url.clone();
+            tokio::spawn(async move {
+                let body = json!({
+                    "model": crate::local::TEST_MODEL, "max_tokens": 1000, "ignore_eos": true,
+                    "messages": [{"role": "user", "content": format!("Write a long story number {i}.")}],
+                });
+                reqwest::Client::new()
+                    .post(format!("{url}/v1/chat/completions"))
+                    .header("x-request-id", format!("cut-local-{i}"))
+                    .json(&body)
+                    .send()
+                    .await
+                    .map(|r| r.status().as_u16())
+            })
+        })
+        .collect();
+    // Both generating (1,000 tokens take the test model far longer than this).
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    p.signal("-TERM");
+    for r in requests {
+        assert_eq!(r.await.expect("task").expect("an answer"), 503);
+    }
+    assert!(p.exited_cleanly().await, "log:\n{}", p.log());
+    let rows = tiergate::ledger::read_all(&p.ledger).expect("ledger");
+    for i in 0..2 {
+        let row = rows
+            .iter()
+            .find(|r| r.request_id == format!("cut-local-{i}"))
+            .expect("the cut answer's row");
+        assert_eq!(row.outcome, "shutting_down");
+        assert!(
+            row.prompt_tokens > 0 && row.completion_tokens > 0 && row.cost_usd > 0.0,
+            "what the engine generated before the cut: {row:?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_cut_at_the_end_of_the_grace_period_ends_with_an_sse_error_and_is_recorded() {
     let mut p = spawn_gateway(&Setup::default(), "shutdown_grace_secs = 0.1").await;
     let mut req = user("fake-gated", "hi");

@@ -8,7 +8,7 @@ use serde_json::{Value, json};
 use crate::common::{Gateway, PIECES, Setup, gateway_with, header, keyless_tier_toml, sse_payloads, user};
 use crate::local::{TEST_MODEL, model_dir};
 
-fn local_tier(max_concurrent: usize, queue_capacity: usize) -> String {
+pub(crate) fn local_tier(max_concurrent: usize, queue_capacity: usize) -> String {
     format!(
         r#"
 [tiers.local]
