@@ -40,9 +40,9 @@ pub enum Error {
     },
     #[error("tier `{tier}` failed: {detail}")]
     Upstream { tier: String, detail: String },
-    /// A stream that broke or reported an error before its first chunk: nothing reached
-    /// the client, so, like a 5xx, the request may fall back (not retried: the upstream
-    /// may have started work).
+    /// A stream that broke, ended or reported an error before its first chunk (or was no
+    /// event stream): nothing reached the client, so, like a 5xx, the request may fall
+    /// back (not retried: the upstream may have started work).
     #[error("tier `{tier}` failed: {detail}")]
     UpstreamBroken { tier: String, detail: String },
     /// No answer at all: the connection could not be made (`connected` false; retried) or

@@ -212,9 +212,10 @@ pub async fn route_with(
         if !policy.allow_tier_override {
             return Err(Error::InvalidRequest {
                 message: format!(
-                    "policy `{}` does not let clients choose a tier with the `{HEADER_FORCE_TIER}` header; remove the header, or set `allow_tier_override = true` in `{}`",
+                    // The policy's name, not its file: a client has no business with the
+                    // server's paths.
+                    "policy `{}` does not let clients choose a tier with the `{HEADER_FORCE_TIER}` header; remove the header, or have the operator set `allow_tier_override = true` in that policy",
                     policy.name,
-                    policy.file.display()
                 ),
                 param: None,
                 code: "tier_override_not_allowed",

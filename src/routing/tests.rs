@@ -90,7 +90,9 @@ async fn the_tier_header_is_honoured_only_when_the_policy_allows_it() {
         .expect_err("not allowed");
     assert_eq!((e.status_code().as_u16(), e.code()), (400, "tier_override_not_allowed"));
     assert!(
-        e.to_string().contains("set `allow_tier_override = true` in `p.toml`"),
+        e.to_string()
+            .contains("set `allow_tier_override = true` in that policy")
+            && !e.to_string().contains("p.toml"),
         "{e}"
     );
 

@@ -181,6 +181,13 @@ impl Backend for OpenAiBackend {
                 tier: self.tier.clone(),
                 detail: "the upstream answer is not a chat completion".to_owned(),
             })?;
+            // An SDK reads `choices[0]`: an answer without one is no answer.
+            if peek.choices.is_empty() {
+                return Err(Error::Upstream {
+                    tier: self.tier.clone(),
+                    detail: "the upstream answer has no choices".to_owned(),
+                });
+            }
             let content = completion_text(&peek);
             Ok(Completion {
                 body,
@@ -199,6 +206,18 @@ impl Backend for OpenAiBackend {
                 .include_usage = Some(true);
             let started = Instant::now();
             let resp = self.send(&req).await?;
+            let is_json = resp
+                .headers()
+                .get(reqwest::header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|t| t.trim_start().starts_with("application/json"));
+            if is_json {
+                return Err(Error::UpstreamBroken {
+                    tier: self.tier.clone(),
+                    detail: "the upstream answered the stream request with a whole JSON answer, not an event stream"
+                        .to_owned(),
+                });
+            }
             let tier = self.tier.clone();
             let total = self.timeouts.total.as_secs_f64();
             let events = resp.bytes_stream().eventsource().map_err(move |e| {
@@ -245,6 +264,10 @@ impl Backend for OpenAiBackend {
                     detail: format!("{detail}, before its first chunk"),
                 }),
                 Some(Err(e)) => Err(e),
+                Some(Ok(StreamItem::Done)) => Err(Error::UpstreamBroken {
+                    tier: self.tier.clone(),
+                    detail: "the upstream stream ended ([DONE]) before its first chunk".to_owned(),
+                }),
                 Some(Ok(item)) => Ok(futures::stream::once(async { Ok(item) }).chain(items).boxed()),
             }
         })

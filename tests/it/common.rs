@@ -111,12 +111,24 @@ async fn fake_chat(State(fake): State<Arc<Fake>>, headers: HeaderMap, Json(body)
         }
         // A whole answer that is JSON but no chat completion.
         "fake-malformed" if !stream => return Json(json!({"hello": "world"})).into_response(),
+        // Answers with nothing: no choices, or a stream of just `[DONE]`.
+        "fake-empty" if !stream => {
+            return Json(json!({"object": "chat.completion", "choices": [], "usage": {"prompt_tokens": 1, "completion_tokens": 0}}))
+                .into_response();
+        }
+        "fake-empty" => {
+            return Response::builder()
+                .header("content-type", "text/event-stream")
+                .body(Body::from("data: [DONE]\n\n"))
+                .expect("response");
+        }
         // Fails its first call, then answers.
         "fake-flaky" if fake.calls(&model) == 1 => return StatusCode::INTERNAL_SERVER_ERROR.into_response(),
         m if m.starts_with("fake-500-") => return StatusCode::INTERNAL_SERVER_ERROR.into_response(),
         _ => {}
     }
-    if !stream {
+    // A server that ignores `stream` and answers whole.
+    if !stream || model == "fake-json-stream" {
         let usage = if model == "fake-nousage" {
             Value::Null
         } else {
@@ -263,6 +275,8 @@ pub const FAULT_TIERS: &[(&str, &str, &str)] = &[
     ("sluggish", "fake-sluggish", ""),
     ("erroring", "fake-erroring", ""),
     ("broken_off", "fake-broken-off", ""),
+    ("empty", "fake-empty", ""),
+    ("json_stream", "fake-json-stream", ""),
 ];
 
 /// Tiers of the test config: name → upstream model (the fake behaves by model name).

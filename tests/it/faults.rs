@@ -112,7 +112,12 @@ async fn a_stream_whose_first_event_is_late_falls_back_before_any_byte_is_sent()
 
 #[tokio::test]
 async fn a_stream_that_dies_before_its_first_chunk_falls_back() {
-    for (tier, model) in [("erroring", "fake-erroring"), ("broken_off", "fake-broken-off")] {
+    for (tier, model) in [
+        ("erroring", "fake-erroring"),
+        ("broken_off", "fake-broken-off"),
+        ("empty", "fake-empty"),
+        ("json_stream", "fake-json-stream"),
+    ] {
         let gw = gateway_falling_back(tier, String::new()).await;
         let r = gw.post_chat(&streamed("tiergate-auto")).await;
         assert_eq!(r.status(), 200, "{tier}");
@@ -131,8 +136,19 @@ async fn a_stream_that_dies_before_its_first_chunk_falls_back() {
         let gw = gateway().await;
         let body = assert_error(gw.post_chat(&streamed(model)).await, 502, "upstream_error").await;
         let msg = body["error"]["message"].as_str().unwrap_or_default();
-        assert!(msg.contains("before its first chunk"), "{msg}");
+        assert!(
+            msg.contains("before its first chunk") || msg.contains("not an event stream"),
+            "{msg}"
+        );
     }
+}
+
+#[tokio::test]
+async fn a_whole_answer_without_choices_is_a_502() {
+    let gw = gateway().await;
+    let body = assert_error(gw.post_chat(&user("fake-empty", "hi")).await, 502, "upstream_error").await;
+    let msg = body["error"]["message"].as_str().unwrap_or_default();
+    assert!(msg.contains("has no choices"), "{msg}");
 }
 
 #[tokio::test]
