@@ -412,6 +412,12 @@ impl Config {
             input_usd_per_mtok,
             output_usd_per_mtok,
         } = baseline;
+        if baseline_model.trim().is_empty() {
+            return Err(err(
+                path,
+                "baseline.model must name the cloud model compared against, e.g. `gpt-4o`",
+            ));
+        }
         let baseline = Price::per_mtok(
             price(path, "baseline.input_usd_per_mtok", input_usd_per_mtok)?,
             price(path, "baseline.output_usd_per_mtok", output_usd_per_mtok)?,
@@ -422,6 +428,13 @@ impl Config {
         }
         let mut out_tiers = BTreeMap::new();
         for (name, t) in tiers {
+            // Names go into headers, the ledger, metrics labels and policy files.
+            if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
+                return Err(err(
+                    path,
+                    format!("tier name `{name}` must be letters, digits, `_` or `-` (e.g. `[tiers.cloud]`)"),
+                ));
+            }
             let tier = tier(path, &name, t, &resolve)?;
             out_tiers.insert(name, tier);
         }
@@ -547,14 +560,17 @@ impl Config {
             )? as u64,
         };
         let ReloadToml { poll_secs } = reload;
+        // Each poll reads every watched file: more often than 10 times a second is load, not
+        // freshness.
         let reload_poll = match poll_secs.unwrap_or(1.0) {
             0.0 => None,
-            s => Some(secs_at_most(path, "reload.poll_secs", s, 3600.0).map_err(|_| {
-                err(
+            s if (0.1..=3600.0).contains(&s) => Some(Duration::from_secs_f64(s)),
+            s => {
+                return Err(err(
                     path,
-                    format!("reload.poll_secs must be in (0, 3600] seconds, or 0 to reload only on SIGHUP; got {s}"),
-                )
-            })?),
+                    format!("reload.poll_secs must be in [0.1, 3600] seconds, or 0 to reload only on SIGHUP; got {s}"),
+                ));
+            }
         };
         let LengthScorerToml { half_tokens } = length_scorer;
         let length_half_tokens = half_tokens.unwrap_or(128.0);
@@ -754,7 +770,11 @@ fn tier(file: &Path, name: &str, t: TierToml, resolve: &dyn Fn(&Path) -> PathBuf
             }
             let total = secs(file, &key("timeout_secs"), timeout_secs.unwrap_or(120.0))?;
             let timeouts = Timeouts {
-                connect: secs(file, &key("connect_timeout_secs"), connect_timeout_secs.unwrap_or(5.0))?,
+                connect: secs(
+                    file,
+                    &key("connect_timeout_secs"),
+                    connect_timeout_secs.unwrap_or(5f64.min(total.as_secs_f64())),
+                )?,
                 // Unset: only the total limit applies to the first token too.
                 first_token: secs(
                     file,
@@ -763,15 +783,20 @@ fn tier(file: &Path, name: &str, t: TierToml, resolve: &dyn Fn(&Path) -> PathBuf
                 )?,
                 total,
             };
-            if timeouts.first_token > timeouts.total {
-                return Err(err(
-                    file,
-                    format!(
-                        "{} is longer than {}, so it would never apply",
-                        key("ttft_timeout_secs"),
-                        key("timeout_secs")
-                    ),
-                ));
+            for (limit, name) in [
+                (timeouts.connect, "connect_timeout_secs"),
+                (timeouts.first_token, "ttft_timeout_secs"),
+            ] {
+                if limit > timeouts.total {
+                    return Err(err(
+                        file,
+                        format!(
+                            "{} is longer than {}, so it would never apply",
+                            key(name),
+                            key("timeout_secs")
+                        ),
+                    ));
+                }
             }
             if api_key_env.as_deref().is_some_and(|v| v.trim().is_empty()) {
                 return Err(err(

@@ -307,10 +307,12 @@ fn routing_policies_stickiness_and_reload_are_validated() {
     let e = parse(&example().replace("ttl_secs = 3600", "ttl_secs = 0")).expect_err("ttl");
     assert!(e.contains("routing.stickiness.ttl_secs must be > 0"), "{e}");
     let e = parse(&example().replace("poll_secs = 1", "poll_secs = -1")).expect_err("poll");
-    assert!(e.contains("reload.poll_secs must be in (0, 3600] seconds"), "{e}");
+    assert!(e.contains("reload.poll_secs must be in [0.1, 3600] seconds"), "{e}");
+    let e = parse(&example().replace("poll_secs = 1", "poll_secs = 0.001")).expect_err("poll");
+    assert!(e.contains("reload.poll_secs must be in [0.1, 3600] seconds"), "{e}");
     let e = parse(&example().replace("poll_secs = 1", "poll_secs = 1e12")).expect_err("poll");
     assert!(
-        e.contains("in (0, 3600] seconds, or 0 to reload only on SIGHUP; got 1000000000000"),
+        e.contains("in [0.1, 3600] seconds, or 0 to reload only on SIGHUP; got 1000000000000"),
         "{e}"
     );
     let c = parse(&example().replace("poll_secs = 1", "poll_secs = 0")).expect("sighup only");
@@ -470,4 +472,31 @@ fn ledger_and_key_store_must_be_files_that_outlive_the_process() {
             "{e}"
         );
     }
+}
+
+#[test]
+fn tier_names_baseline_model_and_connect_timeout_are_checked() {
+    for bad in ["\"\"", "\"sm all\"", "\"tiergate:x\""] {
+        let e = parse(&example().replace("[tiers.small]", &format!("[tiers.{bad}]"))).expect_err(bad);
+        assert!(e.contains("must be letters, digits, `_` or `-`"), "{bad}: {e}");
+    }
+    let e = parse(&example().replace("model = \"gpt-4o\"\ninput", "model = \" \"\ninput")).expect_err("empty");
+    assert!(e.contains("baseline.model must name the cloud model"), "{e}");
+    let e = parse(&example().replace("connect_timeout_secs = 2", "connect_timeout_secs = 200"))
+        .expect_err("connect past total");
+    assert!(
+        e.contains("tiers.small.connect_timeout_secs is longer than tiers.small.timeout_secs"),
+        "{e}"
+    );
+    // The default connect limit (5 s) shrinks to a shorter total rather than failing.
+    let c = parse(
+        &example()
+            .replace("connect_timeout_secs = 2\n", "")
+            .replace("timeout_secs = 120", "timeout_secs = 3"),
+    )
+    .expect("valid");
+    let crate::config::BackendConfig::OpenAi { timeouts, .. } = &c.tiers["small"].backend else {
+        panic!("openai tier");
+    };
+    assert_eq!(timeouts.connect.as_secs_f64(), 3.0);
 }
