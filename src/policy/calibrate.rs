@@ -92,7 +92,14 @@ pub fn calibrate(
     let mut scores: Vec<f64> = sample.iter().map(|f| f.score).collect();
     scores.sort_by(f64::total_cmp);
     scores.dedup();
-    let mut candidates = vec![0.0, 1.0];
+    // `score_below = 0` never matches, so a policy may not hold it: the lowest threshold for
+    // it lies just under the lowest sample score instead (the rule then takes none of the
+    // sample, which is what 0 would have said).
+    let floor = match key {
+        Key::ScoreBelow => (scores[0] / 2.0 * 10_000.0).floor().max(1.0) / 10_000.0,
+        Key::ScoreAtLeast => 0.0,
+    };
+    let mut candidates = vec![floor, 1.0];
     candidates.extend(
         scores
             .windows(2)

@@ -624,6 +624,12 @@ fn rule(
             return Err(format!("{} = {v} must be in 0..=1", at(key)));
         }
     }
+    if score_below == Some(0.0) {
+        return Err(format!(
+            "{} = 0 never matches: no score is below 0; remove the rule, or raise the threshold",
+            at("score_below")
+        ));
+    }
     if let (Some(lo), Some(hi)) = (score_at_least, score_below)
         && lo >= hi
     {

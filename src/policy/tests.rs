@@ -363,6 +363,7 @@ fn new_keys_are_validated_with_file_key_and_line() {
         ("models = [\"\"]", "rules[0].models (line 4)"),
         ("min_turns = 3\nmax_turns = 2", "min_turns 3 > max_turns 2"),
         ("max_turns = 0", "rules[0].max_turns (line 4) = 0 never matches"),
+        ("score_below = 0.0", "rules[0].score_below (line 4) = 0 never matches"),
         (
             "headers = { \"bad header\" = \"x\" }",
             "`bad header` is not a valid HTTP header name",
@@ -474,7 +475,9 @@ mod calibration {
         let p = parse(TWO_RULES).expect("valid");
         let (rule, key) = pick_rule(&p, None).expect("rule");
         assert_eq!((rule, key), (0, Key::ScoreBelow));
-        for (target, want_t, want_n) in [(0.25, 0.745, 25), (0.0, 0.9901, 0), (1.0, 0.0, 100), (0.5, 0.495, 50)] {
+        // All to the cloud would take `score_below = 0`, which never matches and so is no
+        // setting: the lowest is 0.0001, which keeps the one request scored 0.
+        for (target, want_t, want_n) in [(0.25, 0.745, 25), (0.0, 0.9901, 0), (1.0, 0.0001, 99), (0.5, 0.495, 50)] {
             let c = calibrate(&p, rule, key, &sample(), "cloud", target).expect("calibrates");
             assert_eq!((c.threshold, c.to_tier), (want_t, want_n), "target {target}");
             // Re-evaluating the policy with that threshold gives the reported share.
