@@ -91,13 +91,23 @@ fn random_hex(n: usize) -> Result<String, String> {
 }
 
 /// Names and teams are printed by `keys list`, written to logs and matched by policies:
-/// control characters (a terminal escape, a newline) and very long values are refused.
+/// control characters (a terminal escape, a newline), invisible ones that make two names
+/// look alike (zero-width, bidi overrides), surrounding spaces and very long values are
+/// refused.
 fn check_label(flag: &str, value: &str) -> Result<(), String> {
     const MAX_CHARS: usize = 128;
-    if value.chars().any(char::is_control) {
+    let invisible =
+        |c: char| matches!(c, '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2060}'..='\u{2069}' | '\u{FEFF}');
+    if value.chars().any(|c| c.is_control() || invisible(c)) {
         return Err(format!(
-            "the key's `{flag}` must not contain control characters (escapes, tabs, newlines)"
+            "the key's `{flag}` must not contain control or invisible characters (escapes, tabs, newlines, zero-width or bidi marks)"
         ));
+    }
+    if value.trim().is_empty() {
+        return Err(format!("the key's `{flag}` must not be empty"));
+    }
+    if value.trim() != value {
+        return Err(format!("the key's `{flag}` must not start or end with spaces"));
     }
     if value.chars().count() > MAX_CHARS {
         return Err(format!("the key's `{flag}` must be at most {MAX_CHARS} characters"));
@@ -133,9 +143,6 @@ impl KeyStore {
     /// shown again.
     pub fn create(&self, new: &NewKey) -> Result<(ApiKey, String), String> {
         let NewKey { name, team, limits } = new;
-        if name.trim().is_empty() {
-            return Err("the key's `--name` must not be empty".to_owned());
-        }
         check_label("--name", name)?;
         if let Some(t) = team {
             check_label("--team", t)?;

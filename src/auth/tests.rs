@@ -69,7 +69,27 @@ fn a_created_key_is_stored_hashed_listed_without_its_secret_and_revocable() {
     let err = store
         .create(&NewKey::named("esc\u{1b}[31mred"))
         .expect_err("control characters");
-    assert!(err.contains("`--name` must not contain control characters"), "{err}");
+    assert!(
+        err.contains("`--name` must not contain control or invisible characters"),
+        "{err}"
+    );
+    // Nor may two names look alike.
+    for (name, want) in [
+        ("al\u{200B}ice", "invisible"),
+        ("\u{202E}ecila", "invisible"),
+        (" alice ", "must not start or end with spaces"),
+        ("  ", "must not be empty"),
+    ] {
+        let err = store.create(&NewKey::named(name)).expect_err(name);
+        assert!(err.contains(want), "{name:?}: {err}");
+    }
+    let err = store
+        .create(&NewKey {
+            team: Some(String::new()),
+            ..NewKey::named("dave")
+        })
+        .expect_err("empty team");
+    assert!(err.contains("`--team` must not be empty"), "{err}");
     let err = store
         .create(&NewKey {
             team: Some("a\nb".into()),
