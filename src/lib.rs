@@ -133,12 +133,16 @@ impl Runtime {
             });
         let classifier = match &config.classifier {
             Some(_) if old_classifier.is_some() => old_classifier,
-            Some(c) => Some(Arc::new(classifier::Classifier::start(
-                c,
-                LengthScorer {
-                    half_tokens: length.half_tokens,
-                },
-            )?)),
+            Some(c) => Some(Arc::new(
+                classifier::Classifier::start(
+                    c,
+                    LengthScorer {
+                        half_tokens: length.half_tokens,
+                    },
+                )
+                // Like every config error: which file and section it came from.
+                .map_err(|e| format!("config `{}`: routing.classifier: {e}", config.file.display()))?,
+            )),
             None => None,
         };
         let (scorer, scorer_name): (Arc<dyn Scorer>, &'static str) = match &classifier {

@@ -171,6 +171,12 @@ impl Ledgers {
 }
 
 fn open_read_only(path: &Path) -> Result<Connection, ReportError> {
+    if path.is_dir() {
+        return Err(ReportError::ledger(
+            path,
+            "is a directory; pass the ledger file in it (the gateway's `ledger.path`) with `--ledger`",
+        ));
+    }
     if !path.is_file() {
         return Err(ReportError::ledger(
             path,

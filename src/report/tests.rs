@@ -306,6 +306,8 @@ fn missing_or_foreign_files_are_named_in_the_error() {
     let missing = dir.path().join("nope.db");
     let ReportError(e) = build(&[missing], &Filter::default()).expect_err("missing");
     assert!(e.contains("nope.db") && e.contains("no such file"), "{e}");
+    let ReportError(e) = build(&[dir.path().to_path_buf()], &Filter::default()).expect_err("a directory");
+    assert!(e.contains("is a directory; pass the ledger file in it"), "{e}");
 
     let foreign = dir.path().join("other.db");
     rusqlite::Connection::open(&foreign)

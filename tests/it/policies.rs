@@ -240,8 +240,8 @@ async fn reload_applies_a_valid_change_and_rejects_an_invalid_one() {
     let before = gw.state.runtime.load_full();
     let file = policy_file(&gw);
 
-    // Valid: a threshold no score is below sends everything to `default`.
-    std::fs::write(&file, TEST_POLICY.replace("0.5", "0.0")).expect("write");
+    // Valid: a threshold no score here is below sends everything to `default`.
+    std::fs::write(&file, TEST_POLICY.replace("0.5", "0.0001")).expect("write");
     tiergate::reload::reload(&gw.state).expect("valid change applies");
     assert_eq!(route_rule(&gw, "hi").await, "default");
     // A request that loaded the old runtime keeps it whole.
@@ -270,7 +270,7 @@ async fn reload_applies_a_valid_change_and_rejects_an_invalid_one() {
 #[tokio::test]
 async fn a_changed_policy_file_is_picked_up_without_a_signal() {
     let gw = own_policy_gateway().await;
-    std::fs::write(policy_file(&gw), TEST_POLICY.replace("0.5", "0.0")).expect("write");
+    std::fs::write(policy_file(&gw), TEST_POLICY.replace("0.5", "0.0001")).expect("write");
     // The watcher polls every second (the default); wait for it, bounded.
     let mut rule = String::new();
     for _ in 0..100 {
@@ -383,7 +383,7 @@ async fn sighup_reloads_a_running_gateway() {
         v["rule"].as_str().unwrap_or_default().to_owned()
     };
     assert_eq!(route().await, "routine");
-    std::fs::write(&p.policy, TEST_POLICY.replace("0.5", "0.0")).expect("write");
+    std::fs::write(&p.policy, TEST_POLICY.replace("0.5", "0.0001")).expect("write");
     // Polling is off: nothing changes until the signal.
     assert_eq!(route().await, "routine");
     let status = Command::new("kill")
