@@ -62,11 +62,19 @@ pub const MAX_MODEL_BYTES: usize = 256;
 impl ChatRequest {
     /// Parses and validates a request body; errors name the offending field.
     pub fn parse(body: &[u8]) -> Result<ChatRequest, Error> {
-        let value: Value = strict::from_slice(body).map_err(|e| Error::InvalidRequest {
+        let invalid_json = |e: serde_json::Error| Error::InvalidRequest {
             message: format!("request body is not valid JSON: {e}"),
             param: None,
             code: "invalid_json",
-        })?;
+        };
+        let value: Value = match strict::from_slice(body) {
+            Ok(v) => v,
+            // Read as OpenAI reads it: a lone surrogate is replaced, not refused.
+            Err(e) => match replace_lone_surrogates(body) {
+                Some(fixed) => strict::from_slice(&fixed).map_err(invalid_json)?,
+                None => return Err(invalid_json(e)),
+            },
+        };
         let Value::Object(obj) = &value else {
             return Err(Error::invalid("request body must be a JSON object", None));
         };
@@ -375,6 +383,46 @@ impl ChatRequest {
             format!("{}\n\n{last_user}", system.join("\n"))
         }
     }
+}
+
+/// `body` with each lone UTF-16 surrogate escape (`\ud800` without its other half) replaced
+/// by `\ufffd`; `None` when it has none. JavaScript's `JSON.stringify` writes them for a
+/// string cut in the middle of an emoji, OpenAI accepts them, and serde_json refuses them.
+fn replace_lone_surrogates(body: &[u8]) -> Option<Vec<u8>> {
+    let escape_at = |i: usize| -> Option<u16> {
+        if body.get(i..i + 2) != Some(b"\\u") {
+            return None;
+        }
+        let hex = std::str::from_utf8(body.get(i + 2..i + 6)?).ok()?;
+        u16::from_str_radix(hex, 16).ok()
+    };
+    let mut out = Vec::with_capacity(body.len());
+    let mut changed = false;
+    let mut i = 0;
+    while i < body.len() {
+        if body[i] != b'\\' {
+            out.push(body[i]);
+            i += 1;
+            continue;
+        }
+        match escape_at(i) {
+            Some(0xD800..=0xDBFF) if matches!(escape_at(i + 6), Some(0xDC00..=0xDFFF)) => {
+                out.extend_from_slice(&body[i..i + 12]);
+                i += 12;
+            }
+            Some(0xD800..=0xDFFF) => {
+                out.extend_from_slice(b"\\ufffd");
+                changed = true;
+                i += 6;
+            }
+            // Any other escape, `\\` included: both bytes as they are.
+            _ => {
+                out.extend_from_slice(&body[i..(i + 2).min(body.len())]);
+                i += 2;
+            }
+        }
+    }
+    changed.then_some(out)
 }
 
 /// A message's text: the string, or the `text` of its `type: "text"` parts joined by newlines.

@@ -320,3 +320,21 @@ mod properties {
         }
     }
 }
+
+#[test]
+fn a_lone_surrogate_is_read_as_the_replacement_character() {
+    let content = |json_text: &str| {
+        let body = format!(r#"{{"model": "m", "messages": [{{"role": "user", "content": "{json_text}"}}]}}"#);
+        let req = ChatRequest::parse(body.as_bytes()).unwrap_or_else(|e| panic!("{json_text}: {e}"));
+        req.messages[0].content.clone().expect("content")
+    };
+    // A string cut in the middle of an emoji, as JavaScript's JSON.stringify writes it.
+    assert_eq!(content(r"ok \ud83d"), "ok \u{FFFD}");
+    assert_eq!(content(r"\ude00 then \ud83d\ude00"), "\u{FFFD} then 😀");
+    // An escaped backslash before `ud800` is text, not an escape.
+    assert_eq!(content(r"\\ud800 \ud800"), "\\ud800 \u{FFFD}");
+    // Other broken JSON is still refused.
+    let e = ChatRequest::parse(br#"{"model": "m", "messages": [{"role": "user", "content": "\uZZZZ"}]}"#)
+        .expect_err("bad escape");
+    assert_eq!(e.code(), "invalid_json");
+}
