@@ -78,11 +78,22 @@ impl RequestContext {
     /// The request's headers as rules see them: without the client's key (keys are secrets;
     /// rules see only the key's name and team).
     pub fn from_headers(headers: &axum::http::HeaderMap) -> RequestContext {
-        let headers = headers
+        // A header sent twice is one comma-separated list (RFC 9110), not its last value:
+        // two `x-tiergate-tier` headers name no tier, rather than the last one silently.
+        let mut map: BTreeMap<String, String> = BTreeMap::new();
+        for (k, v) in headers
             .iter()
             .filter(|(k, _)| *k != axum::http::header::AUTHORIZATION && k.as_str() != "x-api-key")
-            .filter_map(|(k, v)| Some((k.as_str().to_owned(), v.to_str().ok()?.to_owned())))
-            .collect();
+        {
+            let Ok(v) = v.to_str() else { continue };
+            map.entry(k.as_str().to_owned())
+                .and_modify(|joined| {
+                    joined.push_str(", ");
+                    joined.push_str(v);
+                })
+                .or_insert_with(|| v.to_owned());
+        }
+        let headers = map;
         RequestContext {
             headers,
             ..RequestContext::default()

@@ -105,6 +105,19 @@ async fn the_tier_header_is_honoured_only_when_the_policy_allows_it() {
         .await
         .expect_err("unknown tier");
     assert!(e.to_string().contains("use one of cloud, local, small"), "{e}");
+    // Sent twice, the header is one list, which names no tier: refused, not the last one.
+    let mut headers = axum::http::HeaderMap::new();
+    headers.append(HEADER_FORCE_TIER, "small".parse().expect("value"));
+    headers.append(HEADER_FORCE_TIER, "cloud".parse().expect("value"));
+    let twice = RequestContext::from_headers(&headers);
+    assert_eq!(twice.headers[HEADER_FORCE_TIER], "small, cloud");
+    let e = decide(&c, &user("tiergate-auto", "hi"), &twice)
+        .await
+        .expect_err("two tiers");
+    assert!(
+        e.to_string().contains("`x-tiergate-tier: small, cloud` is not a tier"),
+        "{e}"
+    );
 }
 
 #[tokio::test]
