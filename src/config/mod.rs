@@ -432,7 +432,7 @@ impl Config {
             if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
                 return Err(err(
                     path,
-                    format!("tier name `{name}` must be letters, digits, `_` or `-` (e.g. `[tiers.cloud]`)"),
+                    format!("tier name `{name}` must be ASCII letters, digits, `_` or `-` (e.g. `[tiers.cloud]`)"),
                 ));
             }
             let tier = tier(path, &name, t, &resolve)?;

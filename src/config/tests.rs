@@ -478,7 +478,7 @@ fn ledger_and_key_store_must_be_files_that_outlive_the_process() {
 fn tier_names_baseline_model_and_connect_timeout_are_checked() {
     for bad in ["\"\"", "\"sm all\"", "\"tiergate:x\""] {
         let e = parse(&example().replace("[tiers.small]", &format!("[tiers.{bad}]"))).expect_err(bad);
-        assert!(e.contains("must be letters, digits, `_` or `-`"), "{bad}: {e}");
+        assert!(e.contains("must be ASCII letters, digits, `_` or `-`"), "{bad}: {e}");
     }
     let e = parse(&example().replace("model = \"gpt-4o\"\ninput", "model = \" \"\ninput")).expect_err("empty");
     assert!(e.contains("baseline.model must name the cloud model"), "{e}");
